@@ -1,0 +1,25 @@
+"""disback: Distribution Backtracking for one-step diffusion distillation, as an add-on.
+
+The public API is re-exported here; the methods live in :mod:`disback_core.adapters`.
+"""
+from .analytic import GaussianMixtureDenoiser
+from .denoisers import (CFGDenoiser, Denoiser, DiffusersDenoiser, EDMPrecond, OneStepGenerator, as_sigma,
+                        check_sample, freeze, make_generator, trainable_copy)
+from .gan import GANHead, capture_features
+from .losses import (DSMLoss, abs_mean_normaliser, check_finite, gan_discriminator_loss, gan_generator_loss,
+                     r1_penalty)
+from .nets import MLPNet, UNetNet, edm_mlp, edm_unet
+from .protocol import DSMFakeScore, LossDict, ScoreDistiller
+from .sigmas import KarrasContinuousSigma, KarrasIndexSigma, LogNormalSigma, SigmaSampler, edm_weight, karras_sigmas
+from .step import Batch, critic_step, generator_step, train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Denoiser", "EDMPrecond", "DiffusersDenoiser", "CFGDenoiser", "OneStepGenerator", "make_generator", "trainable_copy", "freeze",
+    "check_sample", "as_sigma", "GaussianMixtureDenoiser", "MLPNet", "UNetNet", "edm_mlp", "edm_unet",
+    "SigmaSampler", "LogNormalSigma", "KarrasIndexSigma", "KarrasContinuousSigma", "karras_sigmas", "edm_weight",
+    "DSMLoss", "abs_mean_normaliser", "check_finite", "gan_discriminator_loss", "gan_generator_loss", "r1_penalty",
+    "GANHead", "capture_features", "ScoreDistiller", "DSMFakeScore", "LossDict",
+    "Batch", "critic_step", "generator_step", "train_step",
+]

@@ -1,0 +1,394 @@
+"""Every score model as one callable: ``D(x_t, sigma, cond=None) -> x0``.
+
+The convention is EDM / k-diffusion's: ``x_t = x0 + sigma * eps`` and ``D`` returns its estimate
+of ``x0``; the score is ``(D(x_t, sigma) - x_t) / sigma**2``. Thin wrappers adapt other
+parametrisations to it without copying the models:
+
+- :class:`EDMPrecond`: a raw network ``F(c_in x, c_noise, cond)`` with EDM preconditioning
+  (Karras et al. 2022, Eq. 7 and Table 1).
+- :class:`DiffusersDenoiser`: a diffusers eps-, v- or x0-prediction model with its DDPM
+  schedule (``alphas_cumprod``), in the variance-exploding frame ``x_t = x_vp / sqrt(abar)``.
+- :class:`CFGDenoiser`: classifier-free guidance, for a teacher.
+- :class:`OneStepGenerator`: ``G(z) = D(sigma_init * z, sigma_init)``, a one-step generator made
+  from a copy of the teacher.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Denoiser",
+    "EDMPrecond",
+    "DiffusersDenoiser",
+    "CFGDenoiser",
+    "OneStepGenerator",
+    "make_generator",
+    "trainable_copy",
+    "freeze",
+    "check_sample",
+    "as_sigma",
+    "pad_dims",
+    "cat_cond",
+    "PREDICTION_TYPES",
+]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """Anything called as ``D(x_t, sigma, cond=None) -> x0`` with ``x_t = x0 + sigma * eps``."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks shared by every wrapper and loss.
+
+
+def check_sample(x: Any, name: str = "x") -> Tensor:
+    """Return ``x`` if it is a floating tensor with a batch dimension; raise naming ``name``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape [batch, ...] with at least 2 dimensions, got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def as_sigma(sigma: Any, x: Tensor, name: str = "sigma") -> Tensor:
+    """Broadcast ``sigma`` (a number, a 0-d tensor or a ``[batch]`` tensor) to shape ``[batch]``.
+
+    Raises ``ValueError`` naming ``name`` when a value is not finite or not > 0, or when the
+    shape does not match the batch of ``x``.
+    """
+    batch = x.shape[0]
+    s = torch.as_tensor(sigma, device=x.device)
+    if not s.is_floating_point():
+        s = s.to(torch.float32)
+    if s.ndim == 0:
+        s = s.expand(batch)
+    elif s.ndim > 1:
+        # Accept [B, 1, 1, ...] as produced by EDM-style code.
+        if s.shape[0] != batch or any(d != 1 for d in s.shape[1:]):
+            raise ValueError(
+                f"{name} must be a scalar or have shape [{batch}] (or [{batch}, 1, ...]), "
+                f"got shape {tuple(s.shape)}"
+            )
+        s = s.reshape(batch)
+    elif s.shape[0] != batch:
+        if s.shape[0] == 1:
+            s = s.expand(batch)
+        else:
+            raise ValueError(f"{name} has {s.shape[0]} values but the batch has {batch} samples")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"{name} must be finite, got {s.tolist()[:8]}")
+    if (s <= 0).any():
+        raise ValueError(f"{name} must be > 0, got min {s.min().item():.6g}")
+    return s
+
+
+def pad_dims(v: Tensor, x: Tensor) -> Tensor:
+    """View a ``[batch]`` tensor as ``[batch, 1, ..., 1]`` so it broadcasts against ``x``."""
+    return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
+
+
+def cat_cond(a: Any, b: Any) -> Any:
+    """Concatenate two conditionings along the batch: tensors, dicts of tensors, or ``None``."""
+    if a is None and b is None:
+        return None
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        if set(a) != set(b):
+            raise ValueError(f"conditioning dicts have different keys: {sorted(a)} vs {sorted(b)}")
+        return {k: cat_cond(a[k], b[k]) for k in a}
+    raise TypeError(f"cannot batch conditionings of types {type(a).__name__} and {type(b).__name__}")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Turn off gradients for every parameter and switch to eval mode; returns ``module``.
+
+    Gradients still flow *through* a frozen module with respect to its input (SiD needs that).
+    """
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# EDM preconditioning.
+
+
+class EDMPrecond(nn.Module):
+    """EDM preconditioning (Karras et al. 2022, Eq. 7, Table 1) around a raw network.
+
+    ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, cond)`` with
+    ``c_skip = sd^2 / (sigma^2 + sd^2)``, ``c_out = sigma sd / sqrt(sigma^2 + sd^2)``,
+    ``c_in = 1 / sqrt(sigma^2 + sd^2)``, ``c_noise = ln(sigma) / 4``.
+
+    ``net`` is any module called as ``net(x_in, c_noise, cond)`` with ``c_noise`` of shape
+    ``[batch]``; preconditioning stays separate from the architecture.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.net = net
+        self.sigma_data = float(sigma_data)
+
+    def forward(self, x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
+        check_sample(x, "x")
+        s = as_sigma(sigma, x).to(torch.float32)
+        sd = self.sigma_data
+        c_skip = sd**2 / (s**2 + sd**2)
+        c_out = s * sd / (s**2 + sd**2).sqrt()
+        c_in = 1.0 / (s**2 + sd**2).sqrt()
+        c_noise = s.log() / 4
+        xf = x.to(torch.float32)
+        f = self.net(pad_dims(c_in, x) * xf, c_noise, cond)
+        if f.shape != x.shape:
+            raise ValueError(f"net returned shape {tuple(f.shape)} for input shape {tuple(x.shape)}")
+        return (pad_dims(c_skip, x) * xf + pad_dims(c_out, x) * f.to(torch.float32)).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers models with a DDPM schedule.
+
+
+def _unet_cond_kwarg(model: nn.Module) -> str:
+    """Which keyword a tensor conditioning goes to for a diffusers UNet."""
+    try:
+        from diffusers import UNet2DConditionModel, UNet2DModel
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return "class_labels"
+    if isinstance(model, UNet2DConditionModel):
+        return "encoder_hidden_states"
+    if isinstance(model, UNet2DModel):
+        return "class_labels"
+    return "encoder_hidden_states" if hasattr(getattr(model, "config", None), "cross_attention_dim") else "class_labels"
+
+
+class DiffusersDenoiser(nn.Module):
+    """A diffusers model (``UNet2DModel``, ``UNet2DConditionModel`` or alike) as ``D(x_t, sigma, cond)``.
+
+    The model was trained on ``x_vp = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` at integer
+    timesteps ``t``. With ``sigma_t = sqrt((1 - abar_t) / abar_t)`` and ``x_t = x_vp / sqrt(abar_t)``
+    (so ``x_t = x0 + sigma_t eps``), the wrapper returns
+
+    - ``epsilon``:      ``D = x_t - sigma * eps_hat``
+    - ``v_prediction``: ``D = x_t / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) * v_hat``
+    - ``sample``:       ``D = x0_hat``
+
+    computed in float64 (``1 / sqrt(abar)`` reaches ~150 at t = 999 of the linear schedule).
+    A sigma maps to a timestep by interpolating ``log sigma_t`` (``timestep="interp"``, a
+    fractional timestep as in k-diffusion) or to the nearest one (``"nearest"``). A sigma outside
+    the schedule's range is an error unless ``clamp=True``.
+
+    Args:
+        model: the diffusers model; its output's first element (or ``.sample``) is the prediction.
+        alphas_cumprod: the training schedule's ``abar_t``, shape ``[T]``; or pass ``scheduler``.
+        prediction_type: one of ``epsilon``, ``v_prediction``, ``sample``. Required unless the
+            scheduler's config declares it (there is no silent default).
+        cond_kwarg: the model keyword a tensor ``cond`` goes to; by default
+            ``encoder_hidden_states`` for ``UNet2DConditionModel`` and ``class_labels`` otherwise.
+            A dict ``cond`` is passed as keyword arguments.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        alphas_cumprod: Tensor | None = None,
+        prediction_type: str | None = None,
+        *,
+        scheduler: Any = None,
+        timestep: str = "interp",
+        clamp: bool = False,
+        cond_kwarg: str | None = None,
+    ):
+        super().__init__()
+        if alphas_cumprod is None:
+            if scheduler is None:
+                raise ValueError("pass alphas_cumprod or scheduler")
+            if not hasattr(scheduler, "alphas_cumprod"):
+                raise ValueError(
+                    f"scheduler {type(scheduler).__name__} has no alphas_cumprod; "
+                    "pass a DDPM-family scheduler or alphas_cumprod directly"
+                )
+            alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod)
+        if prediction_type is None and scheduler is not None:
+            prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be declared as one of {PREDICTION_TYPES}, got {prediction_type!r}"
+            )
+        if timestep not in ("interp", "nearest"):
+            raise ValueError(f"timestep must be 'interp' or 'nearest', got {timestep!r}")
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        if ac.numel() < 2 or not torch.isfinite(ac).all() or (ac <= 0).any() or (ac >= 1).any():
+            raise ValueError("alphas_cumprod must hold at least 2 values, each in (0, 1)")
+        sig = ((1 - ac) / ac).sqrt()
+        if not (sig[1:] > sig[:-1]).all():
+            raise ValueError("alphas_cumprod must be strictly decreasing in t")
+        self.model = model
+        self.prediction_type = prediction_type
+        self.timestep = timestep
+        self.clamp = clamp
+        self.cond_kwarg = cond_kwarg or _unet_cond_kwarg(model)
+        self.register_buffer("log_sigmas", sig.log(), persistent=False)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.log_sigmas[0].exp())
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.log_sigmas[-1].exp())
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        """Sigma of (possibly fractional) timesteps, by interpolation of ``log sigma_t``; float64."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=self.log_sigmas.device)
+        lo = t.floor().long().clamp(0, len(self.log_sigmas) - 1)
+        hi = (lo + 1).clamp(max=len(self.log_sigmas) - 1)
+        w = t - lo.to(torch.float64)
+        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Timestep of each sigma (float64): interpolated in ``log sigma`` or the nearest one."""
+        ls = torch.as_tensor(sigma, dtype=torch.float64, device=self.log_sigmas.device).log()
+        lmin, lmax = self.log_sigmas[0], self.log_sigmas[-1]
+        tol = 1e-6
+        if not self.clamp and ((ls < lmin - tol).any() or (ls > lmax + tol).any()):
+            raise ValueError(
+                f"sigma outside the schedule's range [{self.sigma_min:.6g}, {self.sigma_max:.6g}]: "
+                f"got min {ls.min().exp().item():.6g}, max {ls.max().exp().item():.6g}; "
+                "pass clamp=True to use the nearest end of the schedule"
+            )
+        ls = ls.clamp(lmin, lmax)
+        if self.timestep == "nearest":
+            return (ls[:, None] - self.log_sigmas[None]).abs().argmin(dim=1).to(torch.float64)
+        idx = torch.searchsorted(self.log_sigmas, ls.contiguous()).clamp(1, len(self.log_sigmas) - 1)
+        lo, hi = self.log_sigmas[idx - 1], self.log_sigmas[idx]
+        return (idx - 1).to(torch.float64) + (ls - lo) / (hi - lo)
+
+    def _call_model(self, x_in: Tensor, t: Tensor, cond: Any) -> Tensor:
+        kwargs: dict[str, Any] = {}
+        if isinstance(cond, Mapping):
+            kwargs.update(cond)
+        elif cond is not None:
+            kwargs[self.cond_kwarg] = cond
+        out = self.model(x_in, t, return_dict=False, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+
+    def forward(self, x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
+        check_sample(x, "x")
+        s64 = as_sigma(sigma, x).to(torch.float64)
+        t = self.sigma_to_t(s64)
+        if self.timestep == "nearest":
+            t_model = t.long()
+        else:
+            t_model = t.to(torch.float32)
+        x64 = x.to(torch.float64)
+        s = pad_dims(s64, x)
+        c_in = 1.0 / (1.0 + s**2).sqrt()  # = sqrt(abar): x_vp = sqrt(abar) * x_t
+        dtype = next(iter(self.model.parameters()), x).dtype
+        pred = self._call_model((c_in * x64).to(dtype), t_model, cond).to(torch.float64)
+        if pred.shape != x.shape:
+            raise ValueError(f"model returned shape {tuple(pred.shape)} for input shape {tuple(x.shape)}")
+        if self.prediction_type == "epsilon":
+            d = x64 - s * pred
+        elif self.prediction_type == "v_prediction":
+            d = x64 * c_in**2 - s * c_in * pred
+        else:
+            d = pred
+        return d.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance and generators.
+
+
+class CFGDenoiser(nn.Module):
+    """Classifier-free guidance: ``D = D(x, s, uncond) + scale * (D(x, s, cond) - D(x, s, uncond))``.
+
+    Equal to guidance on eps (``eps_u + w (eps_c - eps_u)``) because ``D = x - sigma eps`` is
+    affine in eps. Both branches run as one batch. Meant for the teacher (DMD2 guides the
+    teacher only, never the fake score). ``uncond`` is the unconditional input for one sample
+    (e.g. the null class label or the empty-prompt embedding) and is broadcast to the batch.
+    """
+
+    def __init__(self, denoiser: nn.Module, scale: float, uncond: Any):
+        super().__init__()
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+        self.denoiser = denoiser
+        self.scale = float(scale)
+        self.uncond = uncond
+
+    def _uncond_like(self, cond: Any) -> Any:
+        u = self.uncond
+        if isinstance(cond, Mapping):
+            if not isinstance(u, Mapping):
+                raise TypeError("cond is a dict, so uncond must be a dict with the same keys")
+            return {k: _broadcast_like(u[k], cond[k], f"uncond[{k!r}]") for k in cond}
+        return _broadcast_like(u, cond, "uncond")
+
+    def forward(self, x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
+        check_sample(x, "x")
+        if cond is None:
+            raise ValueError("CFGDenoiser needs cond (the conditional input); got None")
+        s = as_sigma(sigma, x)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([s, s]), cat_cond(self._uncond_like(cond), cond))
+        d_u, d_c = both.chunk(2)
+        return d_u + self.scale * (d_c - d_u)
+
+
+def _broadcast_like(u: Any, c: Any, name: str) -> Tensor:
+    u = torch.as_tensor(u, device=c.device, dtype=c.dtype)
+    if u.shape == c.shape:
+        return u
+    if u.shape == c.shape[1:] or (u.ndim == c.ndim and u.shape[0] == 1):
+        return u.expand_as(c) if u.ndim == c.ndim else u.unsqueeze(0).expand_as(c)
+    raise ValueError(f"{name} of shape {tuple(u.shape)} does not match cond of shape {tuple(c.shape)}")
+
+
+class OneStepGenerator(nn.Module):
+    """A one-step generator ``G(z, cond) = D(sigma_init * z, sigma_init, cond)``.
+
+    Initialised from a copy of the teacher, it starts as the teacher's one-step denoise from pure
+    noise (DMD2-EDM and GDD use ``sigma_init = 80``, SiD 2.5, Diff-Instruct small values).
+    """
+
+    def __init__(self, denoiser: nn.Module, sigma_init: float):
+        super().__init__()
+        if not (math.isfinite(sigma_init) and sigma_init > 0):
+            raise ValueError(f"sigma_init must be finite and > 0, got {sigma_init}")
+        self.denoiser = denoiser
+        self.sigma_init = float(sigma_init)
+
+    def forward(self, z: Tensor, cond: Any = None) -> Tensor:
+        check_sample(z, "z")
+        return self.denoiser(self.sigma_init * z, self.sigma_init, cond)
+
+
+def trainable_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every parameter trainable, in train mode (e.g. the fake score)."""
+    m = copy.deepcopy(module)
+    m.requires_grad_(True)
+    m.train()
+    return m
+
+
+def make_generator(teacher: nn.Module, sigma_init: float) -> OneStepGenerator:
+    """A trainable :class:`OneStepGenerator` from a deep copy of ``teacher`` (which is untouched)."""
+    return OneStepGenerator(trainable_copy(teacher), sigma_init)
+

@@ -1,0 +1,90 @@
+"""One training iteration of any :class:`~disback_core.protocol.ScoreDistiller`, for your own loop.
+
+Plain functions, no Trainer: call :func:`critic_step` and :func:`generator_step` yourself, or
+:func:`train_step`, which runs ``method.critic_steps`` critic updates and then one generator
+update (DMD2's two-time-scale rule: the generator is updated once per five critic updates).
+
+Example::
+
+    for it in range(iterations):
+        logs = train_step(method, generator, fake, target, g_opt, f_opt, next_batch)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .protocol import ScoreDistiller
+
+__all__ = ["Batch", "critic_step", "generator_step", "train_step", "optimizer_params"]
+
+
+@dataclass
+class Batch:
+    """What one update consumes: generator noise ``z`` and its ``cond``; ``real`` data (and its
+    ``real_cond``) only for methods with a GAN term."""
+
+    z: Tensor
+    cond: Any = None
+    real: Tensor | None = None
+    real_cond: Any = None
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The trainable parameters an optimizer updates."""
+    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+
+def _logs(prefix: str, out: dict[str, Tensor]) -> dict[str, float]:
+    return {f"{prefix}/{k}": float(v.detach()) for k, v in out.items()}
+
+
+def critic_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: nn.Module,
+                optimizer: torch.optim.Optimizer, batch: Batch,
+                max_grad_norm: float | None = None) -> dict[str, float]:
+    """One update of the fake score (and the method's GAN head) on fresh, detached generator samples."""
+    with torch.no_grad():
+        x = generator(batch.z, batch.cond)
+    optimizer.zero_grad(set_to_none=True)
+    out = method.fake_score_loss(x, fake, batch.cond, real=batch.real, real_cond=batch.real_cond)
+    params = optimizer_params(optimizer)
+    out["loss"].backward(inputs=params)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return _logs("critic", out)
+
+
+def generator_step(method: ScoreDistiller, generator: Callable[..., Tensor], target: Any, fake: Any,
+                   optimizer: torch.optim.Optimizer, batch: Batch,
+                   max_grad_norm: float | None = None) -> dict[str, float]:
+    """One generator update. Only the optimizer's parameters receive gradients, so a fake score
+    that the loss differentiates through (SiD, a GAN term) keeps its own gradients untouched."""
+    optimizer.zero_grad(set_to_none=True)
+    x = generator(batch.z, batch.cond)
+    out = method.generator_loss(x, target, fake, batch.cond)
+    params = optimizer_params(optimizer)
+    out["loss"].backward(inputs=params)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return _logs("generator", out)
+
+
+def train_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: nn.Module, target: Any,
+               generator_optimizer: torch.optim.Optimizer, fake_optimizer: torch.optim.Optimizer,
+               next_batch: Callable[[], Batch], max_grad_norm: float | None = None) -> dict[str, float]:
+    """``method.critic_steps`` critic updates, then one generator update; each draws its own batch.
+
+    Returns the last critic logs and the generator logs, as floats.
+    """
+    if method.critic_steps < 1:
+        raise ValueError(f"method.critic_steps must be >= 1, got {method.critic_steps}")
+    logs: dict[str, float] = {}
+    for _ in range(method.critic_steps):
+        logs.update(critic_step(method, generator, fake, fake_optimizer, next_batch(), max_grad_norm))
+    logs.update(generator_step(method, generator, target, fake, generator_optimizer, next_batch(), max_grad_norm))
+    return logs
