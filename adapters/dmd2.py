@@ -50,8 +50,9 @@ class DMD2(DSMFakeScore):
         self.gan_critic_weight = gan_critic_weight
         self.critic_steps = critic_steps
 
-    def distribution_matching_grad(self, x: Tensor, target: Any, fake: Any, cond: Any = None) -> Tensor:
-        """The normalised DMD gradient wrt ``x`` (before the ``1/numel`` of the mse), no graph."""
+    def distribution_matching_grad(self, x: Tensor, target: Any, fake: Any, cond: Any = None) -> tuple[Tensor, Tensor]:
+        """The normalised DMD gradient wrt ``x`` (before the ``1/numel`` of the mse), no graph, and
+        the score gap ``mean ||D_fake - D_real||^2``."""
         sigma = self.sigma_sampler(x.shape[0], device=x.device)
         x0 = x.detach()
         x_t = x0 + pad_dims(sigma, x) * torch.randn_like(x)
@@ -59,14 +60,14 @@ class DMD2(DSMFakeScore):
             d_real = target(x_t, sigma, cond)
             d_fake = fake(x_t, sigma, cond)
         check_finite("DMD2 generator loss", x=x, target_output=d_real, fake_output=d_fake)
-        return (d_fake - d_real) / abs_mean_normaliser(x0, d_real)
+        gap = reduce_per_sample((d_fake - d_real) ** 2, "mean").mean()
+        return (d_fake - d_real) / abs_mean_normaliser(x0, d_real), gap
 
     def generator_loss(self, x: Tensor, target: Any, fake: Any, cond: Any = None) -> LossDict:
         check_sample(x, "x")
-        grad = self.distribution_matching_grad(x, target, fake, cond)
+        grad, gap = self.distribution_matching_grad(x, target, fake, cond)
         dm = 0.5 * F.mse_loss(x, (x - grad).detach())
-        out = {"loss": dm, "dm": dm.detach(),
-               "grad_norm": reduce_per_sample(grad**2, "mean").mean().sqrt()}
+        out = {"loss": dm, "dm": dm.detach(), "score_gap": gap}
         if self.gan_head is not None:
             g = gan_generator_loss(self.gan_head.logits(fake, x, cond))
             out["loss"] = dm + self.gan_generator_weight * g

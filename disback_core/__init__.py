@@ -12,6 +12,11 @@ from .nets import MLPNet, UNetNet, edm_mlp, edm_unet
 from .protocol import DSMFakeScore, LossDict, ScoreDistiller
 from .sigmas import KarrasContinuousSigma, KarrasIndexSigma, LogNormalSigma, SigmaSampler, edm_weight, karras_sigmas
 from .step import Batch, critic_step, generator_step, train_step
+from .storage import StorageError
+from .lora import LoraSpec
+from .trajectory import Probe, Trajectory, TrajectoryTarget
+from .recording import record_degradation
+from .backtracking import AdaptiveGap, Backtrack, FixedInterval, TeacherOnly
 
 __version__ = "0.1.0"
 
@@ -22,4 +27,6 @@ __all__ = [
     "DSMLoss", "abs_mean_normaliser", "check_finite", "gan_discriminator_loss", "gan_generator_loss", "r1_penalty",
     "GANHead", "capture_features", "ScoreDistiller", "DSMFakeScore", "LossDict",
     "Batch", "critic_step", "generator_step", "train_step",
+    "StorageError", "LoraSpec", "Trajectory", "TrajectoryTarget", "Probe", "record_degradation",
+    "Backtrack", "FixedInterval", "AdaptiveGap", "TeacherOnly",
 ]

@@ -50,6 +50,11 @@ class ScoreDistiller(Protocol):
         """Trainable parameters the method owns besides the fake score (a GAN head), or none."""
         ...
 
+    def on_generator_step(self) -> Any:
+        """Called once after each generator update (``generator_step`` does it); DisBack moves its
+        target here. A no-op for the base methods."""
+        ...
+
 
 class DSMFakeScore:
     """Shared critic side of methods whose fake score is trained by plain DSM.
@@ -71,3 +76,6 @@ class DSMFakeScore:
 
     def critic_parameters(self) -> list[nn.Parameter]:
         return []
+
+    def on_generator_step(self) -> None:
+        return None

@@ -61,8 +61,10 @@ def critic_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: 
 def generator_step(method: ScoreDistiller, generator: Callable[..., Tensor], target: Any, fake: Any,
                    optimizer: torch.optim.Optimizer, batch: Batch,
                    max_grad_norm: float | None = None) -> dict[str, float]:
-    """One generator update. Only the optimizer's parameters receive gradients, so a fake score
-    that the loss differentiates through (SiD, a GAN term) keeps its own gradients untouched."""
+    """One generator update, then ``method.on_generator_step()``.
+
+    Only the optimizer's parameters receive gradients, so a fake score that the loss
+    differentiates through (SiD, a GAN term) keeps its own gradients untouched."""
     optimizer.zero_grad(set_to_none=True)
     x = generator(batch.z, batch.cond)
     out = method.generator_loss(x, target, fake, batch.cond)
@@ -71,6 +73,7 @@ def generator_step(method: ScoreDistiller, generator: Callable[..., Tensor], tar
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
+    method.on_generator_step()
     return _logs("generator", out)
 
 

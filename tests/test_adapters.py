@@ -101,7 +101,7 @@ def test_dmd2_gan_terms_and_signs():
     torch.manual_seed(3)
     out = m.generator_loss(x, REAL_2D, fake)
     torch.manual_seed(3)
-    grad = m.distribution_matching_grad(x, REAL_2D, fake)
+    grad, _ = m.distribution_matching_grad(x, REAL_2D, fake)
     logits = head.logits(fake, x)
     dm = 0.5 * F.mse_loss(x, (x - grad).detach())
     torch.testing.assert_close(out["loss"], dm + 3e-3 * F.softplus(-logits).mean())

@@ -22,6 +22,9 @@ class Counting:
         self.calls["fake"] += 1
         return self.m.fake_score_loss(*a, **k)
 
+    def on_generator_step(self):
+        self.calls["after"] = self.calls.get("after", 0) + 1
+
 
 def _roles(width=32):
     gen = OneStepGenerator(edm_mlp(2, sigma_data=1.0, width=width, depth=2), 80.0)
@@ -39,7 +42,7 @@ def test_train_step_runs_critic_steps_then_one_generator_update():
     m = Counting(DMD2(sigma_data=1.0))
     draws = []
     logs = train_step(m, gen, fake, TEACHER, go, fo, lambda: draws.append(1) or Batch(torch.randn(16, 2)))
-    assert m.calls == {"gen": 1, "fake": 5} and len(draws) == 6
+    assert m.calls == {"gen": 1, "fake": 5, "after": 1} and len(draws) == 6
     assert {"critic/loss", "generator/loss", "generator/dm"} <= set(logs)
 
 

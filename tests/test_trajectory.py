@@ -1,0 +1,326 @@
+"""Trajectory, Degradation Recording and Distribution Backtracking: every switch proven.
+
+The reference implementation's defects (shared/research/disback.md) each have a test here:
+- its switch loaded a state dict whose keys matched nothing (strict=False): the target never
+  changed -> test_every_switch_changes_the_target_to_the_recorded_node, test_mismatched_keys_*;
+- its switch fired once (`//` for `%`): -> test_fixed_interval_switches_at_every_multiple;
+- its folder names assumed 5-digit steps: -> test_many_nodes_and_large_step_numbers_round_trip;
+- every node was a full checkpoint: -> test_lora_path_is_small_against_full_nodes.
+"""
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ring_means
+from disback_core import (AdaptiveGap, Backtrack, Batch, FixedInterval, GaussianMixtureDenoiser, LoraSpec,
+                          StorageError, Trajectory, edm_mlp, edm_unet, freeze, make_generator, record_degradation,
+                          train_step)
+from disback_core.adapters import DMD2, DiffInstruct, SiD
+from disback_core.lora import inject_lora, load_lora_state, lora_state
+
+
+def _teacher(seed=0):
+    torch.manual_seed(seed)
+    return freeze(edm_mlp(2, sigma_data=1.0, width=32, depth=2))
+
+
+def _record(teacher, mode="lora", steps=12, interval=3, rank=4, merge=True, method=None):
+    gen = make_generator(teacher, 80.0)
+    return record_degradation(teacher, gen, method or DMD2(sigma_data=1.0), lambda: Batch(torch.randn(64, 2)),
+                              steps=steps, interval=interval, lr=1e-2, mode=mode, lora=LoraSpec(rank=rank),
+                              merge=merge)
+
+
+def _probe_out(traj, k):
+    p = traj.probe
+    with torch.no_grad():
+        return traj.target(k)(p.x, p.sigma, p.cond)
+
+
+def test_lora_slot_starts_as_the_teacher():
+    t = _teacher()
+    w = inject_lora(copy.deepcopy(t), LoraSpec(rank=4))
+    x, s = torch.randn(8, 2), torch.rand(8) * 5 + 0.1
+    with torch.no_grad():
+        assert torch.equal(w(x, s), t(x, s))
+    assert all(("lora_" in n) == p.requires_grad for n, p in w.named_parameters())
+
+
+def test_recording_makes_interval_nodes_that_verify():
+    t = _teacher()
+    traj = _record(t, steps=12, interval=3)
+    assert len(traj) == 5 and traj.last == 4 and traj.steps == [3, 6, 9, 12]
+    assert traj.kind == "lora" and len(traj.meta["dsm_loss"]) == 4
+    errs = traj.verify()
+    assert errs[0] == 0.0 and max(errs) < 1e-5  # merged nodes equal the unmerged recording to float rounding
+    unmerged = Trajectory(t, traj.nodes, kind="lora", lora=traj.lora, steps=traj.steps, merge=False, probe=traj.probe)
+    assert max(unmerged.verify()) == 0.0  # the unmerged slot is exactly the recorded degrading score
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_every_switch_changes_the_target_to_the_recorded_node(merge):
+    t = _teacher()
+    traj = _record(t, steps=12, interval=3, merge=merge)
+    bt = Backtrack(DMD2(sigma_data=1.0), traj, FixedInterval(every=2))
+    p = traj.probe
+    with torch.no_grad():
+        seen = [bt.target(p.x, p.sigma)]
+    assert bt.node == traj.last - 1
+    torch.testing.assert_close(seen[0], p.outputs[traj.last - 1], rtol=0, atol=1e-5)
+    for _ in range(2 * traj.last + 4):
+        switched = bt.on_generator_step()
+        if switched:
+            with torch.no_grad():
+                out = bt.target(p.x, p.sigma)
+            assert not torch.allclose(out, seen[-1]), f"target did not change at the switch to node {bt.node}"
+            torch.testing.assert_close(out, p.outputs[bt.node], rtol=0, atol=1e-5)
+            seen.append(out)
+    assert bt.node == 0 and len(seen) == traj.last  # N-1 .. 0
+    with torch.no_grad():
+        assert torch.equal(bt.target(p.x, p.sigma), t(p.x, p.sigma))  # the last target is the teacher, bit-exact
+    assert bt.target.trajectory.target(0) is t
+
+
+def test_fake_score_starts_as_the_last_node():
+    t = _teacher()
+    traj = _record(t)
+    bt = Backtrack(DiffInstruct(sigma_data=1.0), traj, FixedInterval(every=5))
+    fake = bt.initial_fake()
+    assert all(p.requires_grad for p in fake.parameters())
+    assert not any("lora" in n for n, _ in fake.named_parameters())  # a plain module, no peft wrappers
+    p = traj.probe
+    with torch.no_grad():
+        torch.testing.assert_close(fake(p.x, p.sigma), p.outputs[traj.last], rtol=0, atol=1e-5)
+        merged = traj.target(traj.last)
+        for (n, a), (_, b) in zip(fake.named_parameters(), _plain_params(merged)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _plain_params(work):
+    """Parameters of a merged working copy under the teacher's names (base layers unwrapped)."""
+    out = []
+    for n, p in work.named_parameters():
+        if "lora_" in n:
+            continue
+        out.append((n.replace(".base_layer", ""), p))
+    return out
+
+
+def test_fixed_interval_switches_at_every_multiple():
+    t = _teacher()
+    traj = _record(t, steps=15, interval=3)  # 5 nodes: targets 4, 3, 2, 1, 0
+    bt = Backtrack(DMD2(sigma_data=1.0), traj, FixedInterval(every=7))
+    for _ in range(100):
+        bt.on_generator_step()
+    assert bt.switches == [(0, 4), (7, 3), (14, 2), (21, 1), (28, 0)]
+    assert bt.node == 0
+    share = FixedInterval.from_share(total_steps=1000, degraded_nodes=5, share=0.2)
+    assert share.every == 50
+
+
+def test_adaptive_schedule_moves_on_when_the_gap_closes_and_checkpoints():
+    s = AdaptiveGap(ratio=0.5, warmup=2, decay=0.0, min_steps=3, max_steps=50)
+    gaps = [1.0, 1.0, 0.9, 0.6, 0.49, 0.3]
+    fired = [s.advance(i + 1, g) for i, g in enumerate(gaps)]
+    assert fired == [False, False, False, False, True, True]  # g_ref = 1, fires once ema <= 0.5
+    s2 = AdaptiveGap(ratio=0.5, warmup=2, decay=0.9, min_steps=3, max_steps=5)
+    assert [s2.advance(i + 1, 1.0) for i in range(5)] == [False] * 4 + [True]  # max_steps forces it
+    s3 = AdaptiveGap(ratio=0.5, warmup=2, decay=0.5, min_steps=2, max_steps=50)
+    for i, g in enumerate([2.0, 2.0, 1.0]):
+        s3.advance(i + 1, g)
+    clone = AdaptiveGap()
+    clone.load_state_dict(s3.state_dict())
+    assert [clone.advance(4, 0.2), clone.advance(5, 0.2)] == [s3.advance(4, 0.2), s3.advance(5, 0.2)]
+    with pytest.raises(ValueError, match="score_gap"):
+        AdaptiveGap().advance(1, None)
+
+
+def test_backtrack_checkpoint_resumes_the_schedule():
+    t = _teacher()
+    traj = _record(t, steps=15, interval=3)
+    a = Backtrack(DMD2(sigma_data=1.0), traj, FixedInterval(every=4))
+    for _ in range(6):
+        a.on_generator_step()
+    state = a.state_dict()
+    b = Backtrack(DMD2(sigma_data=1.0), traj, FixedInterval(every=1))
+    b.load_state_dict(state)
+    assert (b.node, b.steps_in_node, b.schedule.every) == (a.node, a.steps_in_node, 4)
+    for _ in range(20):
+        a.on_generator_step()
+        b.on_generator_step()
+    assert a.switches == b.switches
+
+
+def test_backtrack_refuses_the_plain_teacher_as_target():
+    t = _teacher()
+    traj = _record(t)
+    bt = Backtrack(DMD2(sigma_data=1.0), traj, FixedInterval(every=5))
+    with pytest.raises(ValueError, match="pass backtrack.target"):
+        bt.generator_loss(torch.randn(4, 2), t, bt.initial_fake())
+
+
+@pytest.mark.parametrize("method_cls", [DiffInstruct, DMD2, SiD])
+def test_disback_composes_with_each_adapter(method_cls):
+    teacher = GaussianMixtureDenoiser(ring_means(), 0.1)
+    torch.manual_seed(0)
+    net_teacher = freeze(edm_mlp(2, sigma_data=1.0, width=32, depth=2))
+    method = method_cls(sigma_data=1.0)
+    gen = make_generator(net_teacher, 80.0)
+    traj = record_degradation(net_teacher, gen, method, lambda: Batch(torch.randn(64, 2)), steps=20, interval=5,
+                              lr=1e-2, lora=LoraSpec(rank=4))
+    bt = Backtrack(method, traj, FixedInterval(every=3))
+    fake = bt.initial_fake()
+    go = torch.optim.Adam(gen.parameters(), 1e-3)
+    fo = torch.optim.Adam(fake.parameters(), 1e-3)
+    before = [p.detach().clone() for p in gen.parameters()]
+    for _ in range(12):
+        logs = train_step(bt, gen, fake, bt.target, go, fo, lambda: Batch(torch.randn(32, 2)))
+    assert bt.node == 0 and [n for _, n in bt.switches] == [3, 2, 1, 0]
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert any(not torch.equal(a, p) for a, p in zip(before, gen.parameters()))
+    del teacher
+
+
+def test_svd_mode_reports_its_error_and_is_exact_at_full_rank():
+    t = _teacher()
+    lo = _record(t, mode="svd", rank=2)
+    hi = _record(t, mode="svd", rank=64)  # >= every layer's rank: the SVD is exact for wrapped layers
+    assert len(lo.meta["svd_error"]) == 4 and all(0 < e < 1 for e in lo.meta["svd_error"])
+    assert max(hi.meta["svd_error"]) < 1e-6
+    assert max(lo.verify()) < 1e-5 and max(hi.verify()) < 1e-5
+
+
+def test_full_mode_nodes_load_strictly():
+    t = _teacher()
+    traj = _record(t, mode="full")
+    assert traj.kind == "full" and max(traj.verify()) == 0.0
+    bad = {("module.fake_unet." + k): v for k, v in traj.nodes[0].items()}
+    broken = Trajectory(t, [bad], kind="full")
+    with pytest.raises(ValueError, match="node 1 does not fit"):
+        broken.target(1)
+
+
+def test_conditional_unet_records_and_switches():
+    torch.manual_seed(0)
+    teacher = freeze(edm_unet(sample_size=8, channels=1, num_classes=3, block_out_channels=(8, 16),
+                              norm_num_groups=4, attention=True))
+    gen = make_generator(teacher, 80.0)
+    batch = lambda: Batch(torch.randn(8, 1, 8, 8), cond=torch.randint(0, 3, (8,)))  # noqa: E731
+    traj = record_degradation(teacher, gen, DMD2(), batch, steps=4, interval=2, lr=1e-2, lora=LoraSpec(rank=2),
+                              probe_size=6)
+    assert traj.probe.cond is not None and traj.probe.cond.shape == (6,)
+    assert set(traj.lora.target_modules) >= {"to_q", "conv1", "time_emb_proj"}
+    errs = traj.verify()
+    assert errs[0] == 0.0 and max(errs) < 1e-4
+    assert not torch.allclose(traj.probe.outputs[1], traj.probe.outputs[0])
+
+
+# ----------------------------------------------------------------------------- persistence
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    t = _teacher()
+    traj = _record(t)
+    traj.save(tmp_path / "traj")
+    back = Trajectory.load(tmp_path / "traj", t)
+    assert back.steps == traj.steps and back.lora == traj.lora and back.kind == "lora"
+    for a, b in zip(traj.nodes, back.nodes):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a, b) for a, b in zip(traj.probe.outputs, back.probe.outputs))
+    for k in range(len(traj)):
+        assert torch.equal(_probe_out(back, k), _probe_out(traj, k))
+    names = sorted(p.name for p in (tmp_path / "traj").iterdir())
+    assert names == ["manifest.json", "node-0001.safetensors", "node-0002.safetensors", "node-0003.safetensors",
+                     "node-0004.safetensors", "probe.safetensors"]
+
+
+def test_many_nodes_and_large_step_numbers_round_trip(tmp_path):
+    t = _teacher()
+    traj = _record(t, steps=12, interval=1)  # 12 nodes: "node-0010" must not sort before "node-0002"
+    traj.steps = [123456 * (i + 1) for i in range(12)]  # steps far beyond 5 digits
+    traj.save(tmp_path / "traj")
+    back = Trajectory.load(tmp_path / "traj", t)
+    assert back.steps == traj.steps
+    for k in range(1, 13):
+        assert torch.equal(_probe_out(back, k), _probe_out(traj, k))
+
+
+def _saved(tmp_path):
+    t = _teacher()
+    _record(t).save(tmp_path / "traj")
+    return t, tmp_path / "traj"
+
+
+def test_tampered_truncated_and_missing_nodes_are_refused(tmp_path):
+    t, folder = _saved(tmp_path)
+    node = folder / "node-0002.safetensors"
+    data = bytearray(node.read_bytes())
+    data[-5] ^= 0xFF
+    node.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match=r"node-0002.safetensors fails its sha256"):
+        Trajectory.load(folder, t)
+    node.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(StorageError, match=r"node-0002.safetensors fails its sha256"):
+        Trajectory.load(folder, t)
+    node.unlink()
+    with pytest.raises(StorageError, match=r"node-0002.safetensors is missing"):
+        Trajectory.load(folder, t)
+
+
+def test_manifest_for_another_base_model_or_broken_is_refused(tmp_path):
+    t, folder = _saved(tmp_path)
+    with pytest.raises(StorageError, match="another base model"):
+        Trajectory.load(folder, _teacher(seed=1))
+    man = folder / "manifest.json"
+    text = man.read_text()
+    man.write_text(text[:-20])
+    with pytest.raises(StorageError, match="not valid JSON"):
+        Trajectory.load(folder, t)
+    man.write_text(text.replace('"version": 1', '"version": 99'))
+    with pytest.raises(StorageError, match="format version 99"):
+        Trajectory.load(folder, t)
+    man.write_text(text.replace('"node-0001.safetensors"', '"../node-0001.safetensors"'))
+    with pytest.raises(StorageError, match="invalid file name"):
+        Trajectory.load(folder, t)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(StorageError, match="manifest.json is missing"):
+        Trajectory.load(folder, t)
+
+
+def test_mismatched_keys_are_refused_not_silently_skipped(tmp_path):
+    """The reference loaded 'module.fake_unet.*' keys with strict=False: nothing loaded. Not here."""
+    t = _teacher()
+    traj = _record(t)
+    renamed = [{"module.fake_unet." + k: v for k, v in n.items()} for n in traj.nodes]
+    bad = Trajectory(t, renamed, kind="lora", lora=traj.lora)
+    with pytest.raises(ValueError, match="does not fit this model's LoRA slot"):
+        bad.target(1)
+    bad.save(tmp_path / "bad")
+    with pytest.raises(StorageError, match="keys do not fit this teacher"):
+        Trajectory.load(tmp_path / "bad", t)
+    w = inject_lora(copy.deepcopy(t), traj.lora)
+    shrunk = {k: v[..., :1] for k, v in lora_state(w).items()}
+    with pytest.raises(ValueError, match="has shape"):
+        load_lora_state(w, shrunk)
+
+
+def test_lora_path_is_small_against_full_nodes():
+    torch.manual_seed(0)
+    teacher = freeze(edm_unet(sample_size=8, channels=1, block_out_channels=(32, 64, 64)))
+    gen = make_generator(teacher, 80.0)
+    batch = lambda: Batch(torch.randn(4, 1, 8, 8))  # noqa: E731
+    kw = dict(steps=2, interval=1, lr=1e-3, probe_size=2)
+    lora = record_degradation(teacher, gen, DMD2(), batch, mode="lora", lora=LoraSpec(rank=4), **kw)
+    full = record_degradation(teacher, gen, DMD2(), batch, mode="full", **kw)
+    ratio = lora.nbytes() / full.nbytes()
+    assert ratio < 0.08, ratio
+
+
+def test_no_pickle_on_any_load_path():
+    root = Path(__file__).resolve().parents[1]
+    for path in list((root / "disback_core").rglob("*.py")) + list((root / "adapters").rglob("*.py")):
+        text = path.read_text()
+        assert not re.search(r"\bimport pickle\b|torch\.load\(|pickle\.load", text), path
