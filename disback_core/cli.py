@@ -1,58 +1,138 @@
-"""The ``disback`` console script."""
+"""The ``disback`` console script.
+
+- ``disback demo``: the main job. On a built-in problem (``toy2d`` by default), train or load the
+  cached teacher, distil it with one adapter with and without DisBack, write ``report.md``,
+  ``results.json``, curve and sample PNGs into ``--out``, and print a summary table.
+- ``disback bench``: the same runner with any list of variants, for the committed benchmarks.
+  A variant is ``base``, ``disback``, or ``disback:key=value,...`` overriding DisBack settings
+  (``nodes``, ``degradation_steps``, ``node_mode``, ``rank``, ``schedule``, ``share``,
+  ``adaptive_ratio``, ``merge``), e.g. ``disback:share=0.3`` or ``disback:schedule=adaptive``.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import shlex
 import sys
+import time
+from pathlib import Path
 
 __all__ = ["main"]
 
+log = logging.getLogger("disback")
 
-def _demo(args: argparse.Namespace) -> int:
-    import torch
+# Defaults per problem: generator iterations, batch, learning rate, evaluation interval,
+# degradation steps. The demo's toy2d default runs in a few minutes on 2 CPU cores.
+PROBLEM_DEFAULTS = {
+    "toy2d": {"iterations": 600, "batch": 256, "lr": 1e-4, "eval_every": 25, "degradation_steps": 500},
+    "digits": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
+    "digits-cond": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
+}
+DISBACK_FIELDS = {"nodes": int, "degradation_steps": int, "node_mode": str, "rank": int, "schedule": str,
+                  "share": float, "adaptive_ratio": float, "merge": lambda v: v.lower() in ("1", "true", "yes")}
 
-    from .analytic import GaussianMixtureDenoiser
-    from .bench.metrics import sliced_wasserstein
-    from .denoisers import OneStepGenerator
-    from .nets import edm_mlp
-    from .step import Batch, critic_step, train_step
-    from .adapters import DMD2, DiffInstruct, SiD  # type: ignore[attr-defined]
-    import math
 
-    torch.manual_seed(args.seed)
-    ang = torch.arange(8) * 2 * math.pi / 8
-    teacher = GaussianMixtureDenoiser(torch.stack([2 * ang.cos(), 2 * ang.sin()], 1), 0.1)
-    method = {"dmd2": DMD2, "di": DiffInstruct, "sid": SiD}[args.adapter](sigma_data=1.0)
-    gen = OneStepGenerator(edm_mlp(2, sigma_data=1.0, width=64, depth=2), 80.0)
-    fake = edm_mlp(2, sigma_data=1.0, width=64, depth=2)
-    go = torch.optim.Adam(gen.parameters(), 1e-3, betas=(0.0, 0.999))
-    fo = torch.optim.Adam(fake.parameters(), 1e-3, betas=(0.0, 0.999))
-    batch = lambda: Batch(torch.randn(256, 2))  # noqa: E731
-    data, _ = teacher.sample(4000)
-    z = torch.randn(4000, 2)
-    for _ in range(200):
-        critic_step(method, gen, fake, fo, batch())
-    with torch.no_grad():
-        before = sliced_wasserstein(gen(z), data)
-    for _ in range(args.iterations):
-        train_step(method, gen, fake, teacher, go, fo, batch)
-    with torch.no_grad():
-        after = sliced_wasserstein(gen(z), data)
-    print(f"{args.adapter}: sliced W2 to the data before {before:.3f}, after {args.iterations} generator steps {after:.3f}")
+def _base_spec(args: argparse.Namespace, adapter: str):
+    from .bench.runner import RunSpec
+
+    d = PROBLEM_DEFAULTS[args.problem]
+    return RunSpec(label="base", problem=args.problem, adapter=adapter,
+                   iterations=args.iterations or d["iterations"], batch=args.batch or d["batch"],
+                   lr=args.lr or d["lr"], eval_every=args.eval_every or d["eval_every"],
+                   degradation_steps=args.degradation_steps or d["degradation_steps"])
+
+
+def parse_variant(base, text: str):
+    """``base`` | ``disback`` | ``disback:key=value,...`` -> a RunSpec derived from ``base``."""
+    if text == "base":
+        return dataclasses.replace(base, label="base", disback=False)
+    if text == "disback":
+        return dataclasses.replace(base, label="disback", disback=True)
+    if not text.startswith("disback:"):
+        raise ValueError(f"variant {text!r}: expected 'base', 'disback' or 'disback:key=value,...'")
+    changes = {}
+    for item in text[len("disback:"):].split(","):
+        key, _, value = item.partition("=")
+        if key not in DISBACK_FIELDS or not value:
+            raise ValueError(f"variant {text!r}: unknown or empty setting {key!r}; known: {sorted(DISBACK_FIELDS)}")
+        changes[key] = DISBACK_FIELDS[key](value)
+    return dataclasses.replace(base, label=text.replace("disback:", "disback-").replace(",", "-").replace("=", ""),
+                               disback=True, **changes)
+
+
+def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
+    from .bench.problems import get_problem
+    from .bench.report import summary_table, write_report
+    from .bench.runner import compare
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    command = "disback " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.record_command else ""
+    log.info("problem %s: loading or training the teacher (cached after the first run)", args.problem)
+    kw = {"teacher_steps": args.teacher_steps} if args.teacher_steps else {}
+    problem = get_problem(args.problem, args.cache_dir, progress=not args.no_progress, **kw)
+    for k, v in problem.teacher_info.items():
+        if k != "path":
+            log.info("teacher %s: %s", k, v)
+    results = {}
+    for adapter in args.adapter:
+        base = _base_spec(args, adapter)
+        specs = [parse_variant(base, v) for v in variants]
+        folder = out / adapter if len(args.adapter) > 1 else out
+        res = compare(specs, args.seeds, folder, command=command, progress=not args.no_progress, problem=problem)
+        write_report(res, folder / "report.md", f"{title}: {args.problem}, {adapter}")
+        results[adapter] = res
+        print(f"\n{args.problem} / {adapter} ({len(args.seeds)} seeds, {base.iterations} generator iterations)")
+        print(summary_table(res))
+    print(f"\nwrote {out} in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
+    from .bench.problems import PROBLEMS
+    from .bench.runner import ADAPTERS
+
+    p.add_argument("--problem", choices=PROBLEMS, default="toy2d")
+    p.add_argument("--adapter", choices=ADAPTERS, nargs="+", default=adapters_default)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--iterations", type=int, help="generator iterations (default per problem)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float, help="learning rate of generator, fake score and degradation alike")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--degradation-steps", type=int)
+    p.add_argument("--cache-dir", help="teacher cache (default $DISBACK_CACHE or ~/.cache/disback)")
+    p.add_argument("--teacher-steps", type=int, help="teacher training steps (default per problem; a quick check "
+                   "may use fewer, the cache keys on it)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True,
+                   help="store the command line in results.json")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disback", description="Distribution Backtracking for one-step diffusion distillation")
+    parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="distil a built-in problem and report the distance to the data")
-    d.add_argument("--adapter", choices=["dmd2", "di", "sid"], default="dmd2")
-    d.add_argument("--iterations", type=int, default=400)
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=_demo)
+    d = sub.add_parser("demo", help="the main job: base method vs DisBack on a built-in problem")
+    _common(d, ["dmd2"])
+    d.add_argument("--out", default="runs/demo")
+    b = sub.add_parser("bench", help="benchmark variants (base, disback, disback:key=value,...)")
+    _common(b, ["dmd2"])
+    b.add_argument("--variants", nargs="+", default=["base", "disback"])
+    b.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command == "demo":
+        return _run(args, ["base", "disback"], "disback demo")
+    try:
+        variants = args.variants
+        base = _base_spec(args, args.adapter[0])
+        for v in variants:
+            parse_variant(base, v)
+    except ValueError as e:
+        parser.error(str(e))
+    return _run(args, variants, "disback bench")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ class Trajectory:
         self.probe = probe
         self.meta = dict(meta or {})
         self._work: nn.Module | None = None
+        self._plain: nn.Module | None = None
         self.active_node = 0  # which node the working copy holds (0: none yet)
 
     # ------------------------------------------------------------------ nodes and targets
@@ -103,6 +104,10 @@ class Trajectory:
             work = copy.deepcopy(self.teacher)
             if self.kind == "lora":
                 inject_lora(work, self.lora)
+                # A plain twin of the teacher whose LoRA-target layers *are* the slot's base layers
+                # (shared, not copied): merged targets run through it without peft's wrappers.
+                memo = {id(self.teacher.get_submodule(n)): layer.get_base_layer() for n, layer in lora_layers(work)}
+                self._plain = freeze(copy.deepcopy(self.teacher, memo))
             self._work = freeze(work)
         return self._work
 
@@ -132,7 +137,7 @@ class Trajectory:
             if self.kind == "lora":
                 (merge_lora_into if self.merge else unmerge_lora)(work, self.teacher)
             self.active_node = k
-        return work
+        return self._plain if self.kind == "lora" and self.merge else work
 
     def materialize(self, k: int, trainable: bool = False) -> nn.Module:
         """A standalone copy of the teacher with node ``k``'s weights (no peft wrappers).

@@ -1,0 +1,58 @@
+"""Markdown report and console table from a benchmark result (see :mod:`.runner` for the schema)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["summary_table", "write_report"]
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    if v is None:
+        return "not reached"
+    return f"{v:.{digits}g}"
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """One row per label: primary metric (mean +- std over seeds, min..max), the other metrics'
+    means, iterations and seconds to the base's final value, and the cost per iteration."""
+    p = result["primary"]
+    summ = result["summary"]
+    others = [k for k in next(iter(summ.values()))["final"] if k != p]
+    head = (f"| run | final {p} (mean ± std, min..max) | " + " | ".join(others)
+            + " | iterations to base final (ratio) | seconds to base final (ratio) | s / iteration (ratio) |")
+    lines = [head, "|" + "---|" * (5 + len(others))]
+    for lab, s in summ.items():
+        f = s["final"][p]
+        row = [f"{lab}", f"{f['mean']:.4g} ± {f['std']:.2g} ({f['min']:.4g}..{f['max']:.4g})"]
+        row += [f"{s['final'][k]['mean']:.3g}" for k in others]
+        row.append(f"{_fmt(s.get('iterations_to_base_final'))} ({_fmt(s.get('ratio_iterations'), 3)})")
+        row.append(f"{_fmt(s.get('seconds_to_base_final'))} ({_fmt(s.get('ratio_seconds'), 3)})")
+        row.append(f"{s['seconds_per_iteration']:.4f} ({_fmt(s.get('overhead_per_iteration'), 3)})")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(result: dict[str, Any], path: str | Path, title: str = "disback benchmark") -> None:
+    p = result["primary"]
+    lines = [f"# {title}", "", f"Command: `{result['command']}`" if result.get("command") else "", "",
+             f"Problem `{result['problem']}`; primary metric `{p}` (lower is better). Final values are the mean "
+             "over the last 20% of evaluations of each seed; ± is the standard deviation over seeds.", "",
+             "## Summary", "", summary_table(result), ""]
+    lines += ["## Reference lines (teacher)", "", "| sigma_init | multi-step (18 Heun steps) | one-step |", "|---|---|---|"]
+    for si, refs in result["references"].items():
+        ms = ", ".join(f"{k} {v:.4g}" for k, v in refs["teacher_multistep"].items())
+        os_ = ", ".join(f"{k} {v:.4g}" for k, v in refs["teacher_onestep"].items())
+        lines.append(f"| {si} | {ms} | {os_} |")
+    lines += ["", "## Runs", ""]
+    for r in result["runs"]:
+        sw = f", target switches (iteration, node): {r['switches']}" if r["switches"] else ""
+        lines.append(f"- `{r['label']}` seed {r['seed']}: final {p} {r['final'][p]:.4g}, "
+                     f"{r['seconds_per_iteration']:.4f} s/iteration, recording {r['degradation_seconds']:.1f} s{sw}")
+    lines += ["", "## Figures", "", "![curves](curves.png)", ""]
+    for lab in dict.fromkeys(r["label"] for r in result["runs"]):
+        lines.append(f"![{lab}](samples-{lab}.png)")
+    teacher = result.get("teacher") or {}
+    if teacher:
+        lines += ["", "## Teacher", "", "```", ", ".join(f"{k}: {v}" for k, v in teacher.items() if k != "path"), "```"]
+    Path(path).write_text("\n".join(lines) + "\n")

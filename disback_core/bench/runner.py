@@ -1,0 +1,276 @@
+"""Benchmark runner: base method vs DisBack on a built-in problem, several seeds, JSON + PNG.
+
+One run = one :class:`RunSpec` and one seed. The runner builds the generator (a copy of the
+teacher run one-step at the adapter's ``sigma_init``) and the fake score (a copy of the teacher;
+with DisBack, the most degraded node), trains with :func:`~disback_core.step.train_step`, and
+evaluates on fixed inputs every ``eval_every`` generator iterations. Wall seconds count training
+only (evaluation excluded); a DisBack run starts its clock with the degradation recording.
+
+JSON schema (``results.json``, ``"schema": "disback-benchmark/1"``)::
+
+    {"schema", "command", "problem", "primary", "teacher": {...}, "references": {sigma_init: {
+       "teacher_multistep": {metric: value}, "teacher_onestep": {...}}},
+     "runs": [{"label", "seed", "spec": {...}, "degradation_seconds", "switches": [[iteration, node]],
+               "evals": [{"iteration", "seconds", "metrics": {metric: value}}], "final": {metric: value},
+               "seconds_per_iteration"}],
+     "summary": {label: {"final": {metric: {"mean", "std", "min", "max", "per_seed"}},
+                         "iterations_to_base_final", "seconds_to_base_final", "ratio_iterations",
+                         "ratio_seconds", "seconds_per_iteration"}}}
+
+``final`` is the mean over the last 20% of evaluations (one-step generators oscillate). The
+``*_to_base_final`` fields give the first evaluation at which the seed-mean curve (smoothed over
+3 evaluations) reaches the base method's mean final value of the primary metric; the ratios
+divide by the same quantity for the base run.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..backtracking import AdaptiveGap, Backtrack, FixedInterval
+from ..denoisers import make_generator, trainable_copy
+from ..lora import LoraSpec
+from ..recording import record_degradation
+from ..step import train_step
+from ..storage import write_json
+from .problems import Problem, get_problem
+
+__all__ = ["RunSpec", "ADAPTERS", "run_one", "compare", "summarise", "plot_curves"]
+
+log = logging.getLogger(__name__)
+
+
+def _adapters() -> dict[str, dict[str, Any]]:
+    from ..adapters import DMD2, DiffInstruct, SiD
+
+    # Paper settings per method: generator sigma_init and Adam betas / weight decay.
+    return {
+        "dmd2": {"cls": DMD2, "sigma_init": 80.0, "betas": (0.9, 0.999), "weight_decay": 0.01, "max_grad_norm": 10.0},
+        "di": {"cls": DiffInstruct, "sigma_init": 1.0, "betas": (0.0, 0.999), "weight_decay": 0.0, "max_grad_norm": None},
+        "sid": {"cls": SiD, "sigma_init": 2.5, "betas": (0.0, 0.999), "weight_decay": 0.0, "max_grad_norm": None},
+    }
+
+
+ADAPTERS = ("dmd2", "di", "sid")
+
+
+@dataclass
+class RunSpec:
+    """One configuration; base and DisBack share everything but the ``disback`` fields."""
+
+    label: str = "base"
+    problem: str = "toy2d"
+    adapter: str = "dmd2"
+    iterations: int = 1000
+    batch: int = 256
+    lr: float = 1e-4  # generator and fake score (and degradation) alike
+    eval_every: int = 50
+    sigma_init: float | None = None  # default: the adapter's paper value
+    disback: bool = False
+    nodes: int = 5
+    degradation_steps: int = 500
+    node_mode: str = "lora"
+    rank: int = 8
+    schedule: str = "fixed"  # "fixed" | "adaptive" | "warm_start" (fake from node N, target = teacher)
+    share: float = 0.1  # fixed schedule: share of iterations spent on degraded targets
+    adaptive_ratio: float = 0.5
+    merge: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _optim(params, spec: RunSpec, a: dict[str, Any]) -> torch.optim.Optimizer:
+    if a["weight_decay"]:
+        return torch.optim.AdamW(params, lr=spec.lr, betas=a["betas"], weight_decay=a["weight_decay"])
+    return torch.optim.Adam(params, lr=spec.lr, betas=a["betas"])
+
+
+def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False) -> dict[str, Any]:
+    """Train one generator and return its curve (see the module docstring for the fields)."""
+    a = _adapters()[spec.adapter]
+    sigma_init = spec.sigma_init or a["sigma_init"]
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    method = a["cls"](sigma_data=problem.sigma_data)
+    generator = make_generator(problem.teacher, sigma_init)
+    needs_real = getattr(method, "gan_head", None) is not None
+    next_batch: Callable = lambda: problem.batch(spec.batch, g, with_real=needs_real)  # noqa: E731
+    degradation_seconds, switches = 0.0, []
+    target: Any = problem.teacher
+    if spec.disback:
+        t0 = time.perf_counter()
+        frozen_g0 = copy.deepcopy(generator).requires_grad_(False)
+        interval = max(1, spec.degradation_steps // spec.nodes)
+        traj = record_degradation(problem.teacher, frozen_g0, method, next_batch, steps=interval * spec.nodes,
+                                  interval=interval, lr=spec.lr, mode=spec.node_mode, lora=LoraSpec(rank=spec.rank),
+                                  merge=spec.merge, progress=progress)
+        del frozen_g0
+        if spec.schedule == "fixed":
+            schedule = FixedInterval.from_share(spec.iterations, traj.last, spec.share)
+            method = Backtrack(method, traj, schedule)
+        elif spec.schedule == "adaptive":
+            method = Backtrack(method, traj, AdaptiveGap(ratio=spec.adaptive_ratio))
+        elif spec.schedule == "warm_start":
+            method = Backtrack(method, traj, FixedInterval(1), start=0)
+        else:
+            raise ValueError(f"unknown schedule {spec.schedule!r}")
+        fake = method.initial_fake()
+        target = method.target
+        degradation_seconds = time.perf_counter() - t0
+    else:
+        fake = trainable_copy(problem.teacher)
+    g_opt = _optim(generator.parameters(), spec, a)
+    f_opt = _optim([*fake.parameters(), *method.critic_parameters()], spec, a)
+    z_eval, c_eval = problem.eval_inputs()
+
+    def evaluate(it: int, seconds: float) -> dict[str, Any]:
+        with torch.no_grad():
+            x = torch.cat([generator(z, None if c is None else c) for z, c in
+                           zip(z_eval.split(1000), (c_eval.split(1000) if c_eval is not None else [None] * 99))])
+        return {"iteration": it, "seconds": seconds, "metrics": problem.evaluate(x, c_eval)}
+
+    evals = [evaluate(0, degradation_seconds)]
+    train_seconds = 0.0
+    it_range = range(1, spec.iterations + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it_range = tqdm(it_range, desc=f"{spec.label} seed {seed}", leave=False)
+    for it in it_range:
+        t0 = time.perf_counter()
+        train_step(method, generator, fake, target, g_opt, f_opt, next_batch, max_grad_norm=a["max_grad_norm"])
+        train_seconds += time.perf_counter() - t0
+        if it % spec.eval_every == 0 or it == spec.iterations:
+            evals.append(evaluate(it, degradation_seconds + train_seconds))
+    if spec.disback:
+        switches = [list(s) for s in method.switches]
+    tail = evals[1:][-max(1, math.ceil(0.2 * (len(evals) - 1))):]
+    final = {k: statistics.fmean(e["metrics"][k] for e in tail) for k in tail[0]["metrics"]}
+    with torch.no_grad():
+        samples = torch.cat([generator(z, None if c is None else c) for z, c in
+                             zip(z_eval[:1000].split(500), (c_eval[:1000].split(500) if c_eval is not None else [None] * 2))])
+    return {"label": spec.label, "seed": seed, "spec": spec.to_json(), "sigma_init": sigma_init,
+            "degradation_seconds": degradation_seconds, "switches": switches, "evals": evals, "final": final,
+            "seconds_per_iteration": train_seconds / spec.iterations, "_samples": samples, "_cond": c_eval}
+
+
+def _mean_curve(runs: list[dict[str, Any]], key: str, x: str) -> tuple[list[float], list[float]]:
+    xs = [statistics.fmean(r["evals"][i][x] if x == "seconds" else r["evals"][i]["iteration"] for r in runs)
+          for i in range(len(runs[0]["evals"]))]
+    ys = [statistics.fmean(r["evals"][i]["metrics"][key] for r in runs) for i in range(len(runs[0]["evals"]))]
+    return xs, ys
+
+
+def _first_reach(xs: list[float], ys: list[float], level: float, window: int = 3) -> float | None:
+    for i in range(len(ys)):
+        lo = max(0, i - window + 1)
+        if i >= window - 1 and statistics.fmean(ys[lo:i + 1]) <= level:
+            return xs[i]
+    return None
+
+
+def summarise(runs: list[dict[str, Any]], primary: str, base_label: str = "base") -> dict[str, Any]:
+    """Per label: final metrics over seeds (mean, std, min, max) and the time to the base's final value."""
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    by = {lab: [r for r in runs if r["label"] == lab] for lab in labels}
+    out: dict[str, Any] = {}
+    for lab, rs in by.items():
+        final = {}
+        for k in rs[0]["final"]:
+            v = [r["final"][k] for r in rs]
+            final[k] = {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                        "min": min(v), "max": max(v), "per_seed": v}
+        out[lab] = {"final": final, "seeds": [r["seed"] for r in rs],
+                    "seconds_per_iteration": statistics.fmean(r["seconds_per_iteration"] for r in rs),
+                    "degradation_seconds": statistics.fmean(r["degradation_seconds"] for r in rs)}
+    if base_label in by:
+        level = out[base_label]["final"][primary]["mean"]
+        ref_it = _first_reach(*_mean_curve(by[base_label], primary, "iteration"), level)
+        ref_s = _first_reach(*_mean_curve(by[base_label], primary, "seconds"), level)
+        base_spi = out[base_label]["seconds_per_iteration"]
+        for lab, rs in by.items():
+            it = _first_reach(*_mean_curve(rs, primary, "iteration"), level)
+            sec = _first_reach(*_mean_curve(rs, primary, "seconds"), level)
+            out[lab].update({"iterations_to_base_final": it, "seconds_to_base_final": sec,
+                             "ratio_iterations": (it / ref_it) if it is not None and ref_it else None,
+                             "ratio_seconds": (sec / ref_s) if sec is not None and ref_s else None,
+                             "overhead_per_iteration": out[lab]["seconds_per_iteration"] / base_spi})
+    return out
+
+
+def plot_curves(result: dict[str, Any], path: str | Path, metric: str | None = None) -> None:
+    """Metric vs generator iterations and vs wall seconds: seed mean, min-max band, reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = metric or result["primary"]
+    runs = result["runs"]
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, x in zip(axes, ("iteration", "seconds")):
+        for i, lab in enumerate(labels):
+            rs = [r for r in runs if r["label"] == lab]
+            n = min(len(r["evals"]) for r in rs)
+            xs = [statistics.fmean(r["evals"][j]["iteration" if x == "iteration" else "seconds"] for r in rs) for j in range(n)]
+            ys = [[r["evals"][j]["metrics"][metric] for r in rs] for j in range(n)]
+            ax.plot(xs, [statistics.fmean(y) for y in ys], color=f"C{i}", label=f"{lab} ({len(rs)} seeds)")
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.2)
+        for j, (si, refs) in enumerate(sorted(result["references"].items())):
+            ax.axhline(refs["teacher_multistep"][metric], color="k", ls="--", lw=0.8,
+                       label="teacher multi-step" if j == 0 else None)
+            ax.axhline(refs["teacher_onestep"][metric], color="0.5", ls=":", lw=0.8,
+                       label=f"teacher one-step (sigma {si})")
+        ax.set_xlabel("generator iterations" if x == "iteration" else "wall seconds (training; DisBack incl. recording)")
+        ax.set_ylabel(metric)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{result['problem']}: {metric} (lower is better; band = min..max over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command: str = "",
+            progress: bool = True, problem: Problem | None = None, cache_dir=None,
+            on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every spec for every seed on one problem; write results.json, curves and sample PNGs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {s.problem for s in specs}
+    if len(names) != 1:
+        raise ValueError(f"compare() runs one problem at a time, got {sorted(names)}")
+    problem = problem or get_problem(specs[0].problem, cache_dir)
+    adapters = _adapters()
+    sigma_inits = sorted({s.sigma_init or adapters[s.adapter]["sigma_init"] for s in specs})
+    references = {str(si): problem.references(si) for si in sigma_inits}
+    runs = []
+    for spec in specs:
+        for seed in seeds:
+            r = run_one(problem, spec, seed, progress=progress)
+            samples, cond = r.pop("_samples"), r.pop("_cond")
+            if seed == seeds[0]:
+                problem.save_samples(samples, out / f"samples-{spec.label}.png",
+                                     f"{spec.label}, seed {seed}, {spec.iterations} it", cond)
+            runs.append(r)
+            if on_run:
+                on_run(r)
+    result = {"schema": "disback-benchmark/1", "command": command, "problem": problem.name,
+              "primary": problem.primary, "teacher": problem.teacher_info, "references": references, "runs": runs}
+    result["summary"] = summarise(runs, problem.primary, base_label=specs[0].label)
+    write_json(out / "results.json", result)
+    plot_curves(result, out / "curves.png")
+    return result

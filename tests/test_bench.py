@@ -1,0 +1,91 @@
+"""Built-in problems (teacher training and caching), the runner's summary arithmetic, and the
+`disback demo` main job end to end with a tiny budget."""
+import json
+import statistics
+
+import pytest
+import torch
+
+from disback_core.bench.problems import Digits, Toy2D
+from disback_core.bench.runner import summarise
+from disback_core.cli import main
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_toy_teacher_trains_caches_bit_exactly_and_retrains_a_corrupted_cache(cache):
+    a = Toy2D(cache_dir=cache, teacher_steps=300)
+    info = a.teacher_info
+    assert info["cached"] is False and info["heldout_dsm_after"] < 0.8 * info["heldout_dsm_before"]
+    b = Toy2D(cache_dir=cache, teacher_steps=300)
+    assert b.teacher_info["cached"] is True
+    sa, sb = a.teacher.state_dict(), b.teacher.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    weights = next(cache.glob("toy2d-teacher-*/weights.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match="sha256.*retraining toy2d-teacher"):
+        c = Toy2D(cache_dir=cache, teacher_steps=300)
+    assert c.teacher_info["cached"] is False
+    sc = c.teacher.state_dict()
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)  # deterministic retraining
+
+
+def test_problems_score_the_data_itself_near_zero(cache):
+    toy = Toy2D(cache_dir=cache, teacher_steps=300)
+    m = toy.evaluate(toy._draw(4000, torch.Generator().manual_seed(5)))
+    assert m["sw"] < 0.12 and abs(m["energy"]) < 0.01 and m["mode_coverage"] == 1.0 and m["precision"] > 0.98
+    far = toy.evaluate(torch.zeros(4000, 2))
+    assert far["precision"] == 0.0 and far["mode_coverage"] == 0.0 and far["sw"] > 1.0
+    digits = Digits(conditional=True, cache_dir=cache, teacher_steps=20)
+    d = digits.evaluate(digits.x_train[:540], digits.y_train[:540])
+    assert d["fd"] < 5 and d["class_coverage"] == 1.0 and d["label_accuracy"] > 0.97 and d["recall"] > 0.7
+    assert digits.evaluate(torch.zeros(540, 1, 8, 8))["fd"] > 100
+
+
+def _curve(label, seed, ys, seconds_per_it=1.0, offset=0.0):
+    evals = [{"iteration": 10 * i, "seconds": offset + 10 * i * seconds_per_it, "metrics": {"m": y}} for i, y in enumerate(ys)]
+    tail = evals[1:][-2:]
+    return {"label": label, "seed": seed, "evals": evals, "final": {"m": statistics.fmean(e["metrics"]["m"] for e in tail)},
+            "seconds_per_iteration": seconds_per_it, "degradation_seconds": offset}
+
+
+def test_summary_ratios_follow_the_documented_rule():
+    runs = [_curve("base", 0, [9, 8, 6, 5, 4, 3, 3, 3, 3, 3, 3]),
+            _curve("base", 1, [9, 8, 6, 5, 4, 3, 3, 3, 3, 3, 3]),
+            _curve("disback", 0, [9, 6, 4, 3, 3, 3, 2, 2, 2, 2, 2], 1.1, offset=5.0),
+            _curve("disback", 1, [9, 6, 4, 3, 3, 3, 2, 2, 2, 2, 2], 1.1, offset=5.0)]
+    s = summarise(runs, "m")
+    assert s["base"]["final"]["m"]["mean"] == 3.0 and s["disback"]["final"]["m"]["mean"] == 2.0
+    # base final 3: base's 3-point moving average first reaches 3 at iteration 70 (3,3,3); DisBack's at 50 (3,3,3)
+    assert s["base"]["iterations_to_base_final"] == 70 and s["disback"]["iterations_to_base_final"] == 50
+    assert s["disback"]["ratio_iterations"] == pytest.approx(50 / 70)
+    assert s["disback"]["seconds_to_base_final"] == pytest.approx(5.0 + 50 * 1.1)
+    assert s["disback"]["ratio_seconds"] == pytest.approx((5.0 + 55.0) / 70.0)
+    assert s["disback"]["overhead_per_iteration"] == pytest.approx(1.1)
+    assert s["disback"]["final"]["m"]["std"] == 0.0
+
+
+@pytest.mark.parametrize("problem,extra", [("toy2d", ["--teacher-steps", "300"]),
+                                           ("digits", ["--teacher-steps", "20", "--batch", "8"])])
+def test_demo_runs_end_to_end_and_writes_every_file(tmp_path, cache, capsys, problem, extra):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--problem", problem, "--iterations", "4", "--eval-every", "2", "--seeds", "0", "1",
+               "--degradation-steps", "10", "--out", str(out), "--cache-dir", str(cache), "--no-progress", *extra])
+    assert rc == 0
+    for name in ["report.md", "results.json", "curves.png", "samples-base.png", "samples-disback.png"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema"] == "disback-benchmark/1" and res["problem"] == problem
+    assert [r["label"] for r in res["runs"]] == ["base", "base", "disback", "disback"]
+    assert all(len(r["evals"]) == 3 for r in res["runs"])
+    dis = [r for r in res["runs"] if r["label"] == "disback"]
+    assert all(r["switches"][0] == [0, 4] and r["degradation_seconds"] > 0 for r in dis)
+    assert set(res["summary"]) == {"base", "disback"}
+    printed = capsys.readouterr().out
+    assert "| base |" in printed and "| disback |" in printed
+    assert "| base |" in (out / "report.md").read_text()
