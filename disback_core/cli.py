@@ -66,6 +66,10 @@ def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
     from .bench.report import summary_table, write_report
     from .bench.runner import compare
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     out = Path(args.out)
     command = "disback " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.record_command else ""
@@ -89,6 +93,25 @@ def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
     return 0
 
 
+def _report(paths: list[str]) -> int:
+    """Re-summarise stored runs with the current rules; rewrite results.json, curves.png, report.md."""
+    from .bench.report import summary_table, write_report
+    from .bench.runner import plot_curves, summarise
+    from .storage import read_json, write_json
+
+    for path in map(Path, paths):
+        res = read_json(path, "benchmark results")
+        if not isinstance(res, dict) or res.get("schema") != "disback-benchmark/1":
+            raise SystemExit(f"{path}: not a disback-benchmark/1 results file")
+        res["summary"] = summarise(res["runs"], res["primary"], base_label=res["runs"][0]["label"])
+        write_json(path, res)
+        plot_curves(res, path.parent / "curves.png")
+        adapter = res["runs"][0]["spec"]["adapter"]
+        write_report(res, path.parent / "report.md", f"disback bench: {res['problem']}, {adapter}")
+        print(f"{path}:\n{summary_table(res)}\n")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
     from .bench.problems import PROBLEMS
     from .bench.runner import ADAPTERS
@@ -105,6 +128,7 @@ def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
     p.add_argument("--teacher-steps", type=int, help="teacher training steps (default per problem; a quick check "
                    "may use fewer, the cache keys on it)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True,
                    help="store the command line in results.json")
 
@@ -120,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     _common(b, ["dmd2"])
     b.add_argument("--variants", nargs="+", default=["base", "disback"])
     b.add_argument("--out", required=True)
+    r = sub.add_parser("report", help="recompute summary, curves and report.md from a results.json")
+    r.add_argument("results", nargs="+", help="results.json files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.command == "demo":
         return _run(args, ["base", "disback"], "disback demo")
+    if args.command == "report":
+        return _report(args.results)
     try:
         variants = args.variants
         base = _base_spec(args, args.adapter[0])

@@ -34,14 +34,18 @@ log = logging.getLogger(__name__)
 MODES = ("lora", "svd", "full")
 
 
-def _make_probe(generator: Callable, batch: Batch, size: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Generator samples noised at geometrically spaced sigmas in [0.05, 20]; fixed for the run."""
+def _make_probe(teacher: nn.Module, generator: Callable, batch: Batch, size: int
+                ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Generator samples noised at geometrically spaced sigmas in [0.05, 20] (within the teacher's
+    ``sigma_min``/``sigma_max`` if it declares them, as a DDPM-schedule model does); fixed for the run."""
     z = batch.z[:size]
     cond = batch.cond[:size] if isinstance(batch.cond, torch.Tensor) else None
     with torch.no_grad():
         x = generator(z, cond)
     n = x.shape[0]
-    sigma = torch.logspace(math.log10(0.05), math.log10(20.0), n, device=x.device)
+    lo = max(0.05, float(getattr(teacher, "sigma_min", 0.0)) * 1.01)
+    hi = min(20.0, float(getattr(teacher, "sigma_max", math.inf)) * 0.99)
+    sigma = torch.logspace(math.log10(lo), math.log10(hi), n, device=x.device)
     gen = torch.Generator(device="cpu").manual_seed(1234)
     noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
     return x + pad_dims(sigma, x) * noise, sigma, cond
@@ -85,7 +89,7 @@ def record_degradation(teacher: nn.Module, generator: Callable, method: ScoreDis
     base_weights = {k: v.detach() for k, v in teacher.named_parameters()}
 
     first = sample()
-    px, psigma, pcond = _make_probe(generator, first, probe_size)
+    px, psigma, pcond = _make_probe(teacher, generator, first, probe_size)
     with torch.no_grad():
         outputs = [teacher(px, psigma, pcond).detach().cpu()]
     nodes, node_steps, losses, svd_err, svd_out_err = [], [], [], [], []

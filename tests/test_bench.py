@@ -61,11 +61,12 @@ def test_summary_ratios_follow_the_documented_rule():
             _curve("disback", 1, [9, 6, 4, 3, 3, 3, 2, 2, 2, 2, 2], 1.1, offset=5.0)]
     s = summarise(runs, "m")
     assert s["base"]["final"]["m"]["mean"] == 3.0 and s["disback"]["final"]["m"]["mean"] == 2.0
-    # base final 3: base's 3-point moving average first reaches 3 at iteration 70 (3,3,3); DisBack's at 50 (3,3,3)
-    assert s["base"]["iterations_to_base_final"] == 70 and s["disback"]["iterations_to_base_final"] == 50
-    assert s["disback"]["ratio_iterations"] == pytest.approx(50 / 70)
-    assert s["disback"]["seconds_to_base_final"] == pytest.approx(5.0 + 50 * 1.1)
-    assert s["disback"]["ratio_seconds"] == pytest.approx((5.0 + 55.0) / 70.0)
+    # 10 evaluations after the first: the final window is 2. Base final 3: base's trailing 2-mean first
+    # reaches 3 at iteration 60 (3, 3); DisBack's at 40 (3, 3).
+    assert s["base"]["iterations_to_base_final"] == 60 and s["disback"]["iterations_to_base_final"] == 40
+    assert s["disback"]["ratio_iterations"] == pytest.approx(40 / 60)
+    assert s["disback"]["seconds_to_base_final"] == pytest.approx(5.0 + 40 * 1.1)
+    assert s["disback"]["ratio_seconds"] == pytest.approx((5.0 + 44.0) / 60.0)
     assert s["disback"]["overhead_per_iteration"] == pytest.approx(1.1)
     assert s["disback"]["final"]["m"]["std"] == 0.0
 

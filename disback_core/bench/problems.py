@@ -125,12 +125,18 @@ class Problem:
 
     @torch.no_grad()
     def references(self, sigma_init: float) -> dict[str, dict[str, float]]:
-        """Metrics of the teacher's multi-step samples (EDM Heun, 18 steps, 35 evaluations) and of its
-        one-step output ``D(sigma_init z, sigma_init)``, on the fixed evaluation inputs."""
+        """Metrics of the teacher's multi-step samples (EDM Heun, 18 steps, 35 evaluations), of its
+        one-step output ``D(sigma_init z, sigma_init)`` on the fixed evaluation inputs, and of held-out
+        real data (the floor a perfect generator would reach with this many samples)."""
         z, c = self.eval_inputs()
         multi = edm_sampler(self.teacher, z, c, steps=18)
         one = self.teacher(sigma_init * z, sigma_init, c)
-        return {"teacher_multistep": self.evaluate(multi, c), "teacher_onestep": self.evaluate(one, c)}
+        return {"teacher_multistep": self.evaluate(multi, c), "teacher_onestep": self.evaluate(one, c),
+                "data": self.evaluate(*self.heldout_data())}
+
+    def heldout_data(self) -> tuple[Tensor, Tensor | None]:
+        """Real samples not used as the metric's reference set."""
+        raise NotImplementedError
 
     def save_samples(self, samples: Tensor, path: str | os.PathLike, title: str = "",
                      cond: Tensor | None = None) -> None:
@@ -169,6 +175,9 @@ class Toy2D(Problem):
     def real(self, n: int, g: torch.Generator) -> tuple[Tensor, Any]:
         return self._draw(n, g), None
 
+    def heldout_data(self) -> tuple[Tensor, None]:
+        return self._draw(self.eval_samples, torch.Generator().manual_seed(2024)), None
+
     def evaluate(self, samples: Tensor, cond: Tensor | None = None) -> dict[str, float]:
         s = samples.detach().float().cpu()
         ref = self._ref_data[: s.shape[0]]
@@ -197,14 +206,14 @@ class Digits(Problem):
 
     NULL = 10
 
-    def __init__(self, conditional: bool = False, cache_dir=None, teacher_steps: int = 6000, seed: int = 0,
+    def __init__(self, conditional: bool = False, cache_dir=None, teacher_steps: int = 4000, seed: int = 0,
                  eval_samples: int = 2000, progress: bool = False):
         from .digits import digit_features, digits_classifier, load_digits_split
 
         self.conditional = conditional
         self.x_train, self.y_train, self.x_test, self.y_test = load_digits_split()
-        cfg = {"block_out_channels": [32, 64, 64], "attention": True, "sigma_data": 0.5, "steps": teacher_steps,
-               "lr": 5e-4, "batch": 128, "label_dropout": 0.1, "p_mean": -1.2, "p_std": 1.2, "seed": seed,
+        cfg = {"block_out_channels": [16, 32, 32], "attention": True, "sigma_data": 0.5, "steps": teacher_steps,
+               "lr": 1e-3, "batch": 128, "label_dropout": 0.1, "p_mean": -1.2, "p_std": 1.2, "seed": seed,
                "recipe": 1}
 
         def build() -> nn.Module:
@@ -244,6 +253,9 @@ class Digits(Problem):
     def real(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = torch.randint(0, len(self.x_train), (n,), generator=g)
         return self.x_train[idx], (self.y_train[idx] if self.conditional else torch.full((n,), self.NULL))
+
+    def heldout_data(self) -> tuple[Tensor, Tensor]:
+        return self.x_train, self.y_train  # the metric's reference set is the test split
 
     @torch.no_grad()
     def evaluate(self, samples: Tensor, cond: Tensor | None = None) -> dict[str, float]:

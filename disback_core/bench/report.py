@@ -19,16 +19,19 @@ def summary_table(result: dict[str, Any]) -> str:
     p = result["primary"]
     summ = result["summary"]
     others = [k for k in next(iter(summ.values()))["final"] if k != p]
+    cpu = all("cpu_seconds_to_base_final" in s for s in summ.values())
+    kind, pre = ("CPU s", "cpu_") if cpu else ("wall s", "")
     head = (f"| run | final {p} (mean ± std, min..max) | " + " | ".join(others)
-            + " | iterations to base final (ratio) | seconds to base final (ratio) | s / iteration (ratio) |")
+            + f" | iterations to base final (ratio) | {kind} to base final (ratio) | {kind} / iteration (ratio) |")
     lines = [head, "|" + "---|" * (5 + len(others))]
     for lab, s in summ.items():
         f = s["final"][p]
         row = [f"{lab}", f"{f['mean']:.4g} ± {f['std']:.2g} ({f['min']:.4g}..{f['max']:.4g})"]
         row += [f"{s['final'][k]['mean']:.3g}" for k in others]
         row.append(f"{_fmt(s.get('iterations_to_base_final'))} ({_fmt(s.get('ratio_iterations'), 3)})")
-        row.append(f"{_fmt(s.get('seconds_to_base_final'))} ({_fmt(s.get('ratio_seconds'), 3)})")
-        row.append(f"{s['seconds_per_iteration']:.4f} ({_fmt(s.get('overhead_per_iteration'), 3)})")
+        row.append(f"{_fmt(s.get(pre + 'seconds_to_base_final'))} ({_fmt(s.get('ratio_' + pre + 'seconds'), 3)})")
+        spi = s.get(pre + "seconds_per_iteration", s["seconds_per_iteration"])
+        row.append(f"{spi:.4f} ({_fmt(s.get(pre + 'overhead_per_iteration'), 3)})")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -37,13 +40,17 @@ def write_report(result: dict[str, Any], path: str | Path, title: str = "disback
     p = result["primary"]
     lines = [f"# {title}", "", f"Command: `{result['command']}`" if result.get("command") else "", "",
              f"Problem `{result['problem']}`; primary metric `{p}` (lower is better). Final values are the mean "
-             "over the last 20% of evaluations of each seed; ± is the standard deviation over seeds.", "",
+             "over the last 20% of evaluations of each seed; ± is the standard deviation over seeds. "
+             "'To base final': first evaluation where the seed-mean curve, averaged over the same trailing "
+             "window, reaches the base's final value; DisBack's seconds include Degradation Recording. "
+             "CPU seconds (single-threaded runs) are not inflated by other processes on the machine.", "",
              "## Summary", "", summary_table(result), ""]
-    lines += ["## Reference lines (teacher)", "", "| sigma_init | multi-step (18 Heun steps) | one-step |", "|---|---|---|"]
+    lines += ["## Reference lines", "", "| sigma_init | teacher multi-step (18 Heun steps) | teacher one-step | held-out data |",
+              "|---|---|---|---|"]
     for si, refs in result["references"].items():
-        ms = ", ".join(f"{k} {v:.4g}" for k, v in refs["teacher_multistep"].items())
-        os_ = ", ".join(f"{k} {v:.4g}" for k, v in refs["teacher_onestep"].items())
-        lines.append(f"| {si} | {ms} | {os_} |")
+        cells = [", ".join(f"{k} {v:.4g}" for k, v in refs.get(key, {}).items())
+                 for key in ("teacher_multistep", "teacher_onestep", "data")]
+        lines.append(f"| {si} | " + " | ".join(cells) + " |")
     lines += ["", "## Runs", ""]
     for r in result["runs"]:
         sw = f", target switches (iteration, node): {r['switches']}" if r["switches"] else ""

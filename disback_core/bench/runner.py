@@ -3,24 +3,29 @@
 One run = one :class:`RunSpec` and one seed. The runner builds the generator (a copy of the
 teacher run one-step at the adapter's ``sigma_init``) and the fake score (a copy of the teacher;
 with DisBack, the most degraded node), trains with :func:`~disback_core.step.train_step`, and
-evaluates on fixed inputs every ``eval_every`` generator iterations. Wall seconds count training
-only (evaluation excluded); a DisBack run starts its clock with the degradation recording.
+evaluates on fixed inputs every ``eval_every`` generator iterations. Seconds count training only
+(evaluation excluded); a DisBack run starts its clock with the degradation recording. Both wall
+seconds and the process's CPU seconds are recorded: with one torch thread per process, CPU
+seconds are what the wall clock shows on an idle core and are not inflated by other processes,
+so benchmarks that run side by side compare on them.
 
 JSON schema (``results.json``, ``"schema": "disback-benchmark/1"``)::
 
     {"schema", "command", "problem", "primary", "teacher": {...}, "references": {sigma_init: {
        "teacher_multistep": {metric: value}, "teacher_onestep": {...}}},
      "runs": [{"label", "seed", "spec": {...}, "degradation_seconds", "switches": [[iteration, node]],
-               "evals": [{"iteration", "seconds", "metrics": {metric: value}}], "final": {metric: value},
-               "seconds_per_iteration"}],
+               "evals": [{"iteration", "seconds", "cpu_seconds", "metrics": {metric: value}}],
+               "final": {metric: value}, "seconds_per_iteration", "cpu_seconds_per_iteration", "threads"}],
      "summary": {label: {"final": {metric: {"mean", "std", "min", "max", "per_seed"}},
-                         "iterations_to_base_final", "seconds_to_base_final", "ratio_iterations",
-                         "ratio_seconds", "seconds_per_iteration"}}}
+                         "iterations_to_base_final", "ratio_iterations", "seconds_to_base_final",
+                         "ratio_seconds", "cpu_seconds_to_base_final", "ratio_cpu_seconds",
+                         "seconds_per_iteration", "overhead_per_iteration", "cpu_overhead_per_iteration"}}}
 
 ``final`` is the mean over the last 20% of evaluations (one-step generators oscillate). The
-``*_to_base_final`` fields give the first evaluation at which the seed-mean curve (smoothed over
-3 evaluations) reaches the base method's mean final value of the primary metric; the ratios
-divide by the same quantity for the base run.
+``*_to_base_final`` fields give the first evaluation at which the seed-mean curve, averaged over
+the same trailing window as ``final``, reaches the base method's mean final value of the primary
+metric (so the base reaches it at its last evaluation at the latest); the ratios divide by the
+same quantity for the base run.
 """
 from __future__ import annotations
 
@@ -96,6 +101,12 @@ def _optim(params, spec: RunSpec, a: dict[str, Any]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=spec.lr, betas=a["betas"])
 
 
+@torch.no_grad()
+def _generate(generator: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor | None, chunk: int = 1000) -> torch.Tensor:
+    parts = range(0, z.shape[0], chunk)
+    return torch.cat([generator(z[i:i + chunk], None if cond is None else cond[i:i + chunk]) for i in parts])
+
+
 def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False) -> dict[str, Any]:
     """Train one generator and return its curve (see the module docstring for the fields)."""
     a = _adapters()[spec.adapter]
@@ -106,10 +117,10 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False) 
     generator = make_generator(problem.teacher, sigma_init)
     needs_real = getattr(method, "gan_head", None) is not None
     next_batch: Callable = lambda: problem.batch(spec.batch, g, with_real=needs_real)  # noqa: E731
-    degradation_seconds, switches = 0.0, []
+    degradation_seconds, degradation_cpu, switches = 0.0, 0.0, []
     target: Any = problem.teacher
     if spec.disback:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         frozen_g0 = copy.deepcopy(generator).requires_grad_(False)
         interval = max(1, spec.degradation_steps // spec.nodes)
         traj = record_degradation(problem.teacher, frozen_g0, method, next_batch, steps=interval * spec.nodes,
@@ -127,55 +138,59 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False) 
             raise ValueError(f"unknown schedule {spec.schedule!r}")
         fake = method.initial_fake()
         target = method.target
-        degradation_seconds = time.perf_counter() - t0
+        degradation_seconds, degradation_cpu = time.perf_counter() - t0, time.process_time() - c0
     else:
         fake = trainable_copy(problem.teacher)
     g_opt = _optim(generator.parameters(), spec, a)
     f_opt = _optim([*fake.parameters(), *method.critic_parameters()], spec, a)
     z_eval, c_eval = problem.eval_inputs()
 
-    def evaluate(it: int, seconds: float) -> dict[str, Any]:
-        with torch.no_grad():
-            x = torch.cat([generator(z, None if c is None else c) for z, c in
-                           zip(z_eval.split(1000), (c_eval.split(1000) if c_eval is not None else [None] * 99))])
-        return {"iteration": it, "seconds": seconds, "metrics": problem.evaluate(x, c_eval)}
+    def evaluate(it: int) -> dict[str, Any]:
+        return {"iteration": it, "seconds": degradation_seconds + train_seconds,
+                "cpu_seconds": degradation_cpu + train_cpu,
+                "metrics": problem.evaluate(_generate(generator, z_eval, c_eval), c_eval)}
 
-    evals = [evaluate(0, degradation_seconds)]
-    train_seconds = 0.0
+    train_seconds = train_cpu = 0.0
+    evals = [evaluate(0)]
     it_range = range(1, spec.iterations + 1)
     if progress:
         from tqdm.auto import tqdm
 
         it_range = tqdm(it_range, desc=f"{spec.label} seed {seed}", leave=False)
     for it in it_range:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train_step(method, generator, fake, target, g_opt, f_opt, next_batch, max_grad_norm=a["max_grad_norm"])
         train_seconds += time.perf_counter() - t0
+        train_cpu += time.process_time() - c0
         if it % spec.eval_every == 0 or it == spec.iterations:
-            evals.append(evaluate(it, degradation_seconds + train_seconds))
+            evals.append(evaluate(it))
     if spec.disback:
         switches = [list(s) for s in method.switches]
-    tail = evals[1:][-max(1, math.ceil(0.2 * (len(evals) - 1))):]
+    tail = evals[1:][-_final_window(len(evals) - 1):]
     final = {k: statistics.fmean(e["metrics"][k] for e in tail) for k in tail[0]["metrics"]}
-    with torch.no_grad():
-        samples = torch.cat([generator(z, None if c is None else c) for z, c in
-                             zip(z_eval[:1000].split(500), (c_eval[:1000].split(500) if c_eval is not None else [None] * 2))])
+    samples = _generate(generator, z_eval[:1000], None if c_eval is None else c_eval[:1000])
     return {"label": spec.label, "seed": seed, "spec": spec.to_json(), "sigma_init": sigma_init,
-            "degradation_seconds": degradation_seconds, "switches": switches, "evals": evals, "final": final,
-            "seconds_per_iteration": train_seconds / spec.iterations, "_samples": samples, "_cond": c_eval}
+            "degradation_seconds": degradation_seconds, "degradation_cpu_seconds": degradation_cpu,
+            "switches": switches, "evals": evals, "final": final, "threads": torch.get_num_threads(),
+            "seconds_per_iteration": train_seconds / spec.iterations,
+            "cpu_seconds_per_iteration": train_cpu / spec.iterations, "_samples": samples, "_cond": c_eval}
 
 
 def _mean_curve(runs: list[dict[str, Any]], key: str, x: str) -> tuple[list[float], list[float]]:
-    xs = [statistics.fmean(r["evals"][i][x] if x == "seconds" else r["evals"][i]["iteration"] for r in runs)
-          for i in range(len(runs[0]["evals"]))]
+    xs = [statistics.fmean(r["evals"][i][x] for r in runs) for i in range(len(runs[0]["evals"]))]
     ys = [statistics.fmean(r["evals"][i]["metrics"][key] for r in runs) for i in range(len(runs[0]["evals"]))]
     return xs, ys
 
 
-def _first_reach(xs: list[float], ys: list[float], level: float, window: int = 3) -> float | None:
-    for i in range(len(ys)):
-        lo = max(0, i - window + 1)
-        if i >= window - 1 and statistics.fmean(ys[lo:i + 1]) <= level:
+def _final_window(n_evals: int) -> int:
+    """How many of ``n_evals`` evaluations (after the initial one) the final value averages: the last 20%."""
+    return max(1, math.ceil(0.2 * n_evals))
+
+
+def _first_reach(xs: list[float], ys: list[float], level: float, window: int) -> float | None:
+    """First x at which the trailing mean of ``window`` values (after the initial one) is <= level."""
+    for i in range(window, len(ys)):
+        if statistics.fmean(ys[i - window + 1:i + 1]) <= level * (1 + 1e-12):
             return xs[i]
     return None
 
@@ -194,18 +209,28 @@ def summarise(runs: list[dict[str, Any]], primary: str, base_label: str = "base"
         out[lab] = {"final": final, "seeds": [r["seed"] for r in rs],
                     "seconds_per_iteration": statistics.fmean(r["seconds_per_iteration"] for r in rs),
                     "degradation_seconds": statistics.fmean(r["degradation_seconds"] for r in rs)}
+        if all("cpu_seconds_per_iteration" in r for r in rs):
+            out[lab]["cpu_seconds_per_iteration"] = statistics.fmean(r["cpu_seconds_per_iteration"] for r in rs)
     if base_label in by:
         level = out[base_label]["final"][primary]["mean"]
-        ref_it = _first_reach(*_mean_curve(by[base_label], primary, "iteration"), level)
-        ref_s = _first_reach(*_mean_curve(by[base_label], primary, "seconds"), level)
+        w = _final_window(len(by[base_label][0]["evals"]) - 1)
+        ref_it = _first_reach(*_mean_curve(by[base_label], primary, "iteration"), level, w)
+        ref_s = _first_reach(*_mean_curve(by[base_label], primary, "seconds"), level, w)
+        has_cpu = all("cpu_seconds" in e for r in runs for e in r["evals"])
+        ref_c = _first_reach(*_mean_curve(by[base_label], primary, "cpu_seconds"), level, w) if has_cpu else None
         base_spi = out[base_label]["seconds_per_iteration"]
+        ratio = lambda a, b: (a / b) if a is not None and b else None  # noqa: E731
         for lab, rs in by.items():
-            it = _first_reach(*_mean_curve(rs, primary, "iteration"), level)
-            sec = _first_reach(*_mean_curve(rs, primary, "seconds"), level)
+            it = _first_reach(*_mean_curve(rs, primary, "iteration"), level, w)
+            sec = _first_reach(*_mean_curve(rs, primary, "seconds"), level, w)
             out[lab].update({"iterations_to_base_final": it, "seconds_to_base_final": sec,
-                             "ratio_iterations": (it / ref_it) if it is not None and ref_it else None,
-                             "ratio_seconds": (sec / ref_s) if sec is not None and ref_s else None,
+                             "ratio_iterations": ratio(it, ref_it), "ratio_seconds": ratio(sec, ref_s),
                              "overhead_per_iteration": out[lab]["seconds_per_iteration"] / base_spi})
+            if has_cpu:
+                cpu = _first_reach(*_mean_curve(rs, primary, "cpu_seconds"), level, w)
+                out[lab].update({"cpu_seconds_to_base_final": cpu, "ratio_cpu_seconds": ratio(cpu, ref_c),
+                                 "cpu_overhead_per_iteration": out[lab]["cpu_seconds_per_iteration"]
+                                 / out[base_label]["cpu_seconds_per_iteration"]})
     return out
 
 
@@ -219,12 +244,13 @@ def plot_curves(result: dict[str, Any], path: str | Path, metric: str | None = N
     metric = metric or result["primary"]
     runs = result["runs"]
     labels = list(dict.fromkeys(r["label"] for r in runs))
+    time_key = "cpu_seconds" if all("cpu_seconds" in e for r in runs for e in r["evals"]) else "seconds"
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, x in zip(axes, ("iteration", "seconds")):
+    for ax, x in zip(axes, ("iteration", time_key)):
         for i, lab in enumerate(labels):
             rs = [r for r in runs if r["label"] == lab]
             n = min(len(r["evals"]) for r in rs)
-            xs = [statistics.fmean(r["evals"][j]["iteration" if x == "iteration" else "seconds"] for r in rs) for j in range(n)]
+            xs = [statistics.fmean(r["evals"][j][x] for r in rs) for j in range(n)]
             ys = [[r["evals"][j]["metrics"][metric] for r in rs] for j in range(n)]
             ax.plot(xs, [statistics.fmean(y) for y in ys], color=f"C{i}", label=f"{lab} ({len(rs)} seeds)")
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.2)
@@ -233,7 +259,10 @@ def plot_curves(result: dict[str, Any], path: str | Path, metric: str | None = N
                        label="teacher multi-step" if j == 0 else None)
             ax.axhline(refs["teacher_onestep"][metric], color="0.5", ls=":", lw=0.8,
                        label=f"teacher one-step (sigma {si})")
-        ax.set_xlabel("generator iterations" if x == "iteration" else "wall seconds (training; DisBack incl. recording)")
+            if j == 0 and "data" in refs:
+                ax.axhline(max(refs["data"][metric], 1e-6), color="g", ls="-.", lw=0.8, label="held-out data")
+        ax.set_xlabel("generator iterations" if x == "iteration" else
+                      f"{'CPU' if x == 'cpu_seconds' else 'wall'} seconds of training (DisBack incl. recording)")
         ax.set_ylabel(metric)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -245,8 +274,7 @@ def plot_curves(result: dict[str, Any], path: str | Path, metric: str | None = N
 
 
 def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command: str = "",
-            progress: bool = True, problem: Problem | None = None, cache_dir=None,
-            on_run: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            progress: bool = True, problem: Problem | None = None, cache_dir=None) -> dict[str, Any]:
     """Run every spec for every seed on one problem; write results.json, curves and sample PNGs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,8 +294,6 @@ def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command
                 problem.save_samples(samples, out / f"samples-{spec.label}.png",
                                      f"{spec.label}, seed {seed}, {spec.iterations} it", cond)
             runs.append(r)
-            if on_run:
-                on_run(r)
     result = {"schema": "disback-benchmark/1", "command": command, "problem": problem.name,
               "primary": problem.primary, "teacher": problem.teacher_info, "references": references, "runs": runs}
     result["summary"] = summarise(runs, problem.primary, base_label=specs[0].label)
