@@ -65,6 +65,7 @@ def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
     from .bench.problems import get_problem
     from .bench.report import summary_table, write_report
     from .bench.runner import compare
+    from .bench.tracking import make_tracker
 
     import torch
 
@@ -79,12 +80,14 @@ def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
     for k, v in problem.teacher_info.items():
         if k != "path":
             log.info("teacher %s: %s", k, v)
+    track = make_tracker(args.tracker, out)
     results = {}
     for adapter in args.adapter:
         base = _base_spec(args, adapter)
         specs = [parse_variant(base, v) for v in variants]
         folder = out / adapter if len(args.adapter) > 1 else out
-        res = compare(specs, args.seeds, folder, command=command, progress=not args.no_progress, problem=problem)
+        res = compare(specs, args.seeds, folder, command=command, progress=not args.no_progress, problem=problem,
+                      track=track)
         write_report(res, folder / "report.md", f"{title}: {args.problem}, {adapter}")
         results[adapter] = res
         print(f"\n{args.problem} / {adapter} ({len(args.seeds)} seeds, {base.iterations} generator iterations)")
@@ -129,6 +132,8 @@ def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
                    "may use fewer, the cache keys on it)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--tracker", choices=["none", "tensorboard", "wandb"], default="none",
+                   help="also send curves to TensorBoard or wandb (must be installed; never required)")
     p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True,
                    help="store the command line in results.json")
 

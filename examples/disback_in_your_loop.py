@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--degradation-steps", type=int, default=500)
     ap.add_argument("--cache-dir")
-    ap.add_argument("--teacher-steps", type=int, default=3000)
+    ap.add_argument("--teacher-steps", type=int, default=8000)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     problem = get_problem("toy2d", args.cache_dir, teacher_steps=args.teacher_steps)

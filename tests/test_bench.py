@@ -90,3 +90,29 @@ def test_demo_runs_end_to_end_and_writes_every_file(tmp_path, cache, capsys, pro
     printed = capsys.readouterr().out
     assert "| base |" in printed and "| disback |" in printed
     assert "| base |" in (out / "report.md").read_text()
+
+
+def test_trackers_are_optional_and_named_when_missing(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from disback_core.bench.tracking import make_tracker
+
+    make_tracker("none", tmp_path)("run", 1, {"sw": 0.5})
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(RuntimeError, match="'wandb' package, which is not installed"):
+        make_tracker("wandb", tmp_path)
+    logged = []
+
+    class FakeRun:
+        def log(self, scalars, step):
+            logged.append((step, scalars))
+
+    fake = types.SimpleNamespace(init=lambda **kw: FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    track = make_tracker("wandb", tmp_path)
+    track("dmd2-base-seed0", 25, {"sw": 0.25})
+    track("dmd2-base-seed0", 50, {"sw": 0.2})
+    assert logged == [(25, {"sw": 0.25}), (50, {"sw": 0.2})]
+    with pytest.raises(ValueError, match="tracker must be one of"):
+        make_tracker("mlflow", tmp_path)

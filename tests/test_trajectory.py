@@ -324,3 +324,28 @@ def test_no_pickle_on_any_load_path():
     for path in list((root / "disback_core").rglob("*.py")) + list((root / "adapters").rglob("*.py")):
         text = path.read_text()
         assert not re.search(r"\bimport pickle\b|torch\.load\(|pickle\.load", text), path
+
+
+def test_bad_arguments_are_named():
+    t = _teacher()
+    gen = make_generator(t, 80.0)
+    batch = lambda: Batch(torch.randn(8, 2))  # noqa: E731
+    with pytest.raises(ValueError, match="mode must be one of"):
+        record_degradation(t, gen, DMD2(), batch, steps=4, interval=2, mode="half")
+    with pytest.raises(ValueError, match="interval"):
+        record_degradation(t, gen, DMD2(), batch, steps=2, interval=4)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        LoraSpec(rank=0)
+    with pytest.raises(ValueError, match="kind='lora' needs the LoRA spec"):
+        Trajectory(t, [{}], kind="lora")
+    with pytest.raises(ValueError, match="at least one degraded node"):
+        Trajectory(t, [], kind="full")
+    traj = _record(t)
+    with pytest.raises(IndexError, match="out of range 0..4"):
+        traj.target(5)
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        FixedInterval(0)
+    with pytest.raises(ValueError, match="share must be in"):
+        FixedInterval.from_share(100, 5, 1.5)
+    with pytest.raises(ValueError, match="Target modules .*does_not_exist.* not found"):
+        inject_lora(copy.deepcopy(t), LoraSpec(rank=2, target_modules=("does_not_exist",)))

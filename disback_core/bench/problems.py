@@ -146,7 +146,7 @@ class Problem:
 class Toy2D(Problem):
     """8 Gaussians (std 0.1) on a ring of radius 2 (per-dimension data std about 1.42)."""
 
-    def __init__(self, cache_dir=None, teacher_steps: int = 3000, seed: int = 0, eval_samples: int = 4000,
+    def __init__(self, cache_dir=None, teacher_steps: int = 8000, seed: int = 0, eval_samples: int = 4000,
                  progress: bool = False):
         ang = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
         self.means = torch.stack([2 * ang.cos(), 2 * ang.sin()], 1)
@@ -278,7 +278,7 @@ class Digits(Problem):
         import matplotlib.pyplot as plt
 
         s = samples.detach().float().cpu().clamp(-1, 1)[:100, 0]
-        grid = torch.ones(10 * 9 + 1, 10 * 9 + 1)
+        grid = -torch.ones(10 * 9 + 1, 10 * 9 + 1)  # white separators
         for i in range(s.shape[0]):
             r, c = divmod(i, 10)
             grid[1 + 9 * r: 9 + 9 * r, 1 + 9 * c: 9 + 9 * c] = s[i]

@@ -107,8 +107,11 @@ def _generate(generator: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor | 
     return torch.cat([generator(z[i:i + chunk], None if cond is None else cond[i:i + chunk]) for i in parts])
 
 
-def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False) -> dict[str, Any]:
-    """Train one generator and return its curve (see the module docstring for the fields)."""
+def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
+            track: Callable[[str, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train one generator and return its curve (see the module docstring for the fields).
+
+    ``track(run_name, iteration, scalars)`` receives every evaluation (see :mod:`.tracking`)."""
     a = _adapters()[spec.adapter]
     sigma_init = spec.sigma_init or a["sigma_init"]
     torch.manual_seed(seed)
@@ -146,9 +149,12 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False) 
     z_eval, c_eval = problem.eval_inputs()
 
     def evaluate(it: int) -> dict[str, Any]:
-        return {"iteration": it, "seconds": degradation_seconds + train_seconds,
-                "cpu_seconds": degradation_cpu + train_cpu,
-                "metrics": problem.evaluate(_generate(generator, z_eval, c_eval), c_eval)}
+        e = {"iteration": it, "seconds": degradation_seconds + train_seconds, "cpu_seconds": degradation_cpu + train_cpu,
+             "metrics": problem.evaluate(_generate(generator, z_eval, c_eval), c_eval)}
+        log.info("%s seed %d it %d: %s", spec.label, seed, it, {k: round(v, 4) for k, v in e["metrics"].items()})
+        if track is not None:
+            track(f"{spec.adapter}-{spec.label}-seed{seed}", it, {**e["metrics"], "cpu_seconds": e["cpu_seconds"]})
+        return e
 
     train_seconds = train_cpu = 0.0
     evals = [evaluate(0)]
@@ -274,7 +280,8 @@ def plot_curves(result: dict[str, Any], path: str | Path, metric: str | None = N
 
 
 def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command: str = "",
-            progress: bool = True, problem: Problem | None = None, cache_dir=None) -> dict[str, Any]:
+            progress: bool = True, problem: Problem | None = None, cache_dir=None,
+            track: Callable[[str, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Run every spec for every seed on one problem; write results.json, curves and sample PNGs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,7 +295,7 @@ def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command
     runs = []
     for spec in specs:
         for seed in seeds:
-            r = run_one(problem, spec, seed, progress=progress)
+            r = run_one(problem, spec, seed, progress=progress, track=track)
             samples, cond = r.pop("_samples"), r.pop("_cond")
             if seed == seeds[0]:
                 problem.save_samples(samples, out / f"samples-{spec.label}.png",
