@@ -10,8 +10,8 @@ R=benchmarks/results
 COMMON="--seeds 0 1 2 --threads 1 --no-progress"
 
 toy() {
-  $BIN/disback bench --problem toy2d --adapter dmd2 di sid $COMMON --variants base disback --out $R/toy2d-adapters
-  $BIN/disback bench --problem toy2d --adapter dmd2 $COMMON --out $R/toy2d-ablations --variants base disback \
+  $BIN/disback bench --problem toy2d --adapter dmd2 di sid $COMMON --iterations 1500 --eval-every 50 --variants base disback --out $R/toy2d-adapters
+  $BIN/disback bench --problem toy2d --adapter dmd2 $COMMON --iterations 1500 --eval-every 50 --out $R/toy2d-ablations --variants base disback \
     disback:nodes=3 disback:nodes=10 disback:share=0.05 disback:share=0.3 disback:rank=2 disback:rank=32 \
     disback:degradation_steps=2000 disback:schedule=adaptive disback:schedule=warm_start \
     disback:node_mode=svd disback:node_mode=full

@@ -76,6 +76,8 @@ def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
     command = "disback " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.record_command else ""
     log.info("problem %s: loading or training the teacher (cached after the first run)", args.problem)
     kw = {"teacher_steps": args.teacher_steps} if args.teacher_steps else {}
+    if args.eval_samples:
+        kw["eval_samples"] = args.eval_samples
     problem = get_problem(args.problem, args.cache_dir, progress=not args.no_progress, **kw)
     for k, v in problem.teacher_info.items():
         if k != "path":
@@ -126,6 +128,7 @@ def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float, help="learning rate of generator, fake score and degradation alike")
     p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-samples", type=int, help="samples per evaluation (default: toy2d 4000, digits 2000)")
     p.add_argument("--degradation-steps", type=int)
     p.add_argument("--cache-dir", help="teacher cache (default $DISBACK_CACHE or ~/.cache/disback)")
     p.add_argument("--teacher-steps", type=int, help="teacher training steps (default per problem; a quick check "

@@ -72,7 +72,7 @@ def test_summary_ratios_follow_the_documented_rule():
 
 
 @pytest.mark.parametrize("problem,extra", [("toy2d", ["--teacher-steps", "300"]),
-                                           ("digits", ["--teacher-steps", "20", "--batch", "8"])])
+                                           ("digits", ["--teacher-steps", "20", "--batch", "8", "--eval-samples", "300"])])
 def test_demo_runs_end_to_end_and_writes_every_file(tmp_path, cache, capsys, problem, extra):
     out = tmp_path / "demo"
     rc = main(["demo", "--problem", problem, "--iterations", "4", "--eval-every", "2", "--seeds", "0", "1",
