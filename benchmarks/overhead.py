@@ -61,13 +61,15 @@ def measure(problem_name: str, adapter: str, batch: int, reps: int, rounds: int)
     sigma = torch.full((batch,), 1.0)
     unmerged = copy.copy(traj)
     unmerged.merge, unmerged._work, unmerged._plain, unmerged.active_node = False, None, None, 0
-    fwd = {}
+    mods = {"teacher": problem.teacher, "merged_node": traj.target(traj.last - 1),
+            "unmerged_node": unmerged.target(traj.last - 1)}
+    times: dict[str, list[float]] = {k: [] for k in mods}
     with torch.no_grad():
-        for name, mod in [("teacher", problem.teacher), ("merged_node", traj.target(traj.last - 1)),
-                          ("unmerged_node", unmerged.target(traj.last - 1))]:
-            for _ in range(3):
-                mod(xs, sigma, x.cond)
-            fwd[name] = statistics.median(_timed(lambda: mod(xs, sigma, x.cond), 10 * reps))
+        for r in range(rounds + 1):  # interleaved like the steps; the first round is warm-up
+            for name, mod in mods.items():
+                t = _timed(lambda: mod(xs, sigma, x.cond), 5 * reps)
+                times[name] += t if r else []
+    fwd = {k: statistics.median(v) for k, v in times.items()}
     return {"problem": problem_name, "adapter": adapter, "batch": batch, "steps_timed": len(tb),
             "base_step_s": statistics.median(tb), "disback_step_s": statistics.median(td),
             "ratio": statistics.median(td) / statistics.median(tb),

@@ -21,18 +21,22 @@ toy() {
 digits() {
   $BIN/disback bench --problem digits --adapter dmd2 di sid $COMMON --variants base disback --out $R/digits-adapters
   $BIN/disback bench --problem digits-cond --adapter dmd2 $COMMON --variants base disback --out $R/digits-cond-dmd2
-  $BIN/disback bench --problem digits --adapter dmd2 $COMMON --out $R/digits-ablations --variants base disback \
-    disback:nodes=3 disback:share=0.3 disback:schedule=adaptive disback:schedule=warm_start \
-    disback:node_mode=svd disback:node_mode=full
+  digits_ablations
 }
 
 overhead() {
   $BIN/python benchmarks/overhead.py --out $R/overhead.json
 }
 
+digits_ablations() {
+  $BIN/disback bench --problem digits --adapter dmd2 $COMMON --out $R/digits-ablations --variants base disback \
+    disback:schedule=warm_start disback:node_mode=svd disback:node_mode=full
+}
+
 case "${1:-all}" in
   toy) toy ;;
   digits) digits ;;
+  digits-ablations) digits_ablations ;;
   overhead) overhead ;;
   all) toy & digits & wait; overhead ;;
 esac

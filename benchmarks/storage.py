@@ -2,7 +2,9 @@
 
 Measured on disk for the built-in problems (a recorded 5-node path, saved both ways), and counted
 for SD-1.5 and SDXL UNets built from their published configs with empty weights (no download):
-the LoRA slot with the project's default targets for ``UNet2DConditionModel``.
+the LoRA slot with the project's default targets for ``UNet2DConditionModel``. Also the error of
+node mode ``svd`` (full fine-tuning, each node compressed to rank r) at the runner's degradation
+settings.
 
     python benchmarks/storage.py --out benchmarks/results/storage.json
 """
@@ -54,6 +56,20 @@ def measured(problem_name: str, nodes: int = 5, rank: int = 8) -> dict:
     return out
 
 
+def svd_error(problem_name: str, ranks=(2, 8, 32), steps: int = 500, nodes: int = 5) -> dict:
+    """Relative error of rank-r SVD nodes at the benchmark runner's degradation settings (DMD2)."""
+    problem = get_problem(problem_name)
+    out = {"problem": problem_name, "steps": steps, "nodes": nodes, "ranks": {}}
+    for r in ranks:
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        gen = make_generator(problem.teacher, 80.0).requires_grad_(False)
+        traj = record_degradation(problem.teacher, gen, DMD2(sigma_data=problem.sigma_data), lambda: problem.batch(256, g),
+                                  steps=steps, interval=steps // nodes, lr=1e-4, mode="svd", lora=LoraSpec(rank=r))
+        out["ranks"][str(r)] = {"weight_delta_error": traj.meta["svd_error"], "output_error": traj.meta["svd_output_error"]}
+    return out
+
+
 def counted(name: str, config: dict, ranks=(16, 64)) -> dict:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -76,7 +92,9 @@ def counted(name: str, config: dict, ranks=(16, 64)) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     rows = [measured("toy2d"), measured("digits")]
     for r in rows:
         print(f"{r['problem']:7s} teacher {r['teacher_params']:,} params: 5 LoRA nodes {r['lora_bytes']:,} B, "
@@ -86,7 +104,13 @@ def main() -> None:
         print(f"{r['model']}: {r['params']/1e9:.3f}B params; rank 16 {r['rank16_params']/1e6:.1f}M "
               f"({100*r['rank16_share']:.2f}%), rank 64 {r['rank64_params']/1e6:.1f}M ({100*r['rank64_share']:.2f}%); "
               f"10 nodes bf16: LoRA r16 {r['rank16_10_nodes_bf16_GB']:.2f} GB vs full {r['full_10_nodes_bf16_GB']:.1f} GB")
-    write_json(args.out, {"measured": rows, "counted": big})
+    svd = [svd_error("toy2d"), svd_error("digits")]
+    for r in svd:
+        for rank, e in r["ranks"].items():
+            print(f"{r['problem']:7s} SVD rank {rank:>2s}: weight-delta error per node "
+                  f"{' '.join(f'{v:.3f}' for v in e['weight_delta_error'])}; output error "
+                  f"{' '.join(f'{v:.3f}' for v in e['output_error'])}")
+    write_json(args.out, {"measured": rows, "counted": big, "svd": svd})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Teacher quality on the built-in problems: multi-step vs one-step metrics and sample grids.
 
-    python benchmarks/teachers.py --out benchmarks/results/teachers
+    python benchmarks/teachers.py --out benchmarks/results/teachers [--problems toy2d]
+
+With ``--problems``, only those rows of an existing ``teachers.json`` are replaced.
 """
 from __future__ import annotations
 
@@ -11,19 +13,21 @@ import torch
 
 from disback_core.bench.problems import PROBLEMS, get_problem
 from disback_core.sampling import edm_sampler
-from disback_core.storage import write_json
+from disback_core.storage import read_json, write_json
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = {}
-    for name in PROBLEMS:
+    old = out / "teachers.json"
+    rows = read_json(old) if old.is_file() and args.problems != list(PROBLEMS) else {}
+    for name in args.problems:
         p = get_problem(name)
         z, c = p.eval_inputs()
         with torch.no_grad():

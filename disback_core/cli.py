@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
         specs = [parse_variant(base, v) for v in variants]
         folder = out / adapter if len(args.adapter) > 1 else out
         res = compare(specs, args.seeds, folder, command=command, progress=not args.no_progress, problem=problem,
-                      track=track)
+                      track=track, resume=args.resume)
         write_report(res, folder / "report.md", f"{title}: {args.problem}, {adapter}")
         results[adapter] = res
         print(f"\n{args.problem} / {adapter} ({len(args.seeds)} seeds, {base.iterations} generator iterations)")
@@ -101,13 +101,13 @@ def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
 def _report(paths: list[str]) -> int:
     """Re-summarise stored runs with the current rules; rewrite results.json, curves.png, report.md."""
     from .bench.report import summary_table, write_report
-    from .bench.runner import plot_curves, summarise
+    from .bench.runner import SCHEMA, plot_curves, summarise
     from .storage import read_json, write_json
 
     for path in map(Path, paths):
         res = read_json(path, "benchmark results")
-        if not isinstance(res, dict) or res.get("schema") != "disback-benchmark/1":
-            raise SystemExit(f"{path}: not a disback-benchmark/1 results file")
+        if not isinstance(res, dict) or res.get("schema") != SCHEMA or res.get("partial"):
+            raise SystemExit(f"{path}: not a complete {SCHEMA} results file")
         res["summary"] = summarise(res["runs"], res["primary"], base_label=res["runs"][0]["label"])
         write_json(path, res)
         plot_curves(res, path.parent / "curves.png")
@@ -137,6 +137,9 @@ def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--tracker", choices=["none", "tensorboard", "wandb"], default="none",
                    help="also send curves to TensorBoard or wandb (must be installed; never required)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs of an earlier (complete or interrupted) results.json in --out whose "
+                        "label, seed and settings match; run only the rest")
     p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True,
                    help="store the command line in results.json")
 

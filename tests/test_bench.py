@@ -116,3 +116,43 @@ def test_trackers_are_optional_and_named_when_missing(tmp_path, monkeypatch):
     assert logged == [(25, {"sw": 0.25}), (50, {"sw": 0.2})]
     with pytest.raises(ValueError, match="tracker must be one of"):
         make_tracker("mlflow", tmp_path)
+
+
+def test_bench_resume_reruns_only_what_an_interrupted_run_lost(tmp_path, cache, monkeypatch):
+    import disback_core.bench.runner as runner
+
+    args = ["bench", "--problem", "toy2d", "--teacher-steps", "300", "--iterations", "4", "--eval-every", "2",
+            "--seeds", "0", "1", "--degradation-steps", "10", "--cache-dir", str(cache), "--no-progress",
+            "--variants", "base", "disback"]
+    full = tmp_path / "full"
+    assert main([*args, "--out", str(full)]) == 0
+    reference = json.loads((full / "results.json").read_text())
+
+    real_run_one, calls = runner.run_one, []
+
+    def crash_on_third(problem, spec, seed, **kw):
+        calls.append((spec.label, seed))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run_one(problem, spec, seed, **kw)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(runner, "run_one", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(out)])
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["partial"] is True and [(r["label"], r["seed"]) for r in partial["runs"]] == calls[:2]
+
+    calls.clear()
+    monkeypatch.setattr(runner, "run_one", lambda *a, **kw: (calls.append(a[1:3]), real_run_one(*a, **kw))[1])
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert [(s.label, seed) for s, seed in calls] == [("disback", 0), ("disback", 1)]
+    resumed = json.loads((out / "results.json").read_text())
+    assert "partial" not in resumed
+    for a, b in zip(reference["runs"], resumed["runs"]):  # deterministic per seed: same curves
+        assert [e["metrics"] for e in a["evals"]] == [e["metrics"] for e in b["evals"]]
+
+    with pytest.raises(ValueError, match="--resume: .* problem 'toy2d'"):
+        main(["bench", "--problem", "digits", "--teacher-steps", "2", "--iterations", "2", "--seeds", "0",
+              "--cache-dir", str(cache), "--no-progress", "--out", str(out), "--resume", "--batch", "8",
+              "--eval-samples", "300"])

@@ -14,6 +14,7 @@ JSON schema (``results.json``, ``"schema": "disback-benchmark/1"``)::
     {"schema", "command", "problem", "primary", "teacher": {...}, "references": {sigma_init: {
        "teacher_multistep": {metric: value}, "teacher_onestep": {...}}},
      "runs": [{"label", "seed", "spec": {...}, "degradation_seconds", "switches": [[iteration, node]],
+               "svd_output_error": [per node] or null (node_mode "svd" only: see record_degradation),
                "evals": [{"iteration", "seconds", "cpu_seconds", "metrics": {metric: value}}],
                "final": {metric: value}, "seconds_per_iteration", "cpu_seconds_per_iteration", "threads"}],
      "summary": {label: {"final": {metric: {"mean", "std", "min", "max", "per_seed"}},
@@ -47,11 +48,12 @@ from ..denoisers import make_generator, trainable_copy
 from ..lora import LoraSpec
 from ..recording import record_degradation
 from ..step import train_step
-from ..storage import write_json
+from ..storage import read_json, write_json
 from .problems import Problem, get_problem
 
 __all__ = ["RunSpec", "ADAPTERS", "run_one", "compare", "summarise", "plot_curves"]
 
+SCHEMA = "disback-benchmark/1"
 log = logging.getLogger(__name__)
 
 
@@ -120,7 +122,7 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
     generator = make_generator(problem.teacher, sigma_init)
     needs_real = getattr(method, "gan_head", None) is not None
     next_batch: Callable = lambda: problem.batch(spec.batch, g, with_real=needs_real)  # noqa: E731
-    degradation_seconds, degradation_cpu, switches = 0.0, 0.0, []
+    degradation_seconds, degradation_cpu, switches, svd_error = 0.0, 0.0, [], None
     target: Any = problem.teacher
     if spec.disback:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -130,6 +132,7 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
                                   interval=interval, lr=spec.lr, mode=spec.node_mode, lora=LoraSpec(rank=spec.rank),
                                   merge=spec.merge, progress=progress)
         del frozen_g0
+        svd_error = traj.meta.get("svd_output_error")
         if spec.schedule == "fixed":
             schedule = FixedInterval.from_share(spec.iterations, traj.last, spec.share)
             method = Backtrack(method, traj, schedule)
@@ -177,7 +180,8 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
     samples = _generate(generator, z_eval[:1000], None if c_eval is None else c_eval[:1000])
     return {"label": spec.label, "seed": seed, "spec": spec.to_json(), "sigma_init": sigma_init,
             "degradation_seconds": degradation_seconds, "degradation_cpu_seconds": degradation_cpu,
-            "switches": switches, "evals": evals, "final": final, "threads": torch.get_num_threads(),
+            "switches": switches, "svd_output_error": svd_error, "evals": evals, "final": final,
+            "threads": torch.get_num_threads(),
             "seconds_per_iteration": train_seconds / spec.iterations,
             "cpu_seconds_per_iteration": train_cpu / spec.iterations, "_samples": samples, "_cond": c_eval}
 
@@ -279,10 +283,26 @@ def plot_curves(result: dict[str, Any], path: str | Path, metric: str | None = N
     plt.close(fig)
 
 
+def _stored_runs(path: Path, problem: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """Runs of an earlier ``results.json`` (complete or partial) of the same problem, by (label, seed)."""
+    if not path.is_file():
+        return {}
+    res = read_json(path, "benchmark results")
+    if res.get("schema") != SCHEMA or res.get("problem") != problem:
+        raise ValueError(f"--resume: {path} holds {res.get('schema')!r} results for problem {res.get('problem')!r}, "
+                         f"not {SCHEMA!r} for {problem!r}; choose another --out")
+    return {(r["label"], r["seed"]): r for r in res.get("runs", [])}
+
+
 def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command: str = "",
             progress: bool = True, problem: Problem | None = None, cache_dir=None,
-            track: Callable[[str, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Run every spec for every seed on one problem; write results.json, curves and sample PNGs."""
+            track: Callable[[str, int, dict[str, float]], None] | None = None, resume: bool = False
+            ) -> dict[str, Any]:
+    """Run every spec for every seed on one problem; write results.json, curves and sample PNGs.
+
+    ``results.json`` is rewritten after every run (with ``"partial": true`` until the end), so an
+    interrupted benchmark loses at most one run. With ``resume``, runs stored there whose label,
+    seed and spec equal the requested ones are reused instead of rerun."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = {s.problem for s in specs}
@@ -292,17 +312,26 @@ def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command
     adapters = _adapters()
     sigma_inits = sorted({s.sigma_init or adapters[s.adapter]["sigma_init"] for s in specs})
     references = {str(si): problem.references(si) for si in sigma_inits}
+    result: dict[str, Any] = {"schema": SCHEMA, "command": command, "problem": problem.name,
+                              "primary": problem.primary, "teacher": problem.teacher_info, "references": references}
+    stored = _stored_runs(out / "results.json", problem.name) if resume else {}
     runs = []
     for spec in specs:
+        want = json.loads(json.dumps(spec.to_json()))
         for seed in seeds:
+            old = stored.get((spec.label, seed))
+            if old is not None and old["spec"] == want:
+                log.info("%s seed %d: reusing the stored run", spec.label, seed)
+                runs.append(old)
+                continue
             r = run_one(problem, spec, seed, progress=progress, track=track)
             samples, cond = r.pop("_samples"), r.pop("_cond")
             if seed == seeds[0]:
                 problem.save_samples(samples, out / f"samples-{spec.label}.png",
                                      f"{spec.label}, seed {seed}, {spec.iterations} it", cond)
             runs.append(r)
-    result = {"schema": "disback-benchmark/1", "command": command, "problem": problem.name,
-              "primary": problem.primary, "teacher": problem.teacher_info, "references": references, "runs": runs}
+            write_json(out / "results.json", {**result, "partial": True, "runs": runs})
+    result["runs"] = runs
     result["summary"] = summarise(runs, problem.primary, base_label=specs[0].label)
     write_json(out / "results.json", result)
     plot_curves(result, out / "curves.png")
