@@ -11,7 +11,9 @@ R = Path(__file__).resolve().parent / "results"
 
 
 def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A committed result, or None when missing or still partial (an unfinished bench)."""
+    res = json.loads(path.read_text()) if path.is_file() else None
+    return None if res is None or res.get("partial") else res
 
 
 def _f(v, d=3) -> str:
