@@ -10,7 +10,10 @@ R=benchmarks/results
 COMMON="--seeds 0 1 2 --threads 1 --no-progress"
 
 toy() {
-  $BIN/disback bench --problem toy2d --adapter dmd2 di sid $COMMON --iterations 1500 --eval-every 50 --variants base disback --out $R/toy2d-adapters
+  for a in dmd2 di sid; do  # seeds 0-2 were first run together, seeds 3-7 added with --resume
+    $BIN/disback bench --problem toy2d --adapter $a --seeds 0 1 2 3 4 5 6 7 --threads 1 --no-progress --iterations 1500 \
+      --eval-every 50 --variants base disback --out $R/toy2d-adapters/$a
+  done
   $BIN/disback bench --problem toy2d --adapter dmd2 $COMMON --iterations 1500 --eval-every 50 --out $R/toy2d-ablations --variants base disback \
     disback:nodes=3 disback:nodes=10 disback:share=0.05 disback:share=0.3 disback:rank=2 disback:rank=32 \
     disback:degradation_steps=2000 disback:schedule=adaptive disback:schedule=warm_start \
