@@ -23,6 +23,8 @@ toy() {
 
 digits() {
   $BIN/disback bench --problem digits --adapter dmd2 di sid $COMMON --variants base disback --out $R/digits-adapters
+  $BIN/disback bench --problem digits --adapter dmd2 --seeds 0 1 2 3 4 --threads 1 --no-progress --variants base disback \
+    --out $R/digits-adapters/dmd2 --resume  # two more seeds for DMD2
   $BIN/disback bench --problem digits-cond --adapter dmd2 $COMMON --variants base disback --out $R/digits-cond-dmd2
   digits_ablations
 }

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 R = Path(__file__).resolve().parent / "results"
+HEAD = ("| problem / adapter | variant | base final | variant final | seeds where variant < base | iterations ratio "
+        "| CPU-seconds ratio | seeds |")
 
 
 def _load(path: Path) -> dict | None:
@@ -32,7 +34,10 @@ def comparison_rows(res: dict, name: str) -> list[str]:
     for lab, s in summ.items():
         if lab == "base":
             continue
-        rows.append(f"| {name} | {lab} | {_final(base, p)} | {_final(s, p)} | {_f(s.get('ratio_iterations'))} | "
+        wins = "-"
+        if s["seeds"] == base["seeds"]:  # paired by seed (same torch and data seeds)
+            wins = f"{sum(v < b for v, b in zip(s['final'][p]['per_seed'], base['final'][p]['per_seed']))}/{len(s['seeds'])}"
+        rows.append(f"| {name} | {lab} | {_final(base, p)} | {_final(s, p)} | {wins} | {_f(s.get('ratio_iterations'))} | "
                     f"{_f(s.get('ratio_cpu_seconds', s.get('ratio_seconds')))} | {len(s['seeds'])} |")
     return rows
 
@@ -60,10 +65,11 @@ def main() -> None:
            "on toy2d; `fd`: Frechet distance in the digits classifier's features). Final = mean over the last 20% "
            "of evaluations, ± the standard deviation over seeds. Ratios are DisBack / base for reaching the base's "
            "final value (below 1: DisBack is faster; 'not reached': DisBack never got there in the budget); "
-           "seconds include Degradation Recording.", "",
+           "seconds include Degradation Recording. CPU seconds were measured with other processes on the second "
+           "core, whose load varied between runs: compare them only within one table row, and see "
+           "'Per-iteration cost' for the controlled measurement.", "",
            ] + teacher_rows() + ["", "## Base vs DisBack per adapter", "",
-           "| problem / adapter | variant | base final | variant final | iterations ratio | CPU-seconds ratio | seeds |",
-           "|---|---|---|---|---|---|---|"]
+           HEAD, "|---|---|---|---|---|---|---|---|"]
     for prob in ("toy2d", "digits"):
         for a in ("dmd2", "di", "sid"):
             res = _load(R / f"{prob}-adapters" / a / "results.json")
@@ -76,8 +82,7 @@ def main() -> None:
         res = _load(R / f"{prob}-ablations" / "results.json")
         if res:
             out += ["", f"## Ablations on {prob} (DMD2)", "",
-                    "| problem / adapter | variant | base final | variant final | iterations ratio | CPU-seconds ratio | seeds |",
-                    "|---|---|---|---|---|---|---|"]
+                    HEAD, "|---|---|---|---|---|---|---|---|"]
             out += comparison_rows(res, f"{prob} / dmd2")
     ov = _load(R / "overhead.json")
     if ov:
@@ -102,11 +107,12 @@ def main() -> None:
                        f"{r['rank16_10_nodes_bf16_GB']:.2f} GB | {r['full_10_nodes_bf16_GB']:.1f} GB |")
         for r in st.get("svd", []):
             if r is st["svd"][0]:
-                out += ["", f"Node mode `svd`: relative error of each node (full fine-tuning, {r['steps']} DMD2 DSM steps, "
+                out += ["", f"Node mode `svd`: relative error of each node (full-rank fine-tuning of the LoRA-targeted weights, "
+                        f"{r['steps']} DMD2 DSM steps, "
                         f"{r['nodes']} nodes) after rank-r SVD compression; output error = "
                         "||D_svd - D_full|| / ||D_full - teacher|| on the probe batch.", "",
                         "| problem | rank | weight-delta error per node | output error per node |", "|---|---|---|---|"]
-            for rank, e in r["ranks"].items():
+            for rank, e in sorted(r["ranks"].items(), key=lambda kv: int(kv[0])):
                 out.append(f"| {r['problem']} | {rank} | {' '.join(f'{v:.3f}' for v in e['weight_delta_error'])} | "
                            f"{' '.join(f'{v:.3f}' for v in e['output_error'])} |")
     (R / "SUMMARY.md").write_text("\n".join(out) + "\n")
