@@ -82,6 +82,7 @@ def test_demo_runs_end_to_end_and_writes_every_file(tmp_path, cache, capsys, pro
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     assert res["schema"] == "disback-benchmark/1" and res["problem"] == problem
+    assert "path" not in res["teacher"] and res["teacher"]["cache_key"].startswith(f"{problem}-teacher-")
     assert [r["label"] for r in res["runs"]] == ["base", "base", "disback", "disback"]
     assert all(len(r["evals"]) == 3 for r in res["runs"])
     dis = [r for r in res["runs"] if r["label"] == "disback"]

@@ -283,6 +283,14 @@ def plot_curves(result: dict[str, Any], path: str | Path, metric: str | None = N
     plt.close(fig)
 
 
+def _portable(info: dict[str, Any]) -> dict[str, Any]:
+    """Teacher facts without this machine's cache path (results are committed and shared)."""
+    out = {k: v for k, v in info.items() if k != "path"}
+    if "path" in info:
+        out["cache_key"] = Path(info["path"]).name
+    return out
+
+
 def _stored_runs(path: Path, problem: str) -> dict[tuple[str, int], dict[str, Any]]:
     """Runs of an earlier ``results.json`` (complete or partial) of the same problem, by (label, seed)."""
     if not path.is_file():
@@ -313,7 +321,7 @@ def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command
     sigma_inits = sorted({s.sigma_init or adapters[s.adapter]["sigma_init"] for s in specs})
     references = {str(si): problem.references(si) for si in sigma_inits}
     result: dict[str, Any] = {"schema": SCHEMA, "command": command, "problem": problem.name,
-                              "primary": problem.primary, "teacher": problem.teacher_info, "references": references}
+                              "primary": problem.primary, "teacher": _portable(problem.teacher_info), "references": references}
     stored = _stored_runs(out / "results.json", problem.name) if resume else {}
     runs = []
     for spec in specs:
