@@ -23,8 +23,10 @@ toy() {
 
 digits() {
   $BIN/disback bench --problem digits --adapter dmd2 di sid $COMMON --variants base disback --out $R/digits-adapters
-  $BIN/disback bench --problem digits --adapter dmd2 --seeds 0 1 2 3 4 --threads 1 --no-progress --variants base disback \
-    --out $R/digits-adapters/dmd2 --resume  # two more seeds for DMD2
+  for a in dmd2 di sid; do  # two more seeds per adapter
+    $BIN/disback bench --problem digits --adapter $a --seeds 0 1 2 3 4 --threads 1 --no-progress --variants base disback \
+      --out $R/digits-adapters/$a --resume
+  done
   $BIN/disback bench --problem digits-cond --adapter dmd2 $COMMON --variants base disback --out $R/digits-cond-dmd2
   digits_ablations
 }
