@@ -3,7 +3,8 @@
 Measured on disk for the built-in problems (a recorded 5-node path, saved both ways), and counted
 for SD-1.5 and SDXL UNets built from their published configs with empty weights (no download):
 the LoRA slot with the project's default targets for ``UNet2DConditionModel``. Also the error of
-node mode ``svd`` (full fine-tuning, each node compressed to rank r) at the runner's degradation
+node mode ``svd`` (the LoRA-targeted weights fine-tuned at full rank, each node compressed to
+rank r) at the runner's degradation
 settings.
 
     python benchmarks/storage.py --out benchmarks/results/storage.json

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 R = Path(__file__).resolve().parent / "results"
-HEAD = ("| problem / adapter | variant | base final | variant final | seeds where variant < base | iterations ratio "
-        "| CPU-seconds ratio | seeds |")
+HEAD = ["| problem / adapter | variant | base final | variant final | seeds where variant < base | iterations ratio "
+        "| CPU-seconds ratio | seeds |", "|---|---|---|---|---|---|---|---|"]
 
 
 def _load(path: Path) -> dict | None:
@@ -68,8 +68,7 @@ def main() -> None:
            "seconds include Degradation Recording. CPU seconds were measured with other processes on the second "
            "core, whose load varied between runs: compare them only within one table row, and see "
            "'Per-iteration cost' for the controlled measurement.", "",
-           ] + teacher_rows() + ["", "## Base vs DisBack per adapter", "",
-           HEAD, "|---|---|---|---|---|---|---|---|"]
+           ] + teacher_rows() + ["", "## Base vs DisBack per adapter", "", *HEAD]
     for prob in ("toy2d", "digits"):
         for a in ("dmd2", "di", "sid"):
             res = _load(R / f"{prob}-adapters" / a / "results.json")
@@ -81,8 +80,7 @@ def main() -> None:
     for prob in ("toy2d", "digits"):
         res = _load(R / f"{prob}-ablations" / "results.json")
         if res:
-            out += ["", f"## Ablations on {prob} (DMD2)", "",
-                    HEAD, "|---|---|---|---|---|---|---|---|"]
+            out += ["", f"## Ablations on {prob} (DMD2)", "", *HEAD]
             out += comparison_rows(res, f"{prob} / dmd2")
     ov = _load(R / "overhead.json")
     if ov:

@@ -11,7 +11,7 @@ so benchmarks that run side by side compare on them.
 
 JSON schema (``results.json``, ``"schema": "disback-benchmark/1"``)::
 
-    {"schema", "command", "problem", "primary", "teacher": {...}, "references": {sigma_init: {
+    {"schema", "command", "problem", "primary", "teacher": {..., "cache_key"}, "references": {sigma_init: {
        "teacher_multistep": {metric: value}, "teacher_onestep": {...}}},
      "runs": [{"label", "seed", "spec": {...}, "degradation_seconds", "switches": [[iteration, node]],
                "svd_output_error": [per node] or null (node_mode "svd" only: see record_degradation),
@@ -21,6 +21,8 @@ JSON schema (``results.json``, ``"schema": "disback-benchmark/1"``)::
                          "iterations_to_base_final", "ratio_iterations", "seconds_to_base_final",
                          "ratio_seconds", "cpu_seconds_to_base_final", "ratio_cpu_seconds",
                          "seconds_per_iteration", "overhead_per_iteration", "cpu_overhead_per_iteration"}}}
+
+While a bench runs, the file holds ``"partial": true`` and the runs so far, without ``"summary"``.
 
 ``final`` is the mean over the last 20% of evaluations (one-step generators oscillate). The
 ``*_to_base_final`` fields give the first evaluation at which the seed-mean curve, averaged over
@@ -122,7 +124,7 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
     generator = make_generator(problem.teacher, sigma_init)
     needs_real = getattr(method, "gan_head", None) is not None
     next_batch: Callable = lambda: problem.batch(spec.batch, g, with_real=needs_real)  # noqa: E731
-    degradation_seconds, degradation_cpu, switches, svd_error = 0.0, 0.0, [], None
+    degradation_seconds, degradation_cpu, switches, svd_output_error = 0.0, 0.0, [], None
     target: Any = problem.teacher
     if spec.disback:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -132,7 +134,7 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
                                   interval=interval, lr=spec.lr, mode=spec.node_mode, lora=LoraSpec(rank=spec.rank),
                                   merge=spec.merge, progress=progress)
         del frozen_g0
-        svd_error = traj.meta.get("svd_output_error")
+        svd_output_error = traj.meta.get("svd_output_error")
         if spec.schedule == "fixed":
             schedule = FixedInterval.from_share(spec.iterations, traj.last, spec.share)
             method = Backtrack(method, traj, schedule)
@@ -180,7 +182,7 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
     samples = _generate(generator, z_eval[:1000], None if c_eval is None else c_eval[:1000])
     return {"label": spec.label, "seed": seed, "spec": spec.to_json(), "sigma_init": sigma_init,
             "degradation_seconds": degradation_seconds, "degradation_cpu_seconds": degradation_cpu,
-            "switches": switches, "svd_output_error": svd_error, "evals": evals, "final": final,
+            "switches": switches, "svd_output_error": svd_output_error, "evals": evals, "final": final,
             "threads": torch.get_num_threads(),
             "seconds_per_iteration": train_seconds / spec.iterations,
             "cpu_seconds_per_iteration": train_cpu / spec.iterations, "_samples": samples, "_cond": c_eval}
@@ -319,10 +321,10 @@ def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command
     problem = problem or get_problem(specs[0].problem, cache_dir)
     adapters = _adapters()
     sigma_inits = sorted({s.sigma_init or adapters[s.adapter]["sigma_init"] for s in specs})
+    stored = _stored_runs(out / "results.json", problem.name) if resume else {}  # before the slow references
     references = {str(si): problem.references(si) for si in sigma_inits}
     result: dict[str, Any] = {"schema": SCHEMA, "command": command, "problem": problem.name,
                               "primary": problem.primary, "teacher": _portable(problem.teacher_info), "references": references}
-    stored = _stored_runs(out / "results.json", problem.name) if resume else {}
     runs = []
     for spec in specs:
         want = json.loads(json.dumps(spec.to_json()))
