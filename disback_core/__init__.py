@@ -3,20 +3,22 @@
 The public API is re-exported here; the methods live in :mod:`disback_core.adapters`.
 """
 from .analytic import GaussianMixtureDenoiser
-from .denoisers import (CFGDenoiser, Denoiser, DiffusersDenoiser, EDMPrecond, OneStepGenerator, as_sigma,
-                        check_sample, freeze, make_generator, trainable_copy)
+from .denoisers import (CFGDenoiser, Denoiser, DiffusersDenoiser, EDMPrecond, OneStepGenerator, Unconditional, as_sigma,
+                        check_denoiser, check_sample, freeze, make_generator, trainable_copy)
 from .gan import GANHead, capture_features
 from .losses import (DSMLoss, abs_mean_normaliser, check_finite, gan_discriminator_loss, gan_generator_loss,
                      r1_penalty)
 from .nets import MLPNet, UNetNet, edm_mlp, edm_unet
 from .protocol import DSMFakeScore, LossDict, ScoreDistiller
 from .sigmas import KarrasContinuousSigma, KarrasIndexSigma, LogNormalSigma, SigmaSampler, edm_weight, karras_sigmas
-from .step import Batch, critic_step, generator_step, train_step
+from .step import Batch, as_batch, call_generator, critic_step, generator_step, train_step
 from .storage import StorageError
-from .lora import LoraSpec
+from .lora import LoraSpec, LoraTarget, lora_targets
 from .trajectory import Probe, Trajectory, TrajectoryTarget
-from .recording import record_degradation
-from .backtracking import AdaptiveGap, Backtrack, FixedInterval, TeacherOnly
+from .recording import DegradationRecorder, probe_inputs, record_degradation
+from .schedules import AdaptiveGap, FixedInterval, NodeCursor, TeacherOnly, score_gap
+from .backtracking import Backtrack
+from .attach import Attachment, attach
 
 __version__ = "0.1.0"
 
@@ -26,7 +28,9 @@ __all__ = [
     "SigmaSampler", "LogNormalSigma", "KarrasIndexSigma", "KarrasContinuousSigma", "karras_sigmas", "edm_weight",
     "DSMLoss", "abs_mean_normaliser", "check_finite", "gan_discriminator_loss", "gan_generator_loss", "r1_penalty",
     "GANHead", "capture_features", "ScoreDistiller", "DSMFakeScore", "LossDict",
-    "Batch", "critic_step", "generator_step", "train_step",
-    "StorageError", "LoraSpec", "Trajectory", "TrajectoryTarget", "Probe", "record_degradation",
-    "Backtrack", "FixedInterval", "AdaptiveGap", "TeacherOnly",
+    "Batch", "as_batch", "call_generator", "critic_step", "generator_step", "train_step",
+    "StorageError", "LoraSpec", "LoraTarget", "lora_targets", "Trajectory", "TrajectoryTarget", "Probe",
+    "record_degradation", "DegradationRecorder", "probe_inputs",
+    "Backtrack", "FixedInterval", "AdaptiveGap", "TeacherOnly", "NodeCursor", "score_gap",
+    "attach", "Attachment", "Unconditional", "check_denoiser",
 ]

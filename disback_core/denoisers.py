@@ -15,6 +15,7 @@ parametrisations to it without copying the models:
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any, Mapping, Protocol, runtime_checkable
 
@@ -35,6 +36,9 @@ __all__ = [
     "pad_dims",
     "cat_cond",
     "PREDICTION_TYPES",
+    "Unconditional",
+    "check_denoiser",
+    "takes_args",
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -377,7 +381,49 @@ class OneStepGenerator(nn.Module):
 
     def forward(self, z: Tensor, cond: Any = None) -> Tensor:
         check_sample(z, "z")
-        return self.denoiser(self.sigma_init * z, self.sigma_init, cond)
+        # sigma as a [batch] float32 tensor: NVlabs' EDMPrecond calls sigma.to(...), a float would fail
+        sigma = torch.full((z.shape[0],), self.sigma_init, device=z.device, dtype=torch.float32)
+        return self.denoiser(self.sigma_init * z, sigma, cond)
+
+
+def takes_args(fn: Any, n: int) -> bool:
+    """Whether ``fn`` (a function or a module's ``forward``) accepts ``n`` positional arguments."""
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a signature: assume they do
+        return True
+    try:
+        sig.bind(*([None] * n))
+    except TypeError:
+        return False
+    return True
+
+
+def check_denoiser(net: Any, name: str) -> Any:
+    """Refuse, at once and with what to pass, a ``net`` that cannot be called as ``D(x_t, sigma, cond)``."""
+    if not callable(net):
+        raise TypeError(f"{name} must be a denoiser called as D(x_t, sigma, cond) -> x0, got {type(net).__name__}")
+    if not takes_args(net, 3):
+        if takes_args(net, 2):
+            raise TypeError(f"{name} ({type(net).__name__}) takes (x, sigma) but the library calls D(x_t, sigma, cond); "
+                            f"wrap it: disback_core.Unconditional({name})")
+        raise TypeError(f"{name} ({type(net).__name__}) cannot be called as D(x_t, sigma, cond) -> x0")
+    return net
+
+
+class Unconditional(nn.Module):
+    """A 2-argument network ``D(x, sigma)`` under the library's ``D(x, sigma, cond)`` call; a
+    ``cond`` other than None is an error (it would be dropped silently otherwise)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
+        if cond is not None:
+            raise ValueError(f"{type(self.net).__name__} is unconditional (D(x, sigma)); got a cond")
+        return self.net(x, sigma)
 
 
 def trainable_copy(module: nn.Module) -> nn.Module:

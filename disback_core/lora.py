@@ -1,188 +1,415 @@
-"""peft glue for trajectory nodes: inject a LoRA slot, read and write a node, merge it, SVD-compress.
+"""LoRA slots and nodes on any layer that owns a ``weight`` parameter.
 
-A node is the state of one LoRA adapter as peft's ``get_peft_model_state_dict`` returns it (adapter
-name stripped), so any node loads into any slot. peft's low-level API (``inject_adapter_in_model``,
-``set_peft_model_state_dict``, ``LoraLayer.get_delta_weight``) works on every ``nn.Module``:
-plain MLPs, EDM networks and diffusers UNets alike.
+A node holds two factors per target layer ``L`` (weight ``W``, ``out = W.shape[0]``), under the
+keys ``L.lora_A.weight`` and ``L.lora_B.weight``; the layer's weight at that node is
+
+    W_k = W + scale * (B.reshape(out, r) @ A.reshape(r, -1)).reshape(W.shape)
+
+with ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023), as peft defines
+it. Two backends fill the same key format behind one :class:`LoraSpec`:
+
+- **peft** (``inject_adapter_in_model``) for ``nn.Linear`` and ungrouped ``nn.Conv1d/2d/3d``:
+  A is peft's ``[r, in]`` / ``[r, in, *kernel]``, B ``[out, r]`` / ``[out, r, 1, ...]``;
+- **delta**, a thin ``torch.nn.utils.parametrize`` term ``W + scale * B @ A``, for every other
+  layer with a floating ``weight`` of ndim >= 2: NVlabs EDM's own ``Conv2d``/``Linear`` (weights as
+  plain parameters, ``torch.nn.functional`` calls), grouped convolutions, custom modules.
+  A is ``[r, W[0].numel()]``, B ``[out, r]``.
+
+:func:`node_weight` computes ``W_k`` from a node without any slot (fp32 arithmetic, cast once):
+merged targets and in-place attachment (:mod:`disback_core.attach`) use it.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-__all__ = ["LoraSpec", "ADAPTER", "default_target_modules", "inject_lora", "lora_layers", "lora_state",
-           "load_lora_state", "merge_lora_into", "svd_lora", "lora_numel"]
+__all__ = ["LoraSpec", "LoraTarget", "ADAPTER", "default_target_modules", "lora_targets", "inject_lora",
+           "remove_lora", "lora_parameters", "lora_state", "load_lora_state", "lora_template", "node_layers",
+           "node_weight", "svd_lora", "lora_numel", "EDM_TARGETS", "UNET2D_TARGETS", "UNET2D_CONDITION_TARGETS"]
 
 ADAPTER = "disback"
 
 UNET2D_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_shortcut", "time_emb_proj")
 UNET2D_CONDITION_TARGETS = UNET2D_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+# NVlabs EDM's SongUNet / DhariwalUNet blocks (UNetBlock): resnet convs, the embedding's affine
+# projection, the skip conv and attention, i.e. the analogue of diffusers' set above.
+EDM_TARGETS = ("conv0", "conv1", "affine", "skip", "qkv", "proj")
+_EDM_CLASSES = ("SongUNet", "DhariwalUNet", "UNetBlock")
+_PEFT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def _weight_of(m: nn.Module) -> Tensor | None:
+    """The layer's own ``weight`` parameter (original one if parametrized), if it is a matrix or kernel."""
+    if parametrize.is_parametrized(m, "weight"):
+        w = m.parametrizations["weight"].original
+    else:
+        w = m._parameters.get("weight")
+    if isinstance(w, Tensor) and w.is_floating_point() and w.ndim >= 2:
+        return w
+    return None
+
+
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in model.named_modules():
+        if name and _weight_of(m) is not None and "lora_" not in name and not _is_peft_layer(m):
+            yield name, m
+
+
+def _is_peft_layer(m: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(m, LoraLayer)
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    """LoRA targets: the usual diffusers UNet layers (attention, resnet convs, time projections; the
-    LCM-LoRA set for ``UNet2DConditionModel``), or every ``Linear``/``Conv2d`` of any other model."""
+    """Default LoRA targets: the usual diffusers UNet sets (the LCM-LoRA set for
+    ``UNet2DConditionModel``), :data:`EDM_TARGETS` for NVlabs EDM UNets (recognised by their class
+    names ``SongUNet``/``DhariwalUNet``/``UNetBlock``), else every layer with a weight matrix or
+    kernel except embeddings (lookup tables, which LoRA sets leave out)."""
     try:
         from diffusers import UNet2DConditionModel, UNet2DModel
     except ImportError:  # pragma: no cover
-        UNet2DConditionModel = UNet2DModel = ()  # type: ignore[assignment]
+        UNet2DConditionModel = UNet2DModel = ()  # type: ignore[assignment,misc]
     for m in model.modules():
         if isinstance(m, UNet2DConditionModel):
             return list(UNET2D_CONDITION_TARGETS)
         if isinstance(m, UNet2DModel):
             return list(UNET2D_TARGETS)
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]
+        if type(m).__name__ in _EDM_CLASSES:
+            return list(EDM_TARGETS)
+    names = [n for n, m in _candidates(model) if not isinstance(m, nn.Embedding)]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer to put LoRA on; pass target_modules")
+        raise ValueError(f"{type(model).__name__} has no layer with a weight matrix to put LoRA on; pass target_modules")
     return names
+
+
+def _check_number(name: str, v: Any, *, integer: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise ValueError(f"LoRA {name} must be {'an integer' if integer else 'a number'}, got {v!r}")
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"LoRA {name} must be finite and > 0, got {v!r}")
 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """LoRA configuration of a trajectory: rank, alpha (default: alpha = rank, scale 1) and targets
-    (default: :func:`default_target_modules`)."""
+    """LoRA configuration of a trajectory.
+
+    Args:
+        rank: r (Hu et al. 2021, Eq. 3); ``rank >= 1``.
+        alpha: the scale numerator; default ``alpha = rank`` (scale 1).
+        target_modules: layer names, each matching a layer whose name equals it or ends with
+            ``"." + name`` (peft's rule), or one regular expression matched against the full name;
+            default :func:`default_target_modules`. :meth:`resolved` turns it into exact names.
+        use_rslora: scale ``alpha / sqrt(r)`` (rsLoRA) instead of ``alpha / r``.
+    """
 
     rank: int = 8
     alpha: float | None = None
-    target_modules: tuple[str, ...] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # further LoraConfig fields, JSON-serialisable
+    target_modules: tuple[str, ...] | str | None = None
+    use_rslora: bool = False
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank!r}")
+        if self.rank > 1 << 16:
+            raise ValueError(f"rank {self.rank} is absurd (> 65536)")
+        if self.alpha is not None:
+            _check_number("alpha", self.alpha)
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be a bool, got {self.use_rslora!r}")
+        tm = self.target_modules
+        if tm is not None and not isinstance(tm, str):
+            tm = tuple(tm)
+            if not tm or not all(isinstance(t, str) and t for t in tm):
+                raise ValueError(f"target_modules must be non-empty strings, got {self.target_modules!r}")
+            object.__setattr__(self, "target_modules", tm)
+
+    @property
+    def scale(self) -> float:
+        a = float(self.alpha if self.alpha is not None else self.rank)
+        return a / math.sqrt(self.rank) if self.use_rslora else a / self.rank
 
     def resolved(self, model: nn.Module) -> "LoraSpec":
-        targets = tuple(self.target_modules) if self.target_modules else tuple(default_target_modules(model))
-        return LoraSpec(self.rank, float(self.alpha if self.alpha is not None else self.rank), targets, dict(self.extra))
-
-    def to_config(self, model: nn.Module):
-        from peft import LoraConfig
-
-        s = self.resolved(model)
-        return LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=list(s.target_modules),
-                          lora_dropout=0.0, bias="none", **s.extra)
+        """The same spec with exact target names for ``model`` and an explicit alpha."""
+        names = tuple(t.name for t in lora_targets(model, self))
+        return LoraSpec(self.rank, float(self.alpha if self.alpha is not None else self.rank), names, self.use_rslora)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules) if self.target_modules else None
-        return d
+        tm = self.target_modules
+        return {"rank": self.rank, "alpha": self.alpha, "use_rslora": self.use_rslora,
+                "target_modules": list(tm) if isinstance(tm, tuple) else tm}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "LoraSpec":
-        unknown = set(d) - {"rank", "alpha", "target_modules", "extra"}
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a LoRA spec must be a JSON object, got {type(d).__name__}")
+        unknown = set(d) - {"rank", "alpha", "target_modules", "use_rslora", "extra"}
         if unknown:
             raise ValueError(f"unknown LoRA spec fields {sorted(unknown)}")
+        extra = d.get("extra") or {}  # format 1 kept further peft fields here; only rsLoRA is meaningful
+        if not isinstance(extra, Mapping) or set(extra) - {"use_rslora"}:
+            raise ValueError(f"unsupported LoRA spec extras {extra!r}")
         tm = d.get("target_modules")
-        return cls(int(d["rank"]), d.get("alpha"), tuple(tm) if tm else None, dict(d.get("extra") or {}))
+        if tm is not None and not isinstance(tm, (list, str)):
+            raise ValueError(f"target_modules must be a list of names, got {type(tm).__name__}")
+        return cls(d.get("rank"), d.get("alpha"), tuple(tm) if isinstance(tm, list) else tm,  # type: ignore[arg-type]
+                   d.get("use_rslora", extra.get("use_rslora", False)))
 
 
-def inject_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
-    """Add one LoRA slot (adapter ``ADAPTER``) to ``model`` in place; B = 0, so outputs are unchanged.
+@dataclass(frozen=True)
+class LoraTarget:
+    """One layer a spec selects: its name, class, weight shape, backend and factor shapes."""
 
-    Only the LoRA weights are trainable afterwards (peft freezes the base layers it wraps; the rest
-    is frozen here too).
-    """
-    from peft import inject_adapter_in_model
+    name: str
+    layer: str
+    weight_shape: tuple[int, ...]
+    backend: str  # "peft" or "delta"
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
 
-    config = spec.to_config(model)
-    model.requires_grad_(False)
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # peft raises if no module matches
-    return model
+    @property
+    def numel(self) -> int:
+        return math.prod(self.a_shape) + math.prod(self.b_shape)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
+def _backend(m: nn.Module) -> str:
+    if isinstance(m, _PEFT_TYPES) and getattr(m, "groups", 1) == 1 and not parametrize.is_parametrized(m):
+        return "peft"
+    return "delta"
 
+
+def _target(name: str, m: nn.Module, r: int) -> LoraTarget:
+    w = _weight_of(m)
+    assert w is not None
+    shape, backend = tuple(w.shape), _backend(m)
+    if backend == "peft" and isinstance(m, nn.Linear):
+        a, b = (r, m.in_features), (m.out_features, r)
+    elif backend == "peft":
+        a, b = (r, m.in_channels, *m.kernel_size), (m.out_channels, r, *([1] * len(m.kernel_size)))
+    else:
+        a, b = (r, math.prod(shape[1:])), (shape[0], r)
+    return LoraTarget(name, type(m).__name__, shape, backend, a, b)
+
+
+def _matches(name: str, targets: tuple[str, ...] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_targets(model: nn.Module, spec: LoraSpec | None = None) -> list[LoraTarget]:
+    """The layers ``spec`` selects in ``model`` (default spec: rank 8, default targets), in module
+    order: the listing function to check a spec before recording."""
+    spec = spec or LoraSpec()
+    targets = spec.target_modules if spec.target_modules is not None else tuple(default_target_modules(model))
+    out = []
     for name, m in model.named_modules():
-        if isinstance(m, LoraLayer):
+        if not name or "lora_" in name or not _matches(name, targets):
+            continue
+        if _is_peft_layer(m):
+            raise ValueError(f"layer {name!r} already carries a peft LoRA slot")
+        if _weight_of(m) is None:
+            if isinstance(targets, tuple) and name in targets:  # named exactly, so it must be usable
+                raise ValueError(f"target {name!r} ({type(m).__name__}) has no floating weight of ndim >= 2 to put LoRA on")
+            continue
+        out.append(_target(name, m, spec.rank))
+    if not out:
+        raise ValueError(f"target_modules {targets!r} match no layer with a weight in {type(model).__name__}; "
+                         "list the layers with disback_core.lora_targets(model, LoraSpec(target_modules=...))")
+    return out
+
+
+# --------------------------------------------------------------------------- the delta backend
+
+
+class _DeltaLoRA(nn.Module):
+    """``W -> W + scale * (B @ A).reshape(W.shape)``, registered with ``torch.nn.utils.parametrize``.
+
+    Factors are fp32 (like peft's autocast adapters); the sum is cast once to ``W``'s dtype."""
+
+    def __init__(self, weight: Tensor, rank: int, scale: float):
+        super().__init__()
+        out, fan_in = weight.shape[0], weight[0].numel()
+        self.lora_A = nn.Parameter(torch.empty(rank, fan_in, device=weight.device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default init of A
+        self.lora_B = nn.Parameter(torch.zeros(out, rank, device=weight.device, dtype=torch.float32))
+        self.scale = scale
+        self.enabled = True
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
+        return (w.float() + self.scale * (self.lora_B @ self.lora_A).reshape(w.shape)).to(w.dtype)
+
+
+def _delta_slots(model: nn.Module) -> Iterator[tuple[str, _DeltaLoRA]]:
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight"):
+            for p in m.parametrizations["weight"]:
+                if isinstance(p, _DeltaLoRA):
+                    yield name, p
+
+
+def _peft_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in model.named_modules():
+        if _is_peft_layer(m):
             yield name, m
 
 
+def has_lora(model: nn.Module) -> bool:
+    return any(True for _ in _peft_layers(model)) or any(True for _ in _delta_slots(model))
+
+
+def inject_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """Add one LoRA slot to ``model`` in place; B = 0, so outputs are unchanged.
+
+    Every parameter of ``model`` is frozen; only the slot's factors are trainable afterwards
+    (:func:`lora_parameters`). Raises if ``model`` already has a slot.
+    """
+    if has_lora(model):
+        raise ValueError(f"{type(model).__name__} already has a LoRA slot")
+    targets = lora_targets(model, spec)
+    model.requires_grad_(False)
+    peft_names = [t.name for t in targets if t.backend == "peft"]
+    if peft_names:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = LoraConfig(r=spec.rank, lora_alpha=float(spec.alpha if spec.alpha is not None else spec.rank),
+                         target_modules=peft_names, lora_dropout=0.0, bias="none", use_rslora=spec.use_rslora)
+        inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
+    for t in targets:
+        if t.backend == "delta":
+            layer = model.get_submodule(t.name)
+            delta = _DeltaLoRA(_weight_of(layer), spec.rank, spec.scale)
+            delta.order = list(layer._parameters)  # restored by remove_lora: the user's parameter order
+            parametrize.register_parametrization(layer, "weight", delta, unsafe=True)
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+    return model
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Take the slot out again: every layer is its plain base layer with its original weight."""
+    for name, m in list(_peft_layers(model)):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, m.get_base_layer())
+    for name, delta in list(_delta_slots(model)):
+        layer = model.get_submodule(name)
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        params = dict(layer._parameters)
+        layer._parameters.clear()
+        layer._parameters.update({k: params[k] for k in delta.order if k in params})
+        layer._parameters.update(params)  # anything else keeps its place after them
+    return model
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch the slot on (unmerged forward) or off (the base weights alone); never changes requires_grad."""
+    for _, m in _peft_layers(model):
+        flags = [p.requires_grad for p in m.parameters()]
+        m.enable_adapters(enabled)  # peft makes the adapter trainable here; put the flags back
+        for p, f in zip(m.parameters(), flags):
+            p.requires_grad_(f)
+    for _, p in _delta_slots(model):
+        p.enabled = enabled
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The slot's trainable factors (peft's and the delta backend's)."""
+    out = [p for _, m in _peft_layers(model) for n, p in m.named_parameters() if "lora_" in n]
+    out += [p for _, d in _delta_slots(model) for p in (d.lora_A, d.lora_B)]
+    return out
+
+
+def _slot_tensors(model: nn.Module) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    if any(True for _ in _peft_layers(model)):
+        from peft import get_peft_model_state_dict
+
+        out.update(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+    for name, d in _delta_slots(model):
+        out[name + _A], out[name + _B] = d.lora_A, d.lora_B
+    return out
+
+
 def lora_state(model: nn.Module) -> dict[str, Tensor]:
-    """The LoRA slot's weights as a detached CPU copy (peft's key format, adapter name stripped)."""
-    from peft import get_peft_model_state_dict
-
-    sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
-    return {k: v.detach().to("cpu").clone() for k, v in sd.items()}
+    """The slot's factors as a detached CPU copy, keys ``<layer>.lora_A.weight`` / ``.lora_B.weight``."""
+    return {k: v.detach().to("cpu").clone() for k, v in _slot_tensors(model).items()}
 
 
-def load_lora_state(model: nn.Module, state: Mapping[str, Tensor], source: str = "node") -> None:
-    """Write a node into the LoRA slot, refusing any missing, unexpected or mis-shaped key.
+def lora_template(model: nn.Module, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a node for ``spec`` on ``model``, computed from the layers (no slot built)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for t in lora_targets(model, spec):
+        out[t.name + _A], out[t.name + _B] = t.a_shape, t.b_shape
+    return out
+
+
+def check_node(state: Mapping[str, Tensor], template: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Refuse a node with any missing, unexpected, mis-shaped or non-float key, naming the first one.
 
     (The reference DisBack code loaded a state dict with ``strict=False`` whose keys matched
     nothing, so its target never changed; here a mismatch is an error that names the key.)
     """
-    from peft import set_peft_model_state_dict
-
-    template = lora_state_template(model)
     missing = sorted(set(template) - set(state))
     unexpected = sorted(set(state) - set(template))
     if missing or unexpected:
         raise ValueError(f"{source} does not fit this model's LoRA slot: "
                          f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                          f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-    for k, v in template.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, the slot expects {tuple(v.shape)}")
-    result = set_peft_model_state_dict(model, dict(state), adapter_name=ADAPTER)
-    left = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if left:  # pragma: no cover - guarded above; kept as a second line of defence
-        raise ValueError(f"{source}: peft did not load {left[:3]}")
+    for k, shape in template.items():
+        v = state[k]
+        if tuple(v.shape) != tuple(shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the slot expects {tuple(shape)}")
+        if not v.is_floating_point():
+            raise ValueError(f"{source}: {k} has dtype {v.dtype}, expected a floating dtype")
 
 
-def lora_state_template(model: nn.Module) -> dict[str, Tensor]:
-    """Shapes of the LoRA slot (no copy)."""
-    from peft import get_peft_model_state_dict
+def load_lora_state(model: nn.Module, state: Mapping[str, Tensor], source: str = "node") -> None:
+    """Write a node into the LoRA slot, refusing any missing, unexpected or mis-shaped key."""
+    slot = _slot_tensors(model)
+    check_node(state, {k: tuple(v.shape) for k, v in slot.items()}, source)
+    with torch.no_grad():
+        for k, v in slot.items():
+            v.copy_(state[k])
 
-    return get_peft_model_state_dict(model, adapter_name=ADAPTER)
+
+def node_layers(state: Mapping[str, Tensor]) -> list[str]:
+    """The layer names a LoRA node touches, in sorted order."""
+    return sorted(k[: -len(_A)] for k in state if k.endswith(_A))
 
 
-def merge_lora_into(work: nn.Module, base: nn.Module) -> None:
-    """Set every LoRA-wrapped weight of ``work`` to ``W_base + delta`` and disable the adapters.
+def node_weight(base: Tensor, state: Mapping[str, Tensor], layer: str, scale: float) -> Tensor:
+    """``W + scale * B @ A`` for ``layer`` of a node, on ``base``'s device: fp32 sum, cast once to its dtype."""
+    a = state[layer + _A].to(base.device, torch.float32)
+    b = state[layer + _B].to(base.device, torch.float32)
+    delta = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(base.shape)
+    return (base.float() + scale * delta).to(base.dtype)
 
-    ``base`` is the untouched teacher: weights are rebuilt from it at each call, never unmerged,
-    so repeated switches do not drift. The forward of ``work`` then costs what the teacher's does.
+
+def svd_lora(targets: Sequence[LoraTarget], base_weights: Mapping[str, Tensor], tuned: Mapping[str, Tensor],
+             scale: float) -> tuple[dict[str, Tensor], float]:
+    """Compress a full fine-tune into a LoRA node by truncated SVD of each target's weight delta.
+
+    For every target ``L``: ``delta = W_tuned - W_base`` reshaped to ``[out, -1]``,
+    ``delta ~ U_r S_r V_r^T``; ``B = U_r S_r^(1/2) / scale``, ``A = S_r^(1/2) V_r^T`` (in the
+    target's factor shapes). Returns the node (CPU, fp32) and the relative Frobenius error
+    ``||delta - delta_r|| / ||delta||`` over all targets together. Changes outside the targets
+    (biases, norms) are not represented.
     """
-    base_params = dict(base.named_parameters())
+    err2, tot2, node = 0.0, 0.0, {}
     with torch.no_grad():
-        for name, layer in lora_layers(work):
-            w0 = base_params[f"{name}.weight"]
-            layer.get_base_layer().weight.copy_(w0 + layer.get_delta_weight(ADAPTER).to(w0.dtype))
-            layer.enable_adapters(False)
-    work.requires_grad_(False)
-
-
-def unmerge_lora(work: nn.Module, base: nn.Module) -> None:
-    """Restore the teacher's weights under every LoRA layer and enable the adapters (unmerged forward)."""
-    base_params = dict(base.named_parameters())
-    with torch.no_grad():
-        for name, layer in lora_layers(work):
-            layer.get_base_layer().weight.copy_(base_params[f"{name}.weight"])
-            layer.enable_adapters(True)
-    work.requires_grad_(False)  # enable_adapters makes the slot trainable; a target stays frozen
-
-
-def svd_lora(work: nn.Module, base_weights: Mapping[str, Tensor], tuned: Mapping[str, Tensor]
-             ) -> tuple[dict[str, Tensor], float]:
-    """Compress a full fine-tune into the LoRA slot of ``work`` by truncated SVD of each weight delta.
-
-    For every LoRA-wrapped layer ``L``: ``delta = W_tuned - W_base`` reshaped to ``[out, in * k * k]``,
-    ``delta ~ U_r S_r V_r^T``; ``lora_B = U_r S_r^(1/2) / scale``, ``lora_A = S_r^(1/2) V_r^T``.
-    Returns the node (peft key format) and the relative Frobenius error
-    ``||delta - delta_r|| / ||delta||`` over all wrapped layers together. Changes outside the
-    wrapped layers (biases, norms) are not represented.
-    """
-    err2, tot2 = 0.0, 0.0
-    with torch.no_grad():
-        for name, layer in lora_layers(work):
-            key = f"{name}.weight"
-            delta = (tuned[key].double() - base_weights[key].double())
-            a = layer.lora_A[ADAPTER].weight
-            b = layer.lora_B[ADAPTER].weight
-            r, scale = a.shape[0], layer.scaling[ADAPTER]
+        for t in targets:
+            key = f"{t.name}.weight"
+            delta = tuned[key].double() - base_weights[key].to(tuned[key].device).double()
+            r = t.a_shape[0]
             u, s, vh = torch.linalg.svd(delta.reshape(delta.shape[0], -1), full_matrices=False)
             u, s, vh = u[:, :r], s[:r], vh[:r]
             if s.numel() < r:  # rank above min(out, in): pad with zero components
@@ -191,12 +418,12 @@ def svd_lora(work: nn.Module, base_weights: Mapping[str, Tensor], tuned: Mapping
                 vh = torch.cat([vh, vh.new_zeros(pad, vh.shape[1])], 0)
                 s = torch.cat([s, s.new_zeros(pad)])
             root = s.sqrt()
-            b.copy_(((u * root) / scale).reshape(b.shape).to(b.dtype))
-            a.copy_((root[:, None] * vh).reshape(a.shape).to(a.dtype))
+            node[t.name + _B] = ((u * root) / scale).reshape(t.b_shape).float().cpu()
+            node[t.name + _A] = (root[:, None] * vh).reshape(t.a_shape).float().cpu()
             approx = (u * s) @ vh
             err2 += float(((delta.reshape(approx.shape) - approx) ** 2).sum())
             tot2 += float((delta**2).sum())
-    return lora_state(work), (err2 / tot2) ** 0.5 if tot2 > 0 else 0.0
+    return node, (err2 / tot2) ** 0.5 if tot2 > 0 else 0.0
 
 
 def lora_numel(state: Mapping[str, Tensor]) -> int:

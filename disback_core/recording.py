@@ -4,14 +4,22 @@ Starting from a copy of the teacher, a *degrading* score is fitted by the base m
 loss to samples of the frozen initial generator ``G0``; a node is taken every ``interval`` steps.
 The path runs from the teacher (node 0) to a score that fits ``G0`` (node N).
 
+Two entry points, one implementation:
+
+- :class:`DegradationRecorder`: for a loop with its own fake-score loss. The user trains the
+  recorder's ``module`` (their copy of the teacher, with a LoRA slot or full weights) with their
+  own loss and optimizer and calls ``recorder.step()`` after each update.
+- :func:`record_degradation`: the same loop for the library's adapters (``method.dsm_loss``).
+
 Three node modes:
 
-- ``"lora"``: the degrading score is itself a LoRA on the frozen teacher; nodes are exact and small.
-- ``"svd"``: the weights of the LoRA-targeted layers are fine-tuned at full rank (biases, norms
-  and embeddings stay the teacher's: a node cannot hold them); each node is compressed to the LoRA
-  rank by a truncated SVD of its weight deltas (errors in ``trajectory.meta["svd_error"]`` and
-  ``["svd_output_error"]``).
-- ``"full"``: full fine-tuning, full nodes (the reference's format, for comparison).
+- ``"lora"``: the degrading score is a LoRA slot on the frozen teacher weights; nodes are exact and small.
+- ``"svd"``: the degrading score is fine-tuned at full rank; each node is compressed to the LoRA
+  rank by a truncated SVD of the target layers' weight deltas (errors in
+  ``trajectory.meta["svd_error"]`` and ``["svd_output_error"]``). :func:`record_degradation`
+  trains only the weights a node can hold.
+- ``"full"``: full fine-tuning, full nodes (the reference's format; issue-tracker measurements
+  found full paths degrade much faster than LoRA ones at the same learning rate).
 """
 from __future__ import annotations
 
@@ -22,129 +30,324 @@ import time
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .denoisers import freeze, pad_dims, trainable_copy
-from .lora import LoraSpec, inject_lora, lora_layers, lora_state, svd_lora
-from .protocol import ScoreDistiller
-from .step import Batch
-from .trajectory import Probe, Trajectory
+from .denoisers import check_denoiser, freeze, pad_dims, takes_args
+from .lora import LoraSpec, inject_lora, lora_parameters, lora_state, lora_targets, node_weight, remove_lora, svd_lora
+from .step import as_batch, call_generator
+from .storage import lowest_float_dtype, tensors_fingerprint
+from .trajectory import Probe, Trajectory, _state, call_module
 
-__all__ = ["record_degradation", "MODES"]
+__all__ = ["record_degradation", "DegradationRecorder", "probe_inputs", "MODES"]
 
 log = logging.getLogger(__name__)
 MODES = ("lora", "svd", "full")
 
 
-def _make_probe(teacher: nn.Module, generator: Callable, batch: Batch, size: int
-                ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Generator samples noised at geometrically spaced sigmas in [0.05, 20] (within the teacher's
-    ``sigma_min``/``sigma_max`` if it declares them, as a DDPM-schedule model does); fixed for the run."""
-    z = batch.z[:size]
-    cond = batch.cond[:size] if isinstance(batch.cond, torch.Tensor) else None
-    with torch.no_grad():
-        x = generator(z, cond)
-    n = x.shape[0]
-    lo = max(0.05, float(getattr(teacher, "sigma_min", 0.0)) * 1.01)
-    hi = min(20.0, float(getattr(teacher, "sigma_max", math.inf)) * 0.99)
-    sigma = torch.logspace(math.log10(lo), math.log10(hi), n, device=x.device)
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-    return x + pad_dims(sigma, x) * noise, sigma, cond
+def probe_inputs(x0: Tensor, cond: Any = None, *, sigma_min: float = 0.05, sigma_max: float = 20.0,
+                 seed: int = 1234) -> tuple[Tensor, Tensor, Any]:
+    """Fixed probe inputs from clean samples ``x0`` (of G0): ``x0 + sigma * noise`` at geometrically
+    spaced sigmas in ``[sigma_min, sigma_max]`` (one per sample), with seeded noise."""
+    n = x0.shape[0]
+    sigma = torch.logspace(math.log10(sigma_min), math.log10(sigma_max), n, device=x0.device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+    return x0 + pad_dims(sigma, x0) * noise, sigma, cond
 
 
-def record_degradation(teacher: nn.Module, generator: Callable, method: ScoreDistiller,
-                       sample: Callable[[], Batch], *, steps: int, interval: int, lr: float = 1e-4,
+def _run(module: nn.Module, call: Callable[..., Tensor], probe: tuple[Tensor, Tensor, Any]) -> Tensor:
+    """The module's probe output, in eval mode for this call only (dropout off), then modes restored."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            return call(module, *probe).detach().float().cpu()
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+class DegradationRecorder:
+    """Degradation Recording driven by the user's own fake-score loss.
+
+    Example (the user's DSM loss and optimizer; G0 = their initial generator, not updated)::
+
+        rec = DegradationRecorder(teacher, fake_copy, steps=1000, nodes=10, mode="lora", probe=x0_batch)
+        opt = torch.optim.AdamW(rec.parameters(), lr=1e-4)
+        for _ in range(1000):
+            loss = my_dsm_loss(rec.module, g0(torch.randn(...)).detach())
+            opt.zero_grad(); loss.backward(); opt.step()
+            rec.step()
+        trajectory = rec.trajectory()          # or rec.save(folder)
+
+    Args:
+        teacher: node 0 (not modified).
+        module: the degrading score: the user's copy of the teacher (it must hold the teacher's
+            weights at the start); default a private copy. In ``"lora"`` mode a LoRA slot is put on
+            it in place (its other weights frozen meanwhile) and taken off again by :meth:`trajectory`,
+            which restores its ``requires_grad`` flags; in ``"full"``/``"svd"`` mode it is trained as it is.
+        interval: a node every ``interval`` steps; or give ``steps`` and ``nodes`` (interval ``steps // nodes``,
+            at most ``nodes`` nodes).
+        mode: ``"lora"``, ``"svd"`` or ``"full"``.
+        lora: rank, alpha and targets (default rank 8, :func:`~disback_core.lora.default_target_modules`).
+        probe: clean G0 samples ``x0`` (noised by :func:`probe_inputs`), or ready inputs ``(x, sigma, cond)``
+            for ``call``; each node's outputs on it are recorded for :meth:`Trajectory.verify`.
+        call: how to run a module on the probe (default ``module(x, sigma, cond)``; e.g.
+            ``lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample`` for a raw diffusers UNet).
+    """
+
+    def __init__(self, teacher: nn.Module, module: nn.Module | None = None, *, interval: int | None = None,
+                 steps: int | None = None, nodes: int | None = None, mode: str = "lora", lora: LoraSpec | None = None,
+                 probe: Tensor | tuple[Tensor, Any, Any] | None = None, call: Callable[..., Tensor] = call_module,
+                 merge: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        self.interval, self.max_nodes = _interval(interval, steps, nodes)
+        self.teacher, self.mode, self.call, self.merge = teacher, mode, call, merge
+        self.spec = (lora or LoraSpec()).resolved(teacher) if mode in ("lora", "svd") else None
+        self.owned = module is None
+        if module is None:
+            module = copy.deepcopy(teacher).train()
+            module.requires_grad_(True)
+        elif module is teacher:
+            raise ValueError("module must be a copy of the teacher (e.g. copy.deepcopy(teacher)), not the teacher itself")
+        else:
+            _check_same_weights(module, teacher)
+        self.module = module
+        self._flags = [(p, p.requires_grad) for p in module.parameters()]
+        if mode == "lora":
+            inject_lora(module, self.spec)
+        elif mode == "svd":
+            self._targets = lora_targets(teacher, self.spec)
+            self._svd_work = freeze(copy.deepcopy(teacher))
+            if self.owned:  # train only what a node can hold, so the SVD error is the whole error
+                keep = {f"{t.name}.weight" for t in self._targets}
+                for name, p in module.named_parameters():
+                    p.requires_grad_(name in keep)
+        self.probe: tuple[Tensor, Any, Any] | None = None
+        self.outputs: list[Tensor] = []
+        self.nodes: list[dict[str, Tensor]] = []
+        self.node_steps: list[int] = []
+        self.svd_error: list[float] = []
+        self.svd_output_error: list[float] = []
+        self.steps_done = 0
+        self._finished: Trajectory | None = None
+        self._t0 = time.perf_counter()
+        if probe is not None:
+            self.set_probe(probe)
+
+    def set_probe(self, probe: Tensor | tuple[Tensor, Any, Any]) -> None:
+        """Set the probe (see ``probe`` above) before the first node; records the teacher's outputs on it."""
+        if self.nodes:
+            raise RuntimeError("set the probe before the first node is taken")
+        self.probe = _probe(probe, self.teacher)
+        self.outputs = [_run(self.teacher, self.call, self.probe)]
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What to optimise: the LoRA factors (``"lora"``) or the module's trainable parameters."""
+        if self.mode == "lora":
+            return lora_parameters(self.module)
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def step(self) -> bool:
+        """Count one optimizer step of the degrading score; take a node every ``interval`` steps.
+        Returns True when a node was taken."""
+        if self._finished is not None:
+            raise RuntimeError("this recorder has finished (trajectory() was called); make a new one")
+        self.steps_done += 1
+        if self.steps_done % self.interval or (self.max_nodes is not None and len(self.nodes) >= self.max_nodes):
+            return False
+        self.snapshot()
+        return True
+
+    def snapshot(self) -> None:
+        """Take a node now (``step`` does it every ``interval`` steps)."""
+        out = _run(self.module, self.call, self.probe) if self.probe is not None else None
+        if self.mode == "lora":
+            self.nodes.append(lora_state(self.module))
+        elif self.mode == "full":
+            self.nodes.append({k: v.detach().to("cpu").clone() for k, v in self.module.state_dict().items()})
+        else:
+            base = _state(self.teacher)
+            node, err = svd_lora(self._targets, base, _state(self.module), self.spec.scale)
+            self.nodes.append(node)
+            self.svd_error.append(err)
+            work = _state(self._svd_work)
+            with torch.no_grad():
+                for t in self._targets:
+                    key = f"{t.name}.weight"
+                    work[key].copy_(node_weight(base[key], node, t.name, self.spec.scale))
+            if out is not None:
+                full_out = out
+                out = _run(self._svd_work, self.call, self.probe)
+                self.svd_output_error.append(float((out - full_out).norm()
+                                                   / (full_out - self.outputs[0]).norm().clamp_min(1e-12)))
+        if out is not None:
+            self.outputs.append(out)
+        self.node_steps.append(self.steps_done)
+        log.info("degradation node %d at step %d", len(self.nodes), self.steps_done)
+
+    def trajectory(self, meta: dict[str, Any] | None = None) -> Trajectory:
+        """Finish: the recorded path (node 0 = teacher). In ``"lora"`` mode the slot is taken off the
+        module and its ``requires_grad`` flags restored. Calling it again returns the same path."""
+        if self._finished is not None:
+            return self._finished
+        if not self.nodes:
+            raise ValueError(f"no node recorded yet: {self.steps_done} steps done, a node every {self.interval}")
+        if self.mode == "lora":
+            remove_lora(self.module)
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        info = {"mode": self.mode, "steps": self.steps_done, "interval": self.interval,
+                "seconds": time.perf_counter() - self._t0, **(meta or {})}
+        if self.mode == "svd":
+            info["svd_error"] = self.svd_error  # relative Frobenius error of the weight deltas
+            info["svd_output_error"] = self.svd_output_error  # ||svd - full|| / ||full - teacher|| on the probe
+        probe = None
+        if self.probe is not None:
+            x, sigma, cond = self.probe
+            probe = Probe(x.detach().cpu(), torch.as_tensor(sigma).detach().cpu(),
+                          cond.detach().cpu() if isinstance(cond, Tensor) else None, self.outputs)
+        self._finished = Trajectory(self.teacher, self.nodes, kind="full" if self.mode == "full" else "lora",
+                                    lora=self.spec, steps=self.node_steps, merge=self.merge, probe=probe, meta=info)
+        return self._finished
+
+    def save(self, path: Any) -> Any:
+        """Finish and write the trajectory folder (verified on load by :meth:`Trajectory.load`)."""
+        return self.trajectory().save(path)
+
+
+def _interval(interval: int | None, steps: int | None, nodes: int | None) -> tuple[int, int | None]:
+    if interval is not None:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        if steps is not None and steps < interval:
+            raise ValueError(f"need 1 <= interval <= steps, got interval={interval}, steps={steps}")
+        return interval, nodes
+    if steps is None or nodes is None:
+        raise ValueError("give interval=, or steps= and nodes= (a node every steps // nodes steps)")
+    if not (isinstance(steps, int) and isinstance(nodes, int)) or nodes < 1 or steps < nodes:
+        raise ValueError(f"need integers 1 <= nodes <= steps, got steps={steps!r}, nodes={nodes!r}")
+    return steps // nodes, nodes
+
+
+def _check_same_weights(module: nn.Module, teacher: nn.Module) -> None:
+    a, b = module.state_dict(), teacher.state_dict()
+    if set(a) != set(b):
+        diff = sorted(set(a) ^ set(b))
+        raise ValueError(f"module must be a copy of the teacher; their tensors differ, e.g. {diff[:3]}")
+    dtype = lowest_float_dtype(a)
+    if tensors_fingerprint(a, dtype) != tensors_fingerprint(b, dtype):
+        raise ValueError("module must start as a copy of the teacher, but its weights differ from the teacher's")
+
+
+def _probe(probe: Any, teacher: nn.Module) -> tuple[Tensor, Any, Any] | None:
+    if probe is None:
+        return None
+    if isinstance(probe, Tensor):
+        return probe_inputs(probe.detach(), **_sigma_range(teacher))
+    if not (isinstance(probe, (tuple, list)) and len(probe) == 3 and isinstance(probe[0], Tensor)):
+        raise TypeError("probe must be clean samples x0 (a tensor) or a tuple (x, sigma, cond)")
+    x, sigma, cond = probe
+    sigma = torch.as_tensor(sigma, device=x.device)
+    if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+        raise ValueError(f"probe sigma must have shape [{x.shape[0]}] (one per sample), got {tuple(sigma.shape)}")
+    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != x.shape[0]):
+        raise ValueError(f"probe cond must be a tensor with {x.shape[0]} rows (one per sample), got "
+                         f"{tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__}")
+    return x.detach(), sigma, cond
+
+
+def _loss_fn(method: Any) -> Callable[[nn.Module, Tensor, Any], Tensor]:
+    """The degrading score's loss: ``method.dsm_loss`` of a ScoreDistiller, or a callable
+    ``loss(net, x0, cond)`` / ``loss(net, x0)``."""
+    if callable(getattr(method, "dsm_loss", None)):
+        return lambda net, x, cond: method.dsm_loss(x, net, cond)
+    if callable(method):
+        if takes_args(method, 3):
+            return lambda net, x, cond: method(net, x, cond)
+        if takes_args(method, 2):
+            def two(net: nn.Module, x: Tensor, cond: Any) -> Tensor:
+                if cond is not None:
+                    raise ValueError("the loss takes (net, x0) but the batch has a cond")
+                return method(net, x)
+            return two
+    raise TypeError(f"method must be a ScoreDistiller (with dsm_loss) or a loss callable loss(net, x0[, cond]); "
+                    f"got {type(method).__name__}")
+
+
+def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], method: Any,
+                       sample: Callable[[], Any], *, steps: int, interval: int | None = None,
+                       nodes: int | None = None, lr: float = 1e-4,
                        optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                        mode: str = "lora", lora: LoraSpec | None = None, merge: bool = True,
-                       probe_size: int = 16, max_grad_norm: float | None = None,
+                       probe_size: int = 16, max_grad_norm: float | None = None, seed: int | None = None,
                        progress: bool = False) -> Trajectory:
     """Record the degradation path of ``teacher`` toward the frozen generator ``generator`` (G0).
 
     Args:
-        teacher: the frozen teacher denoiser; it is not modified.
-        generator: G0, called as ``generator(z, cond)`` under ``no_grad``; it is not updated.
-        method: the base method; its :meth:`dsm_loss` (its own fake-score loss) trains the degrading score.
-        sample: returns a :class:`~disback_core.step.Batch` (``z`` and ``cond``) per step.
-        steps, interval: ``steps // interval`` nodes, one every ``interval`` steps (Alg. 1's N1 and
-            its saving interval).
+        teacher: the teacher denoiser ``D(x_t, sigma, cond)``; frozen here, not modified.
+        generator: G0, called as ``generator(z, cond)`` (or ``generator(z)``) under ``no_grad``; not updated.
+        method: the base method (its :meth:`dsm_loss`, its own fake-score loss, trains the degrading
+            score), or a loss callable ``loss(net, x0, cond)`` / ``loss(net, x0)``.
+        sample: returns a :class:`~disback_core.step.Batch`, a noise tensor ``z``, or ``(z, cond)``.
+        steps: Alg. 1's N1; ``interval`` (its saving interval) or ``nodes`` (interval ``steps // nodes``).
         lr / optimizer: Adam with ``lr`` unless a factory ``optimizer(params)`` is given.
         mode: ``"lora"``, ``"svd"`` or ``"full"`` (see the module docstring).
-        lora: rank, alpha and target modules for ``"lora"`` / ``"svd"`` (default rank 8, all
-            Linear/Conv2d layers, or the usual set for diffusers UNets).
+        lora: rank, alpha and target modules for ``"lora"`` / ``"svd"``.
         merge: passed to the :class:`Trajectory` (merged or unmerged targets).
+        seed: seeds the recording's randomness (sigmas, noise) without touching the caller's RNG state.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if interval < 1 or steps < interval:
-        raise ValueError(f"need 1 <= interval <= steps, got interval={interval}, steps={steps}")
-    spec = (lora or LoraSpec()).resolved(teacher) if mode in ("lora", "svd") else None
+    if interval is None and nodes is None:
+        raise ValueError("give interval= or nodes=")
+    if not callable(generator):
+        raise TypeError(f"generator must be callable as generator(z, cond), got {type(generator).__name__}")
+    check_denoiser(teacher, "teacher")
+    loss_fn = _loss_fn(method)
     freeze(teacher)
-    if mode == "lora":
-        degrading = inject_lora(copy.deepcopy(teacher), spec)
-        degrading.train()
-    else:
-        degrading = trainable_copy(teacher)
-    svd_work = inject_lora(copy.deepcopy(teacher), spec) if mode == "svd" else None
-    if svd_work is not None:
-        # Train only what a node can hold, so that the SVD error is the whole approximation error
-        # (on the digits UNet, free biases and norms alone left an 18-28% output error at exact rank).
-        keep = {f"{name}.weight" for name, _ in lora_layers(svd_work)}
-        for name, p in degrading.named_parameters():
-            p.requires_grad_(name in keep)
-    params = [p for p in degrading.parameters() if p.requires_grad]
-    opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
-    base_weights = {k: v.detach() for k, v in teacher.named_parameters()}
-
-    first = sample()
-    px, psigma, pcond = _make_probe(teacher, generator, first, probe_size)
-    with torch.no_grad():
-        outputs = [teacher(px, psigma, pcond).detach().cpu()]
-    nodes, node_steps, losses, svd_err, svd_out_err = [], [], [], [], []
-    running, t0 = 0.0, time.perf_counter()
-    it = range(1, steps + 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=f"degradation recording ({mode})", leave=False)
-    for i in it:
-        batch = first if i == 1 else sample()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        rec = DegradationRecorder(teacher, None, interval=interval, steps=steps, nodes=nodes, mode=mode, lora=lora,
+                                  merge=merge)
+        first = as_batch(sample())
+        cond = first.cond[:probe_size] if isinstance(first.cond, Tensor) else None
         with torch.no_grad():
-            x = generator(batch.z, batch.cond)
-        loss = method.dsm_loss(x, degrading, batch.cond)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        running += float(loss.detach())
-        if i % interval:
-            continue
-        losses.append(running / interval)
-        running = 0.0
-        with torch.no_grad():
-            full_out = degrading(px, psigma, pcond).detach().cpu()
-        if mode == "lora":
-            nodes.append(lora_state(degrading))
-            outputs.append(full_out)
-        elif mode == "full":
-            nodes.append({k: v.detach().to("cpu").clone() for k, v in degrading.state_dict().items()})
-            outputs.append(full_out)
-        else:
-            node, err = svd_lora(svd_work, base_weights, dict(degrading.named_parameters()))
-            nodes.append(node)
+            x0 = call_generator(generator, first.z[:probe_size], cond)
+        rec.set_probe(probe_inputs(x0, cond, **_sigma_range(teacher)))
+        params = rec.parameters()
+        opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
+        losses, running = [], 0.0
+        it = range(1, steps + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc=f"degradation recording ({mode})", leave=False)
+        for i in it:
+            batch = first if i == 1 else as_batch(sample())
             with torch.no_grad():
-                out = svd_work(px, psigma, pcond).detach().cpu()
-            outputs.append(out)
-            svd_err.append(err)
-            svd_out_err.append(float((out - full_out).norm() / (full_out - outputs[0]).norm().clamp_min(1e-12)))
-        node_steps.append(i)
-        log.info("degradation node %d at step %d: DSM loss %.4g", len(nodes), i, losses[-1])
-    meta = {"method": type(method).__name__, "mode": mode, "steps": steps, "interval": interval,
-            "dsm_loss": losses, "seconds": time.perf_counter() - t0}
-    if mode == "svd":
-        meta["svd_error"] = svd_err  # relative Frobenius error of the weight deltas
-        meta["svd_output_error"] = svd_out_err  # ||node_svd - node_full|| / ||node_full - teacher|| on the probe
-    probe = Probe(px.detach().cpu(), psigma.detach().cpu(), None if pcond is None else pcond.detach().cpu(), outputs)
-    return Trajectory(teacher, nodes, kind="full" if mode == "full" else "lora", lora=spec, steps=node_steps,
-                      merge=merge, probe=probe, meta=meta)
+                x = call_generator(generator, batch.z, batch.cond)
+            loss = loss_fn(rec.module, x, batch.cond)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            running += float(loss.detach())
+            if rec.step():
+                losses.append(running / rec.interval)
+            if i % rec.interval == 0:
+                running = 0.0
+    return rec.trajectory({"method": type(method).__name__, "steps": steps, "dsm_loss": losses})
+
+
+def _sigma_range(teacher: nn.Module) -> dict[str, float]:
+    """Probe sigmas in [0.05, 20], within the teacher's ``sigma_min``/``sigma_max`` if it declares them
+    (as a DDPM-schedule model does)."""
+    return {"sigma_min": max(0.05, float(getattr(teacher, "sigma_min", 0.0)) * 1.01),
+            "sigma_max": min(20.0, float(getattr(teacher, "sigma_max", math.inf)) * 0.99)}

@@ -17,9 +17,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .denoisers import takes_args
 from .protocol import ScoreDistiller
 
-__all__ = ["Batch", "critic_step", "generator_step", "train_step", "optimizer_params"]
+__all__ = ["Batch", "as_batch", "call_generator", "critic_step", "generator_step", "train_step", "optimizer_params"]
 
 
 @dataclass
@@ -31,6 +32,26 @@ class Batch:
     cond: Any = None
     real: Tensor | None = None
     real_cond: Any = None
+
+
+def as_batch(obj: Any, name: str = "sample()") -> Batch:
+    """A :class:`Batch` from what a sampler returns: a ``Batch``, a noise tensor ``z``, or ``(z, cond)``."""
+    if isinstance(obj, Batch):
+        return obj
+    if isinstance(obj, Tensor):
+        return Batch(obj)
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], Tensor):
+        return Batch(obj[0], obj[1])
+    raise TypeError(f"{name} must return a Batch, a noise tensor z, or a pair (z, cond); got {type(obj).__name__}")
+
+
+def call_generator(generator: Callable[..., Tensor], z: Tensor, cond: Any = None) -> Tensor:
+    """``generator(z, cond)``; a one-argument generator ``G(z)`` is called as such when ``cond`` is None."""
+    if cond is None and not takes_args(generator, 2):
+        return generator(z)
+    if not takes_args(generator, 2):
+        raise TypeError(f"generator ({type(generator).__name__}) takes only z, but the batch has a cond")
+    return generator(z, cond)
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -47,7 +68,7 @@ def critic_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: 
                 max_grad_norm: float | None = None) -> dict[str, float]:
     """One update of the fake score (and the method's GAN head) on fresh, detached generator samples."""
     with torch.no_grad():
-        x = generator(batch.z, batch.cond)
+        x = call_generator(generator, batch.z, batch.cond)
     optimizer.zero_grad(set_to_none=True)
     out = method.fake_score_loss(x, fake, batch.cond, real=batch.real, real_cond=batch.real_cond)
     params = optimizer_params(optimizer)
@@ -66,7 +87,7 @@ def generator_step(method: ScoreDistiller, generator: Callable[..., Tensor], tar
     Only the optimizer's parameters receive gradients, so a fake score that the loss
     differentiates through (SiD, a GAN term) keeps its own gradients untouched."""
     optimizer.zero_grad(set_to_none=True)
-    x = generator(batch.z, batch.cond)
+    x = call_generator(generator, batch.z, batch.cond)
     out = method.generator_loss(x, target, fake, batch.cond)
     params = optimizer_params(optimizer)
     out["loss"].backward(inputs=params)
@@ -88,6 +109,8 @@ def train_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: n
         raise ValueError(f"method.critic_steps must be >= 1, got {method.critic_steps}")
     logs: dict[str, float] = {}
     for _ in range(method.critic_steps):
-        logs.update(critic_step(method, generator, fake, fake_optimizer, next_batch(), max_grad_norm))
-    logs.update(generator_step(method, generator, target, fake, generator_optimizer, next_batch(), max_grad_norm))
+        logs.update(critic_step(method, generator, fake, fake_optimizer, as_batch(next_batch(), "next_batch()"),
+                                max_grad_norm))
+    logs.update(generator_step(method, generator, target, fake, generator_optimizer,
+                               as_batch(next_batch(), "next_batch()"), max_grad_norm))
     return logs

@@ -26,6 +26,7 @@ __all__ = [
     "load_tensors",
     "sha256_file",
     "tensors_fingerprint",
+    "lowest_float_dtype",
     "config_hash",
 ]
 
@@ -107,17 +108,28 @@ def load_tensors(path: str | os.PathLike, sha256: str | None = None,
     return {k: v.to(device) for k, v in out.items()}
 
 
-def tensors_fingerprint(tensors: Mapping[str, Tensor]) -> str:
+def tensors_fingerprint(tensors: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> str:
     """sha256 over names, dtypes, shapes and bytes of a state dict, in sorted key order.
 
     Identifies a base model exactly: a trajectory recorded on one teacher is refused on another.
+    With ``dtype``, floating tensors are cast to it first (a teacher cast to bf16 after recording
+    matches the recorded teacher's bf16 fingerprint, because the cast is deterministic).
     """
     h = hashlib.sha256()
     for k in sorted(tensors):
-        t = tensors[k].detach().to("cpu").contiguous()
+        t = tensors[k].detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to("cpu").contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def lowest_float_dtype(tensors: Mapping[str, Tensor]) -> torch.dtype | None:
+    """The least precise floating dtype among ``tensors`` (None if none is floating)."""
+    dts = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    return min(dts, key=lambda d: torch.finfo(d).eps * -1) if dts else None
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

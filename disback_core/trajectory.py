@@ -1,17 +1,20 @@
 """The degradation path: ordered score models from the teacher (node 0) to the most degraded node.
 
-Nodes ``1..N`` are LoRA deltas on the frozen teacher (``kind="lora"``; peft + safetensors), or
-full state dicts (``kind="full"``, for comparison). The teacher's weights are held once: one
-reusable working copy carries whichever node is active.
+Nodes ``1..N`` are LoRA factors on the frozen teacher (``kind="lora"``, see :mod:`disback_core.lora`),
+or full state dicts (``kind="full"``). The teacher's weights are held once: a node's weights are
+computed from the teacher's (``W + scale * B @ A``, fp32, cast once) and written with ``copy_``
+into a module of the teacher's structure: a private working copy (:meth:`Trajectory.target`),
+a standalone copy (:meth:`Trajectory.materialize`), or the user's own module
+(:func:`disback_core.attach.attach`).
 
 On disk a trajectory is one folder::
 
-    manifest.json           format, version, base-model fingerprint, LoRA spec, nodes (step, file, sha256)
+    manifest.json           format, version, base-model fingerprints, LoRA spec, nodes (step, file, sha256)
     node-0001.safetensors   one file per node
     probe.safetensors       fixed inputs and every node's recorded outputs on them (optional)
 
-Loading checks the format, the base model's fingerprint and every file's sha256 and keys, and
-raises :class:`~disback_core.storage.StorageError` naming the first problem.
+Loading checks the format, the base model's fingerprint and every file's sha256, keys and shapes,
+and raises :class:`~disback_core.storage.StorageError` naming the first problem.
 """
 from __future__ import annotations
 
@@ -19,27 +22,38 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .denoisers import freeze
-from .lora import (ADAPTER, LoraSpec, inject_lora, load_lora_state, lora_layers, lora_state_template,
-                   merge_lora_into, unmerge_lora)
-from .storage import (StorageError, load_tensors, read_json, save_tensors, tensors_fingerprint, write_json)
+from .lora import LoraSpec, check_node, inject_lora, load_lora_state, lora_template, node_layers, node_weight
+from .storage import (StorageError, load_tensors, lowest_float_dtype, read_json, save_tensors,
+                      tensors_fingerprint, write_json)
 
-__all__ = ["Trajectory", "TrajectoryTarget", "Probe", "FORMAT", "VERSION"]
+__all__ = ["Trajectory", "TrajectoryTarget", "Probe", "FORMAT", "VERSION", "call_module"]
 
 FORMAT = "disback-trajectory"
 VERSION = 1
 KINDS = ("lora", "full")
+FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def call_module(module: Callable[..., Any], x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
+    """``module(x, sigma, cond)`` (``module(x, sigma)`` when ``cond`` is None), unwrapping a diffusers
+    output (``.sample``) or a tuple's first element: the default way a probe is run."""
+    out = module(x, sigma) if cond is None else module(x, sigma, cond)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return getattr(out, "sample", out)
 
 
 @dataclass
 class Probe:
     """Fixed inputs ``(x, sigma, cond)`` and each node's outputs on them, recorded when the node was
-    made; :meth:`Trajectory.verify` recomputes them to prove every node loads as recorded."""
+    made; :meth:`Trajectory.verify` recomputes them to prove every node loads as recorded.
+    ``sigma`` is whatever the module's second argument is (a timestep for a raw diffusers UNet)."""
 
     x: Tensor
     sigma: Tensor
@@ -47,44 +61,73 @@ class Probe:
     outputs: list[Tensor]  # index k = node k (0 = teacher)
 
 
+def _state(module: nn.Module) -> dict[str, Tensor]:
+    """Live parameters and persistent buffers under their state-dict names (no copies)."""
+    return dict(module.state_dict(keep_vars=True))
+
+
+def _as_node(n: Any, k: int) -> dict[str, Tensor]:
+    if isinstance(n, nn.Module):
+        return {key: v.detach().to("cpu").clone() for key, v in n.state_dict().items()}
+    if not isinstance(n, Mapping):
+        raise TypeError(f"node {k} must be a state dict or an nn.Module, got {type(n).__name__}")
+    return dict(n)
+
+
 class Trajectory:
-    """Node 0 is ``teacher``; ``nodes[k-1]`` holds node ``k`` (a LoRA state or a full state dict).
+    """Node 0 is ``teacher``; ``nodes[k-1]`` holds node ``k`` (a LoRA node or a full state dict).
 
     Args:
-        teacher: the frozen base model (a denoiser ``D(x_t, sigma, cond)``); frozen here if not yet.
-        nodes: node states in path order, teacher side first.
+        teacher: the base model (a denoiser ``D(x_t, sigma, cond)``); never modified, and its
+            ``requires_grad``/train flags are left as they are.
+        nodes: node states in path order, teacher side first; with ``kind="full"`` also modules
+            (a list of degraded copies of the teacher).
         kind: ``"lora"`` or ``"full"``.
         lora: the LoRA spec of ``kind="lora"`` nodes.
         steps: the degradation step at which each node was taken.
-        merge: ``target(k)`` merges node k into the working copy (forward costs the teacher's);
-            ``False`` keeps the adapters unmerged (a low-rank product per layer, exact recording).
+        merge: ``target(k)`` writes node k's weights into a plain working copy (forward costs the
+            teacher's); ``False`` keeps the LoRA factors unmerged (exactly the recorded slot).
+        probe: inputs and recorded outputs for :meth:`verify`.
+        base_fingerprint: the teacher's fingerprint if already known (``load`` passes the verified one).
+
+    Every node is checked against the teacher here: a key, shape or dtype that does not fit is an
+    error naming the node and the key.
     """
 
-    def __init__(self, teacher: nn.Module, nodes: Sequence[Mapping[str, Tensor]], *, kind: str = "lora",
+    def __init__(self, teacher: nn.Module, nodes: Sequence[Mapping[str, Tensor] | nn.Module], *, kind: str = "lora",
                  lora: LoraSpec | None = None, steps: Sequence[int] | None = None, merge: bool = True,
-                 probe: Probe | None = None, meta: Mapping[str, Any] | None = None):
+                 probe: Probe | None = None, meta: Mapping[str, Any] | None = None,
+                 base_fingerprint: str | None = None):
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if kind == "lora" and lora is None:
             raise ValueError("kind='lora' needs the LoRA spec (lora=)")
-        if not nodes:
-            raise ValueError("a trajectory needs at least one degraded node")
+        if isinstance(nodes, (Mapping, nn.Module)) or not nodes:
+            raise ValueError("a trajectory needs at least one degraded node (a list of states or modules)")
         steps = list(steps) if steps is not None else list(range(1, len(nodes) + 1))
         if len(steps) != len(nodes):
             raise ValueError(f"steps has {len(steps)} entries for {len(nodes)} nodes")
-        self.teacher = freeze(teacher)
+        self.teacher = teacher
         self.kind = kind
-        self.lora = lora.resolved(teacher) if lora is not None else None
-        self.nodes = [dict(n) for n in nodes]
+        self.nodes = [_as_node(n, k) for k, n in enumerate(nodes, start=1)]
+        if kind == "lora" and any(isinstance(n, nn.Module) for n in nodes):
+            raise ValueError("module nodes are full copies: pass kind='full'")
+        self.lora = lora.resolved(teacher) if lora is not None and kind == "lora" else None
         self.steps = [int(s) for s in steps]
         self.merge = merge
         self.probe = probe
         self.meta = dict(meta or {})
+        self._template = self._node_template()
+        for k in range(1, len(self.nodes) + 1):
+            self._check_node(k)
+        self.base_fingerprint = base_fingerprint or tensors_fingerprint(teacher.state_dict())
+        self._base_override: dict[str, Tensor] = {}  # originals kept by an attachment of the teacher itself
         self._work: nn.Module | None = None
-        self._plain: nn.Module | None = None
-        self.active_node = 0  # which node the working copy holds (0: none yet)
+        self.active_node = -1  # which node the working copy holds (-1: none yet)
 
-    # ------------------------------------------------------------------ nodes and targets
+    # ------------------------------------------------------------------ nodes
 
     @property
     def last(self) -> int:
@@ -96,68 +139,115 @@ class Trajectory:
         return len(self.nodes) + 1
 
     def _check_index(self, k: int) -> None:
-        if not 0 <= k <= self.last:
-            raise IndexError(f"node index {k} out of range 0..{self.last}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.last:
+            raise IndexError(f"node index {k!r} out of range 0..{self.last}")
+
+    def _node_template(self) -> dict[str, tuple[int, ...]]:
+        if self.kind == "lora":
+            return lora_template(self.teacher, self.lora)
+        return {k: tuple(v.shape) for k, v in self.teacher.state_dict().items()}
+
+    def _check_node(self, k: int) -> None:
+        state = self.nodes[k - 1]
+        if self.kind == "lora":
+            check_node(state, self._template, f"node {k}")
+            return
+        missing = sorted(set(self._template) - set(state))
+        unexpected = sorted(set(state) - set(self._template))
+        if missing or unexpected:
+            raise ValueError(f"node {k} does not fit the teacher: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for key, shape in self._template.items():
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"node {k} does not fit the teacher: {key} has shape {tuple(state[key].shape)}, "
+                                 f"expected {shape}")
+
+    def layers(self) -> list[str]:
+        """The state-dict names a node sets (LoRA: ``<layer>.weight`` of each target; full: all)."""
+        if self.kind == "lora":
+            return [f"{name}.weight" for name in node_layers(self.nodes[0])]
+        return sorted(self._template)
+
+    def base_tensors(self) -> dict[str, Tensor]:
+        """The teacher's tensors (node 0): live, except those an in-place attachment of the teacher
+        itself currently overwrites, which come from the attachment's copy of the originals."""
+        base = _state(self.teacher)
+        base.update(self._base_override)
+        return base
+
+    def node_tensor(self, k: int, name: str, base: Tensor) -> Tensor:
+        """Node ``k``'s value of tensor ``name`` given the teacher's value ``base``, on ``base``'s
+        device and in its dtype (LoRA deltas summed in fp32, cast once)."""
+        if k == 0:
+            return base
+        state = self.nodes[k - 1]
+        if self.kind == "lora":
+            return node_weight(base, state, name[: -len(".weight")], self.lora.scale)
+        return state[name].to(base.device, base.dtype)
+
+    def write(self, tensors: Mapping[str, Tensor], k: int, base: Mapping[str, Tensor] | None = None,
+              names: Sequence[str] | None = None) -> None:
+        """Copy node ``k`` into ``tensors`` (a module's live tensors by state-dict name) in place.
+
+        ``names``: which tensors (default :meth:`layers`); ``base``: the teacher's values (default
+        :meth:`base_tensors`). Parameters keep their identity, ``requires_grad`` and device.
+        """
+        self._check_index(k)
+        base = self.base_tensors() if base is None else base
+        with torch.no_grad():
+            for name in (self.layers() if names is None else names):
+                dst = tensors[name]
+                dst.copy_(self.node_tensor(k, name, base[name].to(dst.device, dst.dtype)))
+
+    # ------------------------------------------------------------------ targets
 
     def _working_copy(self) -> nn.Module:
         if self._work is None:
-            work = copy.deepcopy(self.teacher)
-            if self.kind == "lora":
+            unmerged = self.kind == "lora" and not self.merge
+            touched = set(self.layers())
+            # Merged: untouched tensors are shared with the teacher (held once), touched ones are
+            # private. Unmerged: a whole private copy (peft freezes every tensor of a model it wraps).
+            memo = {} if unmerged else {id(t): t for n, t in _state(self.teacher).items() if n not in touched}
+            work = copy.deepcopy(self.teacher, memo)
+            state = _state(work)
+            self.write(state, 0)
+            for n in (state if unmerged else touched):  # shared tensors keep the teacher's flags
+                state[n].requires_grad_(False)
+            if unmerged:
                 inject_lora(work, self.lora)
-                # A plain twin of the teacher whose LoRA-target layers *are* the slot's base layers
-                # (shared, not copied): merged targets run through it without peft's wrappers.
-                memo = {id(self.teacher.get_submodule(n)): layer.get_base_layer() for n, layer in lora_layers(work)}
-                self._plain = freeze(copy.deepcopy(self.teacher, memo))
-            self._work = freeze(work)
+                work.requires_grad_(False)
+            self._work = work.eval()
         return self._work
 
-    def _load_node(self, module: nn.Module, k: int) -> None:
-        state = self.nodes[k - 1]
-        if self.kind == "lora":
-            load_lora_state(module, state, source=f"node {k}")
-        else:
-            try:
-                module.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                raise ValueError(f"node {k} does not fit the teacher: {e}") from e
-
     def target(self, k: int) -> nn.Module:
-        """A frozen denoiser for node ``k``. ``target(0)`` is the teacher itself.
+        """A frozen denoiser for node ``k``. ``target(0)`` is the teacher itself (or, while the
+        teacher module is attached in place and holds another node, the working copy at node 0).
 
-        Nodes ``k >= 1`` share one working copy, reconfigured by each call: a module returned
-        for node ``k`` follows the next call for another node (use :class:`TrajectoryTarget` or
+        Nodes share one working copy, reconfigured by each call: a module returned for node ``k``
+        follows the next call for another node (use :class:`TrajectoryTarget` or
         :meth:`materialize` to hold a node).
         """
         self._check_index(k)
-        if k == 0:
+        if k == 0 and not self._base_override:
             return self.teacher
         work = self._working_copy()
         if self.active_node != k:
-            self._load_node(work, k)
-            if self.kind == "lora":
-                (merge_lora_into if self.merge else unmerge_lora)(work, self.teacher)
+            if self.kind == "lora" and not self.merge:
+                if k == 0:
+                    raise RuntimeError("unmerged targets need the teacher for node 0; detach its attachment first")
+                load_lora_state(work, self.nodes[k - 1], source=f"node {k}")
+            else:
+                self.write(_state(work), k)
             self.active_node = k
-        return self._plain if self.kind == "lora" and self.merge else work
+        return work
 
     def materialize(self, k: int, trainable: bool = False) -> nn.Module:
-        """A standalone copy of the teacher with node ``k``'s weights (no peft wrappers).
+        """A standalone copy of the teacher with node ``k``'s weights (no LoRA wrappers).
 
         ``trainable=True`` gives a module to train (DisBack's fake score starts from node N).
         """
         self._check_index(k)
         m = copy.deepcopy(self.teacher)
-        if k > 0:
-            if self.kind == "lora":
-                work = self._working_copy()
-                self._load_node(work, k)
-                self.active_node = -1  # the slot now holds node k unmerged-in-state; force a re-switch
-                with torch.no_grad():
-                    base = dict(self.teacher.named_parameters())
-                    for name, layer in lora_layers(work):
-                        delta = layer.get_delta_weight(ADAPTER)
-                        m.get_submodule(name).weight.copy_(base[f"{name}.weight"] + delta.to(base[f"{name}.weight"].dtype))
-            else:
-                self._load_node(m, k)
+        self.write(_state(m), k)
         if trainable:
             m.requires_grad_(True)
             m.train()
@@ -165,22 +255,39 @@ class Trajectory:
             freeze(m)
         return m
 
+    def load_into(self, module: nn.Module, k: int, prefix: str = "") -> None:
+        """Make ``module`` (a copy of the teacher, e.g. the user's fake score) equal node ``k`` in place:
+        node tensors from node k, every other tensor from the teacher. Its parameters keep their
+        identity (an optimizer holding them keeps working), ``requires_grad`` and train mode."""
+        self._check_index(k)
+        dst = {prefix + n: t for n, t in _state(module).items()}
+        base = self.base_tensors()
+        missing = sorted(set(base) - set(dst))
+        unexpected = sorted(set(dst) - set(base))
+        if missing or unexpected:
+            raise ValueError(f"{type(module).__name__} does not have the teacher's structure: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}")
+        for n in base:
+            if dst[n].shape != base[n].shape:
+                raise ValueError(f"{type(module).__name__}: {n} has shape {tuple(dst[n].shape)}, "
+                                 f"the teacher's is {tuple(base[n].shape)}")
+        touched = set(self.layers())
+        with torch.no_grad():
+            for n in base:
+                if n not in touched:
+                    dst[n].copy_(base[n])
+        self.write(dst, k, base)
+
     def nbytes(self) -> int:
         """Bytes of the stored node tensors (the teacher not included)."""
         return sum(t.numel() * t.element_size() for n in self.nodes for t in n.values())
 
     def verify(self) -> list[float]:
-        """Max abs difference between each node's outputs now and as recorded on the probe."""
+        """Max abs difference between each node's outputs now and as recorded on the probe
+        (``inf`` where an output is not finite, so a NaN node never passes a tolerance check)."""
         if self.probe is None:
             raise ValueError("this trajectory has no probe to verify against")
-        p = self.probe
-        errs = []
-        with torch.no_grad():
-            for k in range(len(self)):
-                dev = next(iter(self.teacher.parameters()), p.x).device
-                out = self.target(k)(p.x.to(dev), p.sigma.to(dev), None if p.cond is None else p.cond.to(dev))
-                errs.append(float((out.cpu() - p.outputs[k]).abs().max()))
-        return errs
+        return [probe_error(self.target(k), self.probe, k) for k in range(len(self))]
 
     # ------------------------------------------------------------------ persistence
 
@@ -203,9 +310,11 @@ class Trajectory:
             probe_entry = {"file": "probe.safetensors", "sha256": save_tensors(folder / "probe.safetensors", t)}
         from . import __version__
 
+        base = self.base_tensors()
         write_json(folder / "manifest.json", {
             "format": FORMAT, "version": VERSION, "library": f"disback {__version__}", "kind": self.kind,
-            "base_fingerprint": tensors_fingerprint(self.teacher.state_dict()),
+            "base_fingerprint": self.base_fingerprint,
+            "base_fingerprints": {str(d).removeprefix("torch."): tensors_fingerprint(base, d) for d in FINGERPRINT_DTYPES},
             "lora": self.lora.to_json() if self.lora else None, "nodes": entries, "probe": probe_entry,
             "meta": self.meta,
         })
@@ -214,7 +323,11 @@ class Trajectory:
     @classmethod
     def load(cls, path: str | os.PathLike, teacher: nn.Module, merge: bool = True,
              check_fingerprint: bool = True) -> "Trajectory":
-        """Load a trajectory folder onto ``teacher``; refuse anything that does not verify."""
+        """Load a trajectory folder onto ``teacher``; refuse anything that does not verify.
+
+        A teacher cast to another floating dtype after recording (e.g. bf16) is recognised by the
+        manifest's per-dtype fingerprints.
+        """
         folder = Path(path)
         if not folder.is_dir():
             raise StorageError(f"trajectory folder {folder} is missing")
@@ -227,25 +340,18 @@ class Trajectory:
         kind = man.get("kind")
         if kind not in KINDS:
             raise StorageError(f"{where}: unknown node kind {kind!r}")
+        fp = None
         if check_fingerprint:
-            fp = tensors_fingerprint(teacher.state_dict())
-            if man.get("base_fingerprint") != fp:
-                raise StorageError(f"{where}: trajectory was recorded on another base model "
-                                   f"(fingerprint {str(man.get('base_fingerprint'))[:12]}..., this teacher {fp[:12]}...)")
+            fp = _check_fingerprint(man, teacher, where)
         try:
             lora = LoraSpec.from_json(man["lora"]) if kind == "lora" else None
+            template = (lora_template(teacher, lora) if kind == "lora"
+                        else {k: tuple(v.shape) for k, v in teacher.state_dict().items()})
         except (KeyError, TypeError, ValueError) as e:
             raise StorageError(f"{where}: bad LoRA spec: {e}") from e
         entries = man.get("nodes")
         if not isinstance(entries, list) or not entries:
             raise StorageError(f"{where}: no nodes listed")
-        # Build the template the node files must match.
-        if kind == "lora":
-            probe_model = inject_lora(copy.deepcopy(teacher), lora)
-            template = {k: tuple(v.shape) for k, v in lora_state_template(probe_model).items()}
-            del probe_model
-        else:
-            template = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
         nodes, steps = [], []
         for i, e in enumerate(entries, start=1):
             if not isinstance(e, dict) or e.get("index") != i:
@@ -273,7 +379,31 @@ class Trajectory:
                 raise StorageError(f"{folder / str(pe.get('file'))}: probe lacks inputs or outputs for some node")
             probe = Probe(t["x"], t["sigma"], t.get("cond"), outs)
         return cls(teacher, nodes, kind=kind, lora=lora, steps=steps, merge=merge, probe=probe,
-                   meta=man.get("meta") or {})
+                   meta=man.get("meta") or {}, base_fingerprint=fp)
+
+
+def _check_fingerprint(man: Mapping[str, Any], teacher: nn.Module, where: Path) -> str:
+    """The teacher's fingerprint if it is the recorded base model (in its dtype or cast); else raise."""
+    state = teacher.state_dict()
+    fp = tensors_fingerprint(state)
+    if man.get("base_fingerprint") == fp:
+        return fp
+    dtype = lowest_float_dtype(state)
+    cast = (man.get("base_fingerprints") or {}).get(str(dtype).removeprefix("torch."))
+    if isinstance(cast, str) and cast == tensors_fingerprint(state, dtype):
+        return fp
+    raise StorageError(f"{where}: trajectory was recorded on another base model "
+                       f"(fingerprint {str(man.get('base_fingerprint'))[:12]}..., this teacher {fp[:12]}...)")
+
+
+def probe_error(module: Callable[..., Any], probe: Probe, k: int,
+                call: Callable[..., Tensor] = call_module) -> float:
+    """Max abs difference between ``module``'s output on the probe and node ``k``'s recorded one."""
+    dev = next((p.device for p in getattr(module, "parameters", lambda: iter(()))()), probe.x.device)
+    with torch.no_grad():
+        out = call(module, probe.x.to(dev), probe.sigma.to(dev), None if probe.cond is None else probe.cond.to(dev))
+    err = (out.detach().float().cpu() - probe.outputs[k].float()).abs().max()
+    return float(err) if torch.isfinite(err) else float("inf")
 
 
 class TrajectoryTarget(nn.Module):
@@ -296,4 +426,3 @@ class TrajectoryTarget(nn.Module):
 
     def forward(self, x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
         return self.trajectory.target(self.index)(x, sigma, cond)
-

@@ -32,3 +32,50 @@ def tiny_unet2d_condition(**kw):
                cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
     cfg.update(kw)
     return UNet2DConditionModel(**cfg).eval()
+
+
+class CustomLinear(torch.nn.Module):
+    """A layer like NVlabs EDM's: weight and bias as plain parameters, a functional call (not nn.Linear)."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(o, i) / i**0.5)
+        self.bias = torch.nn.Parameter(torch.zeros(o))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class CustomConv2d(torch.nn.Module):
+    def __init__(self, i, o, k=3):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(o, i, k, k) / (i * k * k) ** 0.5)
+        self.bias = torch.nn.Parameter(torch.zeros(o))
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype),
+                                          padding=self.weight.shape[-1] // 2)
+
+
+class CustomEDM(torch.nn.Module):
+    """A tiny EDM-preconditioned conv net of custom layers, called as net(x, sigma, class_labels); sigma
+    must be a tensor (``sigma.to``), as in NVlabs' EDMPrecond."""
+
+    def __init__(self, channels=2, width=8, sigma_data=0.5):
+        super().__init__()
+        self.sigma_data = sigma_data
+        self.conv0 = CustomConv2d(channels, width)
+        self.affine = CustomLinear(16, width)
+        self.conv1 = CustomConv2d(width, channels)
+        self.norm = torch.nn.GroupNorm(2, width)
+
+    def forward(self, x, sigma, class_labels=None):
+        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+        sd = self.sigma_data
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in, c_noise = 1 / (sigma**2 + sd**2).sqrt(), sigma.log().flatten() / 4
+        freqs = torch.arange(8, device=x.device, dtype=torch.float32)
+        emb = torch.cat([(c_noise[:, None] * 2**freqs).sin(), (c_noise[:, None] * 2**freqs).cos()], 1)
+        h = self.conv0((c_in * x).to(self.conv0.weight.dtype))
+        h = torch.nn.functional.silu(self.norm(h) + self.affine(emb.to(h.dtype))[:, :, None, None])
+        return (c_skip * x + c_out * self.conv1(h).float()).to(x.dtype)

@@ -1,0 +1,228 @@
+"""DisBack in a loop you did not write: switch the user's own teacher module along the path, in place.
+
+A DMD2-style guidance module calls its frozen ``real_unet`` directly; an EDM fork calls
+``net(x, sigma, class_labels)``; a diffusers script calls ``unet(x, t, encoder_hidden_states)``.
+None of them takes a target argument, so :func:`attach` changes the module they already call:
+
+    att = attach(guidance.real_unet, trajectory, FixedInterval(500), fake=guidance.fake_unet)
+    ...                                   # the user's loop, unchanged
+    att.step()                            # after each generator update
+
+- node k's weights are written into the module's own tensors with ``copy_`` (registration,
+  device, dtype, DDP wrapping and the user's checkpoints stay intact; fp16/bf16 weights get
+  ``W + delta`` summed in fp32 and cast once);
+- the attachment keeps its own copy of the original weights of the layers it touches (on CPU by
+  default), so node 0 is restored bit-exactly and never aliased with a degraded node;
+- ``fake=`` loads node N into the user's existing fake score in place (their optimizer keeps
+  working);
+- ``requires_grad`` and train/eval mode of the user's modules are never changed nor relied on;
+- :meth:`Attachment.detach` restores the module exactly.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import NodeCursor, TeacherOnly
+from .storage import lowest_float_dtype, tensors_fingerprint
+from .trajectory import Trajectory, _state, call_module, probe_error
+
+__all__ = ["attach", "Attachment"]
+
+_LIVE: "weakref.WeakSet[Attachment]" = weakref.WeakSet()
+_WRAPPERS = ("DistributedDataParallel", "DataParallel")
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while type(module).__name__ in _WRAPPERS and isinstance(getattr(module, "module", None), nn.Module):
+        module = module.module
+    return module
+
+
+def _prefix(module: nn.Module, trajectory: Trajectory) -> str:
+    """Where ``module`` sits in the trajectory's teacher: "" for the teacher itself (or a module of
+    the same structure), ``"model."`` for the UNet inside a ``DiffusersDenoiser``, and so on."""
+    teacher = trajectory.teacher
+    for name, sub in teacher.named_modules():
+        if sub is module:
+            return f"{name}." if name else ""
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    for name, sub in teacher.named_modules():
+        if {k: v.shape for k, v in sub.state_dict().items()} == shapes:
+            return f"{name}." if name else ""
+    first = trajectory.layers()[0]
+    raise ValueError(f"module ({type(module).__name__}) does not have the structure of the trajectory's teacher "
+                     f"({type(teacher).__name__}) or of any of its submodules: e.g. the trajectory sets {first!r}; "
+                     "pass the module the trajectory was recorded on, or prefix=")
+
+
+class Attachment:
+    """An in-place attachment of a trajectory to the user's module; made by :func:`attach`.
+
+    Attributes: ``module``, ``trajectory``, ``node`` (the node the module holds now),
+    ``switches`` (``(generator step, node)`` pairs), ``cursor`` (schedule state).
+    """
+
+    def __init__(self, module: nn.Module, trajectory: Trajectory, schedule: Any = None, *,
+                 fake: nn.Module | None = None, start: int | None = None, prefix: str | None = None,
+                 call: Callable[..., Tensor] = call_module, check_weights: bool = True,
+                 originals_device: str | torch.device = "cpu"):
+        if not isinstance(trajectory, Trajectory):
+            raise TypeError(f"trajectory must be a Trajectory, got {type(trajectory).__name__}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be the nn.Module your loop calls as the teacher, got {type(module).__name__}")
+        module = _unwrap(module)
+        self.module, self.trajectory, self.call = module, trajectory, call
+        self.prefix = _prefix(module, trajectory) if prefix is None else prefix
+        live = _state(module)
+        self._dst: dict[str, Tensor] = {}
+        for name in trajectory.layers():
+            local = name[len(self.prefix):] if name.startswith(self.prefix) else None
+            if local is None or local not in live:
+                raise ValueError(f"module ({type(module).__name__}) has no tensor {local or name!r} that the "
+                                 f"trajectory sets (as {name!r}); it does not fit this trajectory")
+            t = live[local]
+            if not t.is_floating_point():
+                raise TypeError(f"module tensor {local!r} has dtype {t.dtype}: a node's weights cannot be cast to it")
+            self._dst[name] = t
+        base = trajectory.base_tensors()
+        for name, t in self._dst.items():
+            if t.shape != base[name].shape:
+                raise ValueError(f"module tensor {name[len(self.prefix):]!r} has shape {tuple(t.shape)}, "
+                                 f"the trajectory's teacher has {tuple(base[name].shape)}")
+        ids = {id(t) for t in self._dst.values()}
+        for other in list(_LIVE):
+            if ids & {id(t) for t in other._dst.values()}:
+                raise RuntimeError(f"{type(module).__name__} is already attached to a trajectory (at node "
+                                   f"{other.node}); call detach() on that attachment first")
+        if check_weights:
+            self._check_weights(live, base)
+        self.originals = {n: t.detach().to(originals_device, copy=True) for n, t in self._dst.items()}
+        teacher_ids = {id(t) for t in _state(trajectory.teacher).values()}
+        self._aliased = [n for n, t in self._dst.items() if id(t) in teacher_ids]
+        trajectory._base_override.update({n: self.originals[n] for n in self._aliased})
+        trajectory.active_node = -1  # a working copy made from the teacher must be rebuilt from originals
+        start = max(trajectory.last - 1, 0) if start is None else start
+        trajectory._check_index(start)
+        self.cursor = NodeCursor(start, TeacherOnly() if schedule is None else schedule)
+        self._attached = True
+        _LIVE.add(self)
+        self._write(start)
+        if fake is not None:
+            self.load_fake(fake)
+
+    def _check_weights(self, live: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> None:
+        """The trajectory's teacher must be unchanged since recording/loading, and ``module`` must
+        hold the same weights (compared in the module's dtype, so a bf16 copy of an fp32 teacher fits)."""
+        traj = self.trajectory
+        if tensors_fingerprint(base) != traj.base_fingerprint:
+            raise ValueError("the trajectory's teacher changed since the trajectory was recorded or loaded "
+                             "(fingerprint); a node would be applied to the wrong weights")
+        if all(id(live[n[len(self.prefix):]]) == id(base[n]) for n in self._dst):
+            return  # the module is (part of) the trajectory's teacher
+        mine = {self.prefix + k: v for k, v in live.items()}
+        theirs = {k: base[k] for k in mine if k in base}
+        dtype = lowest_float_dtype(mine)
+        if set(mine) != set(theirs) or tensors_fingerprint(mine, dtype) != tensors_fingerprint(theirs, dtype):
+            raise ValueError(f"module ({type(self.module).__name__}) does not hold the weights of the trajectory's "
+                             "teacher (fingerprint): its weights changed since recording, or it is another model")
+
+    # ------------------------------------------------------------------ moving along the path
+
+    @property
+    def node(self) -> int:
+        return self.cursor.node
+
+    @property
+    def switches(self) -> list[tuple[int, int]]:
+        return self.cursor.switches
+
+    def _write(self, k: int) -> None:
+        if not self._attached:
+            raise RuntimeError("this attachment was detached; attach again to move the module along the path")
+        self.trajectory.write(self._dst, k, self.originals)
+
+    def step(self, stat: float | None = None) -> bool:
+        """Count one generator update (call it after each); move the module one node toward the
+        teacher when the schedule says so. ``stat``: the score gap for :class:`AdaptiveGap`
+        (e.g. ``disback_core.score_gap(pred_real, pred_fake)`` from your own loss). True on a switch."""
+        node = self.cursor.step(stat)
+        if node is None:
+            return False
+        self._write(node)
+        return True
+
+    def set_node(self, k: int) -> None:
+        """Put node ``k`` into the module now (0 = the teacher, restored bit-exactly)."""
+        self.trajectory._check_index(k)
+        self._write(k)
+        self.cursor.moved(k)
+
+    def load_fake(self, fake: nn.Module) -> None:
+        """Load node N into ``fake`` (a copy of the teacher: the user's fake score) in place."""
+        self.trajectory.load_into(_unwrap(fake), self.trajectory.last, prefix=self.prefix)
+
+    def verify(self) -> float:
+        """Max abs difference between the module's output on the trajectory's probe now and the
+        output recorded for the node it holds (``call`` runs the module; default ``module(x, sigma, cond)``;
+        a module inside the trajectory's teacher runs through that teacher)."""
+        if self.trajectory.probe is None:
+            raise ValueError("the trajectory has no probe to verify against")
+        # A module inside the trajectory's teacher (the UNet of a DiffusersDenoiser) is probed
+        # through that teacher, which records the probe in its own convention.
+        inside = any(m is self.module for m in self.trajectory.teacher.modules())
+        return probe_error(self.trajectory.teacher if inside else self.module, self.trajectory.probe, self.node,
+                           self.call)
+
+    def detach(self) -> None:
+        """Restore the module's original weights exactly and release it (a second call does nothing)."""
+        if not self._attached:
+            return
+        self.trajectory.write(self._dst, 0, self.originals)
+        for n in self._aliased:
+            self.trajectory._base_override.pop(n, None)
+        self.trajectory.active_node = -1
+        self._attached = False
+        _LIVE.discard(self)
+
+    def __enter__(self) -> "Attachment":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.cursor.state_dict()
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        self.trajectory._check_index(int(d["node"]))
+        self.cursor.load_state_dict(dict(d))
+        self._write(self.cursor.node)
+
+
+def attach(module: nn.Module, trajectory: Trajectory, schedule: Any = None, *, fake: nn.Module | None = None,
+           start: int | None = None, prefix: str | None = None, call: Callable[..., Tensor] = call_module,
+           check_weights: bool = True, originals_device: str | torch.device = "cpu") -> Attachment:
+    """Attach ``trajectory`` to ``module`` (the teacher your loop calls) in place, at node ``start``.
+
+    Args:
+        module: the user's teacher module (or the UNet inside the trajectory's teacher wrapper; a
+            DDP wrapper is looked through). Its weights must be the trajectory's teacher's.
+        trajectory: the recorded path; its nodes are computed from this attachment's copy of the
+            module's original weights.
+        schedule: :class:`~disback_core.schedules.FixedInterval`, :class:`~disback_core.schedules.AdaptiveGap`
+            (feed it with ``step(stat=...)``) or None (the node moves only by :meth:`Attachment.set_node`).
+        fake: the user's fake score (a copy of the teacher); node N is loaded into it in place.
+        start: the first node (default N-1, as in DisBack; 0 = the teacher).
+        prefix: the module's name inside the trajectory's teacher (found automatically).
+        call: how to run the module on the probe for :meth:`Attachment.verify`.
+        check_weights: refuse a module whose weights are not the trajectory's teacher's.
+        originals_device: where the copy of the original weights is kept (CPU by default).
+    """
+    return Attachment(module, trajectory, schedule, fake=fake, start=start, prefix=prefix, call=call,
+                      check_weights=check_weights, originals_device=originals_device)
