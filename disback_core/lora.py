@@ -278,6 +278,7 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     targets = lora_targets(model, spec)
     model.requires_grad_(False)
     peft_names = [t.name for t in targets if t.backend == "peft"]
+    model._disback_had_peft_config = hasattr(model, "peft_config")  # remove_lora leaves no trace behind
     if peft_names:
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -300,6 +301,8 @@ def remove_lora(model: nn.Module) -> nn.Module:
     for name, m in list(_peft_layers(model)):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, m.get_base_layer())
+    if not model.__dict__.pop("_disback_had_peft_config", True) and "peft_config" in model.__dict__:
+        del model.__dict__["peft_config"]  # set by peft's injection on this model
     for name, delta in list(_delta_slots(model)):
         layer = model.get_submodule(name)
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)

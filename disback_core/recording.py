@@ -72,12 +72,11 @@ class DegradationRecorder:
 
     Example (the user's DSM loss and optimizer; G0 = their initial generator, not updated)::
 
-        rec = DegradationRecorder(teacher, fake_copy, steps=1000, nodes=10, mode="lora", probe=x0_batch)
-        opt = torch.optim.AdamW(rec.parameters(), lr=1e-4)
+        rec = DegradationRecorder(teacher, fake_copy, steps=1000, nodes=10, mode="lora", lr=1e-4)
         for _ in range(1000):
-            loss = my_dsm_loss(rec.module, g0(torch.randn(...)).detach())
-            opt.zero_grad(); loss.backward(); opt.step()
-            rec.step()
+            with torch.no_grad():
+                x0 = g0(torch.randn(...))
+            rec.update(my_dsm_loss(rec.module, x0), probe=x0)   # or: your optimizer, then rec.step()
         trajectory = rec.trajectory()          # or rec.save(folder)
 
     Args:
@@ -94,18 +93,25 @@ class DegradationRecorder:
             for ``call``; each node's outputs on it are recorded for :meth:`Trajectory.verify`.
         call: how to run a module on the probe (default ``module(x, sigma, cond)``; e.g.
             ``lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample`` for a raw diffusers UNet).
+        lr / optimizer / max_grad_norm: the optimizer :meth:`update` uses (Adam at ``lr`` unless a
+            factory ``optimizer(params)`` is given); unused if you step your own optimizer and call :meth:`step`.
     """
 
     def __init__(self, teacher: nn.Module, module: nn.Module | None = None, *, interval: int | None = None,
                  steps: int | None = None, nodes: int | None = None, mode: str = "lora", lora: LoraSpec | None = None,
                  probe: Tensor | tuple[Tensor, Any, Any] | None = None, call: Callable[..., Tensor] = call_module,
-                 merge: bool = True):
+                 merge: bool = True, lr: float = 1e-4,
+                 optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                 max_grad_norm: float | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         self.interval, self.max_nodes = _interval(interval, steps, nodes)
         self.teacher, self.mode, self.call, self.merge = teacher, mode, call, merge
+        self._make_optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=lr))
+        self.max_grad_norm = max_grad_norm
+        self.optimizer: torch.optim.Optimizer | None = None  # made by the first update()
         self.spec = (lora or LoraSpec()).resolved(teacher) if mode in ("lora", "svd") else None
         self.owned = module is None
         if module is None:
@@ -151,11 +157,27 @@ class DegradationRecorder:
             return lora_parameters(self.module)
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def step(self) -> bool:
+    def update(self, loss: Tensor, probe: Tensor | tuple[Tensor, Any, Any] | None = None) -> bool:
+        """One optimizer step of the degrading score on the user's ``loss`` (computed with
+        :attr:`module`), with the recorder's own optimizer (Adam at ``lr`` unless ``optimizer=``),
+        then :meth:`step`. Returns True when a node was taken."""
+        if self.optimizer is None:
+            self.optimizer = self._make_optimizer(self.parameters())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        return self.step(probe)
+
+    def step(self, probe: Tensor | tuple[Tensor, Any, Any] | None = None) -> bool:
         """Count one optimizer step of the degrading score; take a node every ``interval`` steps.
-        Returns True when a node was taken."""
+        ``probe``: while no probe is set, this step's G0 samples ``x0`` (or ready inputs
+        ``(x, sigma, cond)``) become the probe. Returns True when a node was taken."""
         if self._finished is not None:
             raise RuntimeError("this recorder has finished (trajectory() was called); make a new one")
+        if probe is not None and self.probe is None and not self.nodes:
+            self.set_probe(probe[:16] if isinstance(probe, Tensor) else probe)
         self.steps_done += 1
         if self.steps_done % self.interval or (self.max_nodes is not None and len(self.nodes) >= self.max_nodes):
             return False
@@ -314,14 +336,12 @@ def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], met
         if seed is not None:
             torch.manual_seed(seed)
         rec = DegradationRecorder(teacher, None, interval=interval, steps=steps, nodes=nodes, mode=mode, lora=lora,
-                                  merge=merge)
+                                  merge=merge, lr=lr, optimizer=optimizer, max_grad_norm=max_grad_norm)
         first = as_batch(sample())
         cond = first.cond[:probe_size] if isinstance(first.cond, Tensor) else None
         with torch.no_grad():
             x0 = call_generator(generator, first.z[:probe_size], cond)
         rec.set_probe(probe_inputs(x0, cond, **_sigma_range(teacher)))
-        params = rec.parameters()
-        opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
         losses, running = [], 0.0
         it = range(1, steps + 1)
         if progress:
@@ -333,13 +353,8 @@ def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], met
             with torch.no_grad():
                 x = call_generator(generator, batch.z, batch.cond)
             loss = loss_fn(rec.module, x, batch.cond)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
             running += float(loss.detach())
-            if rec.step():
+            if rec.update(loss):
                 losses.append(running / rec.interval)
             if i % rec.interval == 0:
                 running = 0.0

@@ -37,3 +37,37 @@ def test_disback_in_your_loop_switches_to_the_teacher(cache):
 def test_diffusers_wiring_runs():
     logs = _load("diffusers_text_to_image").main(iterations=2)
     assert {"generator/loss", "generator/score_gap", "critic/dsm"} <= set(logs)
+
+
+WRAPS = [("wrap_dmd2_loop", ["--iterations", "25", "--record-steps", "10", "--teacher-steps", "30"], 10),
+         ("wrap_edm_loop", ["--iterations", "12", "--record-steps", "10", "--teacher-steps", "30"], 10),
+         ("wrap_diffusers_lora", ["--iterations", "12", "--record-steps", "10"], 15)]
+
+
+@pytest.mark.parametrize("name,args,limit", WRAPS)
+def test_wrapped_user_loops_switch_their_own_teacher(name, args, limit, monkeypatch):
+    """In each user's loop, after every switch the user's own teacher module gives node k's recorded
+    probe outputs, the last node is the teacher bit-exactly, and the change is at most `limit` lines."""
+    from disback_core.attach import Attachment
+
+    seen, step = [], Attachment.step
+
+    def checked_step(self, stat=None):
+        switched = step(self, stat)
+        if switched:
+            seen.append((self.node, self.verify()))
+        return switched
+
+    monkeypatch.setattr(Attachment, "step", checked_step)
+    show = _load("show_diff")
+    mod = show.load_example(name)
+    out = mod.main(args)
+    assert [n for _, n in out["switches"]] == [4, 3, 2, 1, 0]
+    assert [n for n, _ in seen] == [3, 2, 1, 0]
+    assert max(e for _, e in seen) < 1e-5 and seen[-1][1] == 0.0
+    assert out["node0_exact"]  # the user's teacher holds its original weights bit-exactly at node 0
+    probe = out["attachment"].trajectory.probe
+    gaps = [float((o - probe.outputs[0]).abs().max()) for o in probe.outputs[1:]]
+    assert min(gaps) > 1e-4, gaps  # the nodes really differ from the teacher: a switch is visible
+    _, added, _ = show.changed_lines(mod.PLAIN, mod.DISBACK)
+    assert added <= limit

@@ -1,0 +1,1 @@
+"""Stand-ins for codebases users bring: written in their style, independent of disback."""

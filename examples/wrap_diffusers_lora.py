@@ -1,0 +1,131 @@
+"""DisBack in a diffusers text-to-image DMD2-LoRA script: the generator is a peft LoRA on the frozen
+base UNet, the path is LoRA nodes on the same base, the teacher is guided (CFG) at every node.
+
+    python examples/wrap_diffusers_lora.py            # plain, then with DisBack, a tiny UNet2DConditionModel
+    python examples/show_diff.py wrap_diffusers_lora  # the diff against the user's loop
+
+The user's code is ``examples/foreign/diffusers_t2i.py``: diffusers' timestep API
+(``unet(x, t, encoder_hidden_states=...).sample``), eps prediction, random text embeddings, teacher
+CFG, ``unet.add_adapter(LoraConfig(...))`` for the generator. That script's fake-score loss is
+written inline in its loop (no function to call), so Degradation Recording repeats its five lines:
+this example changes 15 lines, not 10.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from foreign.diffusers_t2i import (_x0_from_eps, dmd2_lora_loop, random_prompts, tiny_scheduler,  # noqa: E402
+                                   tiny_unet)
+
+from disback_core import DegradationRecorder, FixedInterval, attach  # noqa: E402
+
+
+def unet_call(m, x, t, c):
+    """How the probe runs a raw diffusers UNet (its own timestep API)."""
+    return m(x, t, encoder_hidden_states=c).sample
+
+
+def dmd2_lora_loop_disback(unet: UNet2DConditionModel, scheduler: DDPMScheduler, *, iterations: int,
+                   batch_size: int = 4, guidance_scale: float = 4.5, conditioning_timestep: int = 999,
+                   lr: float = 1e-4, rank: int = 4, seed: int = 0, record_steps: int = 100, nodes: int = 5,
+                   every: int = 10) -> dict[str, float]:
+    """DMD2 with a LoRA generator: one fake-score update per generator update. Returns the last losses."""
+    torch.manual_seed(seed)
+    unet.requires_grad_(False)
+    generator = copy.deepcopy(unet)
+    generator.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    fake_unet = copy.deepcopy(unet).requires_grad_(True)
+    lora_layers = [p for p in generator.parameters() if p.requires_grad]
+    optimizer_g = torch.optim.AdamW(lora_layers, lr=lr)
+    optimizer_fake = torch.optim.AdamW(fake_unet.parameters(), lr=lr)
+    alphas_cumprod = scheduler.alphas_cumprod
+    prompt_embeds, uncond_embeds = random_prompts(64, seed)
+    num_ch, size = unet.config.in_channels, unet.config.sample_size
+    rec = DegradationRecorder(unet, fake_unet, steps=record_steps, nodes=nodes, lr=lr, call=unet_call)
+    for _ in range(record_steps):
+        ehs = prompt_embeds[torch.randint(0, len(prompt_embeds), (batch_size,))]
+        z, t_gen = torch.randn(batch_size, num_ch, size, size), torch.full((batch_size,), conditioning_timestep)
+        with torch.no_grad():
+            x0 = _x0_from_eps(z, generator(z, t_gen, encoder_hidden_states=ehs).sample, alphas_cumprod, t_gen)
+        noise, t_fake = torch.randn_like(x0), torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
+        noisy_fake = scheduler.add_noise(x0, noise, t_fake)
+        loss_fake = F.mse_loss(rec.module(noisy_fake, t_fake, encoder_hidden_states=ehs).sample, noise)
+        rec.update(loss_fake, probe=(noisy_fake, t_fake, ehs))
+    att = attach(unet, rec.trajectory(), FixedInterval(every), fake=fake_unet, call=unet_call)
+    losses: dict[str, float] = {}
+    for _ in range(iterations):
+        encoder_hidden_states = prompt_embeds[torch.randint(0, len(prompt_embeds), (batch_size,))]
+        # one-step generation from pure noise at the conditioning timestep
+        z = torch.randn(batch_size, num_ch, size, size)
+        t_gen = torch.full((batch_size,), conditioning_timestep, dtype=torch.long)
+        eps_hat = generator(z, t_gen, encoder_hidden_states=encoder_hidden_states).sample
+        x0 = _x0_from_eps(z, eps_hat, alphas_cumprod, t_gen)
+
+        # distribution matching loss: teacher (with CFG) vs fake score, both as x0 predictions
+        timesteps = torch.randint(20, 981, (batch_size,), dtype=torch.long)
+        with torch.no_grad():
+            noisy = scheduler.add_noise(x0, torch.randn_like(x0), timesteps)
+            ehs = torch.cat([uncond_embeds.expand(batch_size, -1, -1), encoder_hidden_states])
+            eps_uncond, eps_cond = unet(torch.cat([noisy] * 2), torch.cat([timesteps] * 2),
+                                        encoder_hidden_states=ehs).sample.chunk(2)
+            eps_real = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            eps_fake = fake_unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+            pred_real = _x0_from_eps(noisy, eps_real, alphas_cumprod, timesteps)
+            pred_fake = _x0_from_eps(noisy, eps_fake, alphas_cumprod, timesteps)
+            normalizer = (x0 - pred_real).abs().mean(dim=[1, 2, 3], keepdim=True)
+            grad = torch.nan_to_num(((x0 - pred_real) - (x0 - pred_fake)) / normalizer)
+        loss_dm = 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+        optimizer_g.zero_grad()
+        loss_dm.backward()
+        torch.nn.utils.clip_grad_norm_(lora_layers, 1.0)
+        optimizer_g.step()
+        att.step()
+
+        # fake score: eps-prediction DSM on the detached generator samples
+        noise = torch.randn_like(x0)
+        t_fake = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), dtype=torch.long)
+        noisy_fake = scheduler.add_noise(x0.detach(), noise, t_fake)
+        eps_pred = fake_unet(noisy_fake, t_fake, encoder_hidden_states=encoder_hidden_states).sample
+        loss_fake = F.mse_loss(eps_pred, noise)
+        optimizer_fake.zero_grad()
+        loss_fake.backward()
+        torch.nn.utils.clip_grad_norm_(fake_unet.parameters(), 1.0)
+        optimizer_fake.step()
+        losses.update(loss_dm=loss_dm.item(), loss_fake=loss_fake.item())
+    return {**losses, "attachment": att}
+
+
+PLAIN, DISBACK = dmd2_lora_loop, dmd2_lora_loop_disback
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument("--record-steps", type=int, default=40)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    unet, scheduler = tiny_unet(0), tiny_scheduler()
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    plain = dmd2_lora_loop(copy.deepcopy(unet), scheduler, iterations=args.iterations)
+    every = max(1, args.iterations // 10 // 4)  # a tenth of the generator updates on the 4 degraded targets
+    out = dmd2_lora_loop_disback(unet, scheduler, iterations=args.iterations, record_steps=args.record_steps,
+                                 nodes=5, every=every)
+    att = out.pop("attachment")
+    exact = all(torch.equal(v, original[k]) for k, v in unet.state_dict().items())
+    print(f"DMD2-LoRA            losses {({k: round(v, 4) for k, v in plain.items()})}")
+    print(f"DMD2-LoRA + DisBack  losses {({k: round(v, 4) for k, v in out.items()})}")
+    print(f"switches (generator update, node): {att.switches}; teacher UNet back bit-exactly: {exact}")
+    return {"plain": plain, "disback": out, "switches": att.switches, "node0_exact": exact, "attachment": att}
+
+
+if __name__ == "__main__":
+    main()
