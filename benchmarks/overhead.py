@@ -60,7 +60,7 @@ def measure(problem_name: str, adapter: str, batch: int, reps: int, rounds: int)
     xs = gen_b(x.z, x.cond).detach()
     sigma = torch.full((batch,), 1.0)
     unmerged = copy.copy(traj)
-    unmerged.merge, unmerged._work, unmerged._plain, unmerged.active_node = False, None, None, 0
+    unmerged.merge, unmerged._work, unmerged.active_node = False, None, -1
     mods = {"teacher": problem.teacher, "merged_node": traj.target(traj.last - 1),
             "unmerged_node": unmerged.target(traj.last - 1)}
     times: dict[str, list[float]] = {k: [] for k in mods}

@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 
 __all__ = ["LoraSpec", "LoraTarget", "ADAPTER", "default_target_modules", "lora_targets", "inject_lora",
            "remove_lora", "lora_parameters", "lora_state", "load_lora_state", "lora_template", "node_layers",
-           "node_weight", "svd_lora", "lora_numel", "EDM_TARGETS", "UNET2D_TARGETS", "UNET2D_CONDITION_TARGETS"]
+           "node_weight", "write_node_weight_", "svd_lora", "lora_numel", "EDM_TARGETS", "UNET2D_TARGETS", "UNET2D_CONDITION_TARGETS"]
 
 ADAPTER = "disback"
 
@@ -389,12 +389,32 @@ def node_layers(state: Mapping[str, Tensor]) -> list[str]:
     return sorted(k[: -len(_A)] for k in state if k.endswith(_A))
 
 
+def _factors(state: Mapping[str, Tensor], layer: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    a = state[layer + _A].to(device, torch.float32)
+    b = state[layer + _B].to(device, torch.float32)
+    return b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+
+
+def add_node_(w: Tensor, state: Mapping[str, Tensor], layer: str, scale: float) -> Tensor:
+    """``w += scale * B @ A`` in place, for a contiguous fp32 weight ``w`` (one fused ``addmm_``)."""
+    b, a = _factors(state, layer, w.device)
+    w.view(w.shape[0], -1).addmm_(b, a, alpha=scale)
+    return w
+
+
 def node_weight(base: Tensor, state: Mapping[str, Tensor], layer: str, scale: float) -> Tensor:
     """``W + scale * B @ A`` for ``layer`` of a node, on ``base``'s device: fp32 sum, cast once to its dtype."""
-    a = state[layer + _A].to(base.device, torch.float32)
-    b = state[layer + _B].to(base.device, torch.float32)
-    delta = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(base.shape)
-    return (base.float() + scale * delta).to(base.dtype)
+    return add_node_(base.to(torch.float32, copy=True).contiguous(), state, layer, scale).to(base.dtype)
+
+
+def write_node_weight_(dst: Tensor, base: Tensor, state: Mapping[str, Tensor], layer: str, scale: float) -> None:
+    """``dst.copy_(node_weight(base, ...))``, without temporaries when ``dst`` is contiguous fp32
+    (bit-identical either way)."""
+    if dst.dtype == torch.float32 and dst.is_contiguous():
+        dst.copy_(base)
+        add_node_(dst, state, layer, scale)
+    else:
+        dst.copy_(node_weight(base, state, layer, scale))
 
 
 def svd_lora(targets: Sequence[LoraTarget], base_weights: Mapping[str, Tensor], tuned: Mapping[str, Tensor],

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .denoisers import freeze
-from .lora import LoraSpec, check_node, inject_lora, load_lora_state, lora_template, node_layers, node_weight
+from .lora import (LoraSpec, check_node, inject_lora, load_lora_state, lora_template, node_layers,
+                   write_node_weight_)
 from .storage import (StorageError, load_tensors, lowest_float_dtype, read_json, save_tensors,
                       tensors_fingerprint, write_json)
 
@@ -174,29 +175,28 @@ class Trajectory:
         base.update(self._base_override)
         return base
 
-    def node_tensor(self, k: int, name: str, base: Tensor) -> Tensor:
-        """Node ``k``'s value of tensor ``name`` given the teacher's value ``base``, on ``base``'s
-        device and in its dtype (LoRA deltas summed in fp32, cast once)."""
-        if k == 0:
-            return base
-        state = self.nodes[k - 1]
-        if self.kind == "lora":
-            return node_weight(base, state, name[: -len(".weight")], self.lora.scale)
-        return state[name].to(base.device, base.dtype)
-
     def write(self, tensors: Mapping[str, Tensor], k: int, base: Mapping[str, Tensor] | None = None,
               names: Sequence[str] | None = None) -> None:
         """Copy node ``k`` into ``tensors`` (a module's live tensors by state-dict name) in place.
 
         ``names``: which tensors (default :meth:`layers`); ``base``: the teacher's values (default
-        :meth:`base_tensors`). Parameters keep their identity, ``requires_grad`` and device.
+        :meth:`base_tensors`). A LoRA node's weight is ``W + scale * B @ A`` from the base value
+        in ``dst``'s dtype (fp32 sum, cast once). Parameters keep their identity, ``requires_grad``
+        and device.
         """
         self._check_index(k)
         base = self.base_tensors() if base is None else base
+        state = self.nodes[k - 1] if k else None
         with torch.no_grad():
             for name in (self.layers() if names is None else names):
                 dst = tensors[name]
-                dst.copy_(self.node_tensor(k, name, base[name].to(dst.device, dst.dtype)))
+                b = base[name].to(dst.device, dst.dtype)
+                if state is None:
+                    dst.copy_(b)
+                elif self.kind == "lora":
+                    write_node_weight_(dst, b, state, name[: -len(".weight")], self.lora.scale)
+                else:
+                    dst.copy_(state[name])
 
     # ------------------------------------------------------------------ targets
 

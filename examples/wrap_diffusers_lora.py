@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foreign.diffusers_t2i import (_x0_from_eps, dmd2_lora_loop, random_prompts, tiny_scheduler,  # noqa: E402
                                    tiny_unet)
 
+from show_diff import summary  # noqa: E402
+
 from disback_core import DegradationRecorder, FixedInterval, attach  # noqa: E402
 
 
@@ -119,12 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     every = max(1, args.iterations // 10 // 4)  # a tenth of the generator updates on the 4 degraded targets
     out = dmd2_lora_loop_disback(unet, scheduler, iterations=args.iterations, record_steps=args.record_steps,
                                  nodes=5, every=every)
-    att = out.pop("attachment")
-    exact = all(torch.equal(v, original[k]) for k, v in unet.state_dict().items())
-    print(f"DMD2-LoRA            losses {({k: round(v, 4) for k, v in plain.items()})}")
-    print(f"DMD2-LoRA + DisBack  losses {({k: round(v, 4) for k, v in out.items()})}")
-    print(f"switches (generator update, node): {att.switches}; teacher UNet back bit-exactly: {exact}")
-    return {"plain": plain, "disback": out, "switches": att.switches, "node0_exact": exact, "attachment": att}
+    return summary("DMD2-LoRA", plain, out, out.pop("attachment"), unet, original)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from foreign.dmd2_edm import EDMUniModel, toy_images, train_dmd2  # noqa: E402  
 from foreign.edm_distill import pretrain  # noqa: E402
 from foreign.edm_networks import tiny_edm  # noqa: E402
 
+from show_diff import summary  # noqa: E402
+
 from disback_core import DegradationRecorder, FixedInterval, attach  # noqa: E402
 
 
@@ -129,14 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     disback = train_dmd2_disback(model, record_steps=args.record_steps, nodes=5, every=every,
                                  on_generator_step=lambda s: switch_errors.append((model.attachment.node,
                                                                                    model.attachment.verify())), **kw)
-    att = model.attachment
-    exact = all(torch.equal(v, original[k]) for k, v in model.guidance_model.real_unet.state_dict().items())
-    print(f"DMD2            losses {({k: round(v, 4) for k, v in plain.items()})}")
-    print(f"DMD2 + DisBack  losses {({k: round(v, 4) for k, v in disback.items()})}")
-    print(f"switches (generator update, node): {att.switches}; max probe error after a switch "
-          f"{max(e for _, e in switch_errors):.2e}; real_unet back to the teacher bit-exactly: {exact}")
-    return {"plain": plain, "disback": disback, "switches": att.switches, "errors": switch_errors,
-            "node0_exact": exact, "attachment": att}
+    out = summary("DMD2", plain, disback, model.attachment, model.guidance_model.real_unet, original)
+    print(f"max probe error of the teacher module at each generator update: {max(e for _, e in switch_errors):.2e}")
+    return {**out, "errors": switch_errors}
 
 
 if __name__ == "__main__":

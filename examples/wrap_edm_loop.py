@@ -24,6 +24,8 @@ from foreign.dmd2_edm import toy_images  # noqa: E402
 from foreign.edm_distill import _sanitize_and_clip, dsm_loss, generate, pretrain, sample_sigma, sid_loop  # noqa: E402,F401
 from foreign.edm_networks import tiny_edm  # noqa: E402
 
+from show_diff import summary  # noqa: E402
+
 from disback_core import DegradationRecorder, FixedInterval, attach, lora_targets  # noqa: E402
 
 
@@ -107,12 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     plain = sid_loop(copy.deepcopy(teacher), **kw)
     every = max(1, args.iterations // 10 // 4)  # a tenth of the generator updates on the 4 degraded targets
     out = sid_loop_disback(teacher, record_steps=args.record_steps, nodes=5, every=every, **kw)
-    att = out.pop("attachment")
-    exact = all(torch.equal(v, original[k]) for k, v in teacher.state_dict().items())
-    print(f"SiD            losses {({k: round(v, 4) for k, v in plain.items()})}")
-    print(f"SiD + DisBack  losses {({k: round(v, 4) for k, v in out.items()})}")
-    print(f"switches (generator update, node): {att.switches}; teacher back bit-exactly: {exact}")
-    return {"plain": plain, "disback": out, "switches": att.switches, "node0_exact": exact, "attachment": att}
+    return summary("SiD", plain, out, out.pop("attachment"), teacher, original)
 
 
 if __name__ == "__main__":

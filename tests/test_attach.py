@@ -244,3 +244,35 @@ def test_make_generator_passes_sigma_as_a_tensor():
     teacher = CustomEDM()  # its forward calls sigma.to(...), as NVlabs' EDMPrecond does
     g = make_generator(teacher, 80.0)
     assert g(torch.randn(3, 2, 8, 8)).shape == (3, 2, 8, 8)
+
+
+def test_attach_inside_a_ddp_wrapped_guidance_module(tmp_path):
+    """As DMD2 under accelerate: the guidance module (frozen real_unet + trainable fake_unet) is DDP-wrapped."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    class Guidance(torch.nn.Module):
+        def __init__(self, real, fake):
+            super().__init__()
+            self.real_unet, self.fake_unet = real.requires_grad_(False), fake
+
+        def forward(self, x0):
+            return _user_dsm(self.fake_unet, x0) + 0 * self.real_unet(x0, torch.ones(x0.shape[0])).sum()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        teacher, fake, traj = _recorded()
+        original = _snapshot(teacher)
+        ddp = DistributedDataParallel(Guidance(teacher, fake))
+        opt = torch.optim.SGD(ddp.parameters(), lr=1e-2)
+        att = attach(ddp.module.real_unet, traj, FixedInterval(1), fake=ddp.module.fake_unet)
+        for _ in range(traj.last):
+            opt.zero_grad()
+            ddp(torch.randn(4, 2, 8, 8)).backward()
+            opt.step()
+            assert att.verify() < 1e-5
+            att.step()
+        assert att.node == 0 and _equal(teacher, original)
+        assert all(p.grad is not None for p in fake.parameters())  # the user's fake kept training through DDP
+    finally:
+        dist.destroy_process_group()
