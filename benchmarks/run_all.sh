@@ -33,6 +33,7 @@ digits() {
 
 overhead() {
   $BIN/python benchmarks/overhead.py --out $R/overhead.json
+  $BIN/python benchmarks/switch_latency.py --configs tiny sd15 --dtypes float32 bfloat16 --out $R/switch_latency.json
 }
 
 digits_ablations() {
