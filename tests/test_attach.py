@@ -276,3 +276,39 @@ def test_attach_inside_a_ddp_wrapped_guidance_module(tmp_path):
         assert all(p.grad is not None for p in fake.parameters())  # the user's fake kept training through DDP
     finally:
         dist.destroy_process_group()
+
+
+def test_a_hand_written_loop_with_module_nodes_and_two_argument_networks():
+    """A small loop's own path: degraded copies kept as a list of modules, D(x, sigma) networks."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(3, 16), torch.nn.Linear(16, 2)
+
+        def forward(self, x, sigma):
+            return self.fc2(torch.tanh(self.fc1(torch.cat([x, sigma.log()[:, None]], 1))))
+
+    torch.manual_seed(0)
+    teacher = Net()
+    copies = []
+    for i in range(3):
+        m = copy.deepcopy(teacher)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * (i + 1) * torch.randn_like(p))
+        copies.append(m)
+    traj = Trajectory(teacher, copies, kind="full")  # modules are accepted as full nodes
+    x, s = torch.randn(5, 2), torch.rand(5) + 0.5
+    original, pristine = _snapshot(teacher), copy.deepcopy(teacher)
+    att = attach(teacher, traj, FixedInterval(1), start=3)
+    with torch.no_grad():
+        assert torch.equal(teacher(x, s), copies[2](x, s))  # a 2-argument network, switched in place
+        for k in (2, 1, 0):
+            att.step()
+            assert torch.equal(teacher(x, s), (copies[k - 1] if k else pristine)(x, s))
+    assert _equal(teacher, original)
+    with pytest.raises(ValueError, match="module nodes are full copies"):
+        Trajectory(teacher, copies, kind="lora", lora=LoraSpec(rank=2))
+
+
