@@ -306,7 +306,7 @@ def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], met
                        optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                        mode: str = "lora", lora: LoraSpec | None = None, merge: bool = True,
                        probe_size: int = 16, max_grad_norm: float | None = None, seed: int | None = None,
-                       progress: bool = False) -> Trajectory:
+                       wrap: Callable[[nn.Module], nn.Module] | None = None, progress: bool = False) -> Trajectory:
     """Record the degradation path of ``teacher`` toward the frozen generator ``generator`` (G0).
 
     Args:
@@ -321,6 +321,8 @@ def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], met
         lora: rank, alpha and target modules for ``"lora"`` / ``"svd"``.
         merge: passed to the :class:`Trajectory` (merged or unmerged targets).
         seed: seeds the recording's randomness (sigmas, noise) without touching the caller's RNG state.
+        wrap: applied once to the degrading score before training, e.g. ``DistributedDataParallel``
+            so that its gradients are averaged over ranks (then :func:`~disback_core.distributed.share_trajectory`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -342,6 +344,7 @@ def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], met
         with torch.no_grad():
             x0 = call_generator(generator, first.z[:probe_size], cond)
         rec.set_probe(probe_inputs(x0, cond, **_sigma_range(teacher)))
+        degrading = wrap(rec.module) if wrap is not None else rec.module
         losses, running = [], 0.0
         it = range(1, steps + 1)
         if progress:
@@ -352,7 +355,7 @@ def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], met
             batch = first if i == 1 else as_batch(sample())
             with torch.no_grad():
                 x = call_generator(generator, batch.z, batch.cond)
-            loss = loss_fn(rec.module, x, batch.cond)
+            loss = loss_fn(degrading, x, batch.cond)
             running += float(loss.detach())
             if rec.update(loss):
                 losses.append(running / rec.interval)
