@@ -197,6 +197,10 @@ def test_bad_input_is_refused_with_its_name():
         attach(fake, Trajectory(fake, traj.nodes, kind="lora", lora=traj.lora), schedule=5)
     with pytest.raises(TypeError, match="module must be"):
         attach("unet", traj)
+    quantised = copy.deepcopy(fake)
+    quantised.conv0.weight = torch.nn.Parameter(quantised.conv0.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="'conv0.weight' has dtype torch.int8: a node's weights cannot be cast"):
+        attach(quantised, traj)
 
 
 def test_recorder_and_recording_refuse_or_accept_what_users_pass():
