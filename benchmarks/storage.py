@@ -12,7 +12,7 @@ settings.
 from __future__ import annotations
 
 import argparse
-import copy
+import math
 import tempfile
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 from disback_core import LoraSpec, make_generator, record_degradation
 from disback_core.adapters import DMD2
 from disback_core.bench.problems import get_problem
-from disback_core.lora import default_target_modules, inject_lora, lora_state_template
+from disback_core.lora import default_target_modules, lora_template
 from disback_core.storage import write_json
 
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -80,9 +80,7 @@ def counted(name: str, config: dict, ranks=(16, 64)) -> dict:
     total = sum(p.numel() for p in unet.parameters())
     row = {"model": name, "params": total, "targets": default_target_modules(unet)}
     for r in ranks:
-        with init_empty_weights():
-            slot = inject_lora(copy.deepcopy(unet), LoraSpec(rank=r))
-        n = sum(v.numel() for v in lora_state_template(slot).values())
+        n = sum(math.prod(s) for s in lora_template(unet, LoraSpec(rank=r)).values())
         row[f"rank{r}_params"] = n
         row[f"rank{r}_share"] = n / total
         row[f"rank{r}_10_nodes_bf16_GB"] = 10 * n * 2 / 1e9
