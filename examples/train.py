@@ -1,0 +1,317 @@
+"""Reference training script: DMD2, Diff-Instruct or SiD, with or without DisBack, on one or many processes.
+
+    python examples/train.py --problem toy2d --method dmd2 --disback --iterations 1500 --out runs/train
+    accelerate launch --num_processes 2 examples/train.py --problem toy2d --method dmd2 --disback
+    torchrun --nproc-per-node 2 examples/train.py --problem digits --method sid --fsdp
+    python examples/train.py --unet tiny-text --method dmd2 --disback     # a diffusers UNet2DConditionModel
+    python examples/train.py ... --resume                                  # continue exactly where it stopped
+
+Roles: the generator and the fake score are wrapped by DDP (``accelerator.prepare``) or sharded by
+FSDP2 (``--fsdp``, ``fully_shard`` on every child module and the root); the teacher and the
+trajectory are never wrapped. Degradation Recording runs with DDP-averaged gradients; rank 0
+writes the path, every rank loads and checks it (:func:`disback_core.distributed.share_trajectory`).
+Gradient accumulation (``--grad-accum``) skips DDP's all-reduce on all but the last micro-batch;
+``--mixed-precision bf16`` autocasts the forward passes; tqdm and logs on rank 0 only; optional
+TensorBoard (``--tensorboard``). ``--save-every`` writes a resumable state (:mod:`disback_core.state`):
+models, optimizers, LR schedulers, the backtracking schedule, every rank's RNG states and the data
+position; ``--resume`` continues from the newest one and refuses a state of another configuration.
+(Not yet with ``--fsdp``: sharded states need ``torch.distributed.checkpoint``.)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from disback_core import (Backtrack, Batch, DiffusersDenoiser, FixedInterval, LoraSpec, make_generator,
+                          record_degradation, trainable_copy)
+from disback_core.adapters import DMD2, DiffInstruct, SiD
+from disback_core.distributed import share_trajectory
+from disback_core.step import optimizer_params
+
+METHODS = {"dmd2": (DMD2, 80.0), "di": (DiffInstruct, 1.0), "sid": (SiD, 2.5)}
+UNETS = {  # random-weight diffusers configs (no downloads); a local model folder works too
+    "tiny-text": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                      attention_head_dim=8, norm_num_groups=8),
+    "tiny-class": dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, num_class_embeds=11),
+}
+# Which options define a run: a saved state from another configuration is refused on --resume.
+RUN_KEYS = ("problem", "unet", "method", "disback", "iterations", "batch_size", "grad_accum", "lr", "seed",
+            "record_steps", "nodes", "rank", "node_mode", "share", "mixed_precision", "fsdp", "max_grad_norm",
+            "warmup", "teacher_steps")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--problem", choices=["toy2d", "digits", "digits-cond"], help="a built-in problem (default toy2d)")
+    src.add_argument("--unet", help=f"a diffusers UNet: {sorted(UNETS)} (random weights) or a local model folder")
+    ap.add_argument("--method", choices=sorted(METHODS), default="dmd2")
+    ap.add_argument("--disback", action="store_true", help="record the degradation path, then backtrack along it")
+    ap.add_argument("--iterations", type=int, default=1000, help="generator updates")
+    ap.add_argument("--batch-size", type=int, default=256, help="global batch per update (split over ranks)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update on each rank")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--warmup", type=int, default=0, help="linear LR warm-up, in updates")
+    ap.add_argument("--max-grad-norm", type=float, default=10.0)
+    ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    ap.add_argument("--fsdp", action="store_true", help="shard generator and fake score with FSDP2 instead of DDP")
+    ap.add_argument("--record-steps", type=int, default=500)
+    ap.add_argument("--nodes", type=int, default=5)
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank of the path's nodes")
+    ap.add_argument("--node-mode", choices=["lora", "svd", "full"], default="lora")
+    ap.add_argument("--share", type=float, default=0.1, help="share of the updates spent on degraded targets")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher-steps", type=int, default=None, help="built-in problems: teacher training steps")
+    ap.add_argument("--cache-dir", help="built-in problems: where trained teachers are cached")
+    ap.add_argument("--out", default="runs/train")
+    ap.add_argument("--save-every", type=int, default=0, help="write a resumable state every N updates (0: at the end)")
+    ap.add_argument("--keep", type=int, default=3, help="resumable states kept")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stop-after", type=int, default=0, help="stop (after saving) at this update, as if interrupted")
+    ap.add_argument("--tensorboard", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.fsdp and (args.save_every or args.resume or args.stop_after):
+        raise SystemExit("--fsdp: resumable states of sharded runs (torch.distributed.checkpoint) are not "
+                         "implemented yet; run without --save-every/--resume/--stop-after, or with DDP")
+    if args.problem is None and args.unet is None:
+        args.problem = "toy2d"
+    for name in ("iterations", "batch_size", "grad_accum", "nodes", "rank", "record_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def build_task(args: argparse.Namespace, accelerator: Any) -> dict[str, Any]:
+    """The teacher, a batch sampler ``sample(n, generator) -> Batch`` and an evaluation (or None)."""
+    if args.problem:
+        from disback_core.bench.problems import get_problem
+
+        kw = {} if args.teacher_steps is None else {"teacher_steps": args.teacher_steps}
+        with accelerator.main_process_first():  # rank 0 trains and caches the teacher, the others load it
+            problem = get_problem(args.problem, args.cache_dir, **kw)
+        z, c = problem.eval_inputs()
+        return {"teacher": problem.teacher, "sigma_data": problem.sigma_data, "sample": problem.batch,
+                "evaluate": lambda g: problem.evaluate(_generate(g, z, c), c)}
+    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+    if args.unet in UNETS:
+        cfg = UNETS[args.unet]
+        torch.manual_seed(args.seed)
+        unet = (UNet2DConditionModel if "cross_attention_dim" in cfg else UNet2DModel)(**cfg)
+    else:
+        folder = Path(args.unet)
+        cfg = json.loads((folder / "config.json").read_text())
+        cls = UNet2DConditionModel if cfg.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+        unet = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    teacher = DiffusersDenoiser(unet.eval().requires_grad_(False), scheduler=DDPMScheduler(), clamp=True)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    text = getattr(unet.config, "cross_attention_dim", None)
+    classes = getattr(unet.config, "num_class_embeds", None)
+
+    def sample(n: int, g: torch.Generator) -> Batch:
+        if text:  # text-like conditions: random "prompt embeddings", 7 tokens
+            cond = torch.randn(n, 7, int(text), generator=g)
+        elif classes:
+            cond = torch.randint(0, int(classes), (n,), generator=g)
+        else:
+            cond = None
+        return Batch(torch.randn(n, *shape, generator=g), cond)
+
+    return {"teacher": teacher, "sigma_data": 0.5, "sample": sample, "evaluate": None}
+
+
+def _generate(generator: nn.Module, z: torch.Tensor, cond: Any, chunk: int = 1024) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([generator(z[i:i + chunk], None if cond is None else cond[i:i + chunk])
+                          for i in range(0, len(z), chunk)])
+
+
+# ------------------------------------------------------------------------------------------ wrapping
+
+
+def shard(module: nn.Module) -> nn.Module:
+    """FSDP2: ``fully_shard`` every direct child holding parameters, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in module.modules():
+        if child is not module and any(True for _ in child.parameters(recurse=False)) and \
+                sum(p.numel() for p in child.parameters()) >= 1 << 12:
+            fully_shard(child)
+    fully_shard(module)
+    return module
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    return module.no_sync() if not last and hasattr(module, "no_sync") else contextlib.nullcontext()
+
+
+def update(loss_fn: Callable[[Batch], torch.Tensor], wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler: Any, batches: list[Batch], max_grad_norm: float, accelerator: Any) -> float:
+    """One optimizer step over ``len(batches)`` micro-batches: DDP all-reduces on the last one only;
+    each micro-batch's loss is divided by their number; only the optimizer's parameters get gradients."""
+    params = optimizer_params(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, batch in enumerate(batches):
+        with _no_sync(wrapped, i == len(batches) - 1), accelerator.autocast():
+            loss = loss_fn(batch) / len(batches)
+        loss.backward(inputs=params)
+        total += float(loss.detach())
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return total
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from disback_core.state import latest_state, load_state, save_state
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
+                              log_with="tensorboard" if args.tensorboard else None,
+                              project_dir=args.out)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if args.batch_size % (world * args.grad_accum):
+        raise SystemExit(f"--batch-size {args.batch_size} does not divide into {world} ranks x "
+                         f"{args.grad_accum} micro-batches")
+    micro = args.batch_size // (world * args.grad_accum)
+    out = Path(args.out)
+    config = {k: getattr(args, k) for k in RUN_KEYS} | {"world_size": world}
+    task = build_task(args, accelerator)
+    teacher = task["teacher"].to(accelerator.device)
+    method_cls, sigma_init = METHODS[args.method]
+    method = method_cls(sigma_data=task["sigma_data"])
+    set_seed(args.seed)  # Python, numpy and torch: identical initial models on every rank
+    data = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data stream
+    draw = lambda: _to(task["sample"](micro, data), accelerator.device)  # noqa: E731
+    generator = make_generator(teacher, sigma_init).to(accelerator.device)
+    fake: nn.Module = trainable_copy(teacher)
+    distiller: Any = method
+    target: nn.Module = teacher
+    if args.disback:
+        path = out / "trajectory"
+        if args.resume and (path / "manifest.json").is_file():
+            from disback_core import Trajectory
+
+            traj = Trajectory.load(path, teacher)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            g0 = copy.deepcopy(generator).requires_grad_(False)
+            traj = record_degradation(teacher, g0, method, draw, steps=args.record_steps, nodes=args.nodes,
+                                      lr=args.lr, mode=args.node_mode, lora=LoraSpec(rank=args.rank),
+                                      seed=args.seed, wrap=DDP if world > 1 else None,
+                                      progress=accelerator.is_main_process and not args.no_progress)
+            traj = share_trajectory(traj if rank == 0 else None, path, teacher)  # one verified path on all ranks
+        distiller = Backtrack(method, traj, FixedInterval.from_share(args.iterations, traj.last, args.share))
+        fake, target = distiller.initial_fake(), distiller.target
+    warm = lambda step: min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0  # noqa: E731
+    g_opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, weight_decay=0.01)
+    f_opt = torch.optim.AdamW([*fake.parameters(), *distiller.critic_parameters()], lr=args.lr, weight_decay=0.01)
+    g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, warm)
+    f_sched = torch.optim.lr_scheduler.LambdaLR(f_opt, warm)
+    if args.fsdp:
+        gen_w, fake_w = shard(generator), shard(fake)
+    else:
+        gen_w, fake_w = accelerator.prepare(generator, fake)  # DDP when world > 1; optimizers stay plain
+    start = 0
+    if args.resume and latest_state(out / "state") is not None:
+        got = load_state(out / "state", modules={"generator": unwrap(gen_w), "fake": unwrap(fake_w)},
+                         optimizers={"generator": g_opt, "fake": f_opt}, schedulers={"generator": g_sched, "fake": f_sched},
+                         generators={"data": data}, config=config, rank=rank, world_size=world)
+        start = got["step"]
+        if args.disback:
+            distiller.load_state_dict(got["extra"]["backtrack"])
+        accelerator.print(f"resumed at update {start}")
+    if args.tensorboard:
+        accelerator.init_trackers("disback", config={k: v for k, v in config.items() if v is not None})
+    fake_unwrapped, gen_unwrapped = unwrap(fake_w), unwrap(gen_w)
+
+    def save(step: int) -> None:
+        save_state(out / "state", step=step, modules={"generator": gen_unwrapped, "fake": fake_unwrapped},
+                   optimizers={"generator": g_opt, "fake": f_opt}, schedulers={"generator": g_sched, "fake": f_sched},
+                   generators={"data": data}, extra={"backtrack": distiller.state_dict() if args.disback else None},
+                   config=config, keep=args.keep, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone)
+
+    def critic_loss(b: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            x = gen_unwrapped(b.z, b.cond)
+        return distiller.fake_score_loss(x, fake_w, b.cond, real=b.real, real_cond=b.real_cond)["loss"]
+
+    def generator_loss(b: Batch) -> torch.Tensor:  # the fake is read unwrapped: no DDP reduction for it
+        return distiller.generator_loss(gen_w(b.z, b.cond), target, fake_unwrapped, b.cond)["loss"]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, args.iterations), initial=start, total=args.iterations,
+               disable=not accelerator.is_main_process or args.no_progress, desc=f"{args.method}")
+    logs: dict[str, float] = {}
+    for it in bar:
+        for _ in range(method.critic_steps):
+            logs["critic"] = update(critic_loss, fake_w, f_opt, f_sched, [draw() for _ in range(args.grad_accum)],
+                                    args.max_grad_norm, accelerator)
+        logs["generator"] = update(generator_loss, gen_w, g_opt, g_sched, [draw() for _ in range(args.grad_accum)],
+                                   args.max_grad_norm, accelerator)
+        distiller.on_generator_step()
+        if not all(math.isfinite(v) for v in logs.values()):
+            raise FloatingPointError(f"non-finite loss at update {it + 1}: {logs}")
+        if args.tensorboard:
+            accelerator.log(logs, step=it + 1)
+        bar.set_postfix(logs)
+        if args.save_every and (it + 1) % args.save_every == 0:
+            save(it + 1)
+        if args.stop_after and it + 1 >= args.stop_after:
+            if not args.save_every or (it + 1) % args.save_every:
+                save(it + 1)
+            accelerator.end_training()
+            return {"logs": logs, "updates": it + 1, "stopped": True}
+    if not args.fsdp and (not args.save_every or args.iterations % args.save_every):
+        save(args.iterations)
+    result: dict[str, Any] = {"logs": logs, "updates": args.iterations, "world_size": world}
+    if args.disback:
+        result["switches"] = distiller.switches
+    if task["evaluate"] is not None:  # on every rank: a sharded generator's forward needs them all
+        result["metrics"] = task["evaluate"](gen_unwrapped)
+        accelerator.print(f"final metrics {result['metrics']}")
+    if accelerator.is_main_process:
+        (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    accelerator.end_training()
+    return result
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return Batch(move(batch.z), move(batch.cond), move(batch.real), move(batch.real_cond))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
