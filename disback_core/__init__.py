@@ -19,6 +19,7 @@ from .recording import DegradationRecorder, probe_inputs, record_degradation
 from .schedules import AdaptiveGap, FixedInterval, NodeCursor, TeacherOnly, score_gap
 from .backtracking import Backtrack
 from .attach import Attachment, attach
+from .state import latest_state, list_states, load_state, save_state
 
 __version__ = "0.1.0"
 
@@ -33,4 +34,5 @@ __all__ = [
     "record_degradation", "DegradationRecorder", "probe_inputs",
     "Backtrack", "FixedInterval", "AdaptiveGap", "TeacherOnly", "NodeCursor", "score_gap",
     "attach", "Attachment", "Unconditional", "check_denoiser",
+    "save_state", "load_state", "latest_state", "list_states",
 ]

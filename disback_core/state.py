@@ -1,0 +1,1015 @@
+"""Resumable training state: one call saves everything a distillation run needs to continue
+(:func:`save_state`), one call restores it exactly (:func:`load_state`). No pickle: tensors go to
+safetensors files, everything else to JSON; ``torch.load`` is never used.
+
+On disk, one run folder::
+
+    latest.json                     the switch: {"directory": "step-000001200", "manifest_sha256": ...}
+    step-000001000/                 the previous states (the last ``keep`` are kept)
+    step-000001200/
+        manifest.json               format, version, step, config and its hash, world size, library and
+                                    torch versions, the optimizers' param_groups and non-tensor state,
+                                    the schedulers' state, extra, and every file's sha256 and size
+        module-<name>.safetensors   each module's state_dict
+        optimizer-<name>.safetensors  each optimizer's tensors (``state.<param index>.<key>``)
+        extra.safetensors           tensors found in schedulers' states or in ``extra`` (only if any)
+        rng-rank<r>.safetensors     per rank: torch CPU RNG, CUDA RNG of every device, named generators
+        rng-rank<r>.json            per rank: numpy's global RNG and Python's ``random`` state
+
+A save writes everything into a temporary sibling folder (``.step-<step>.tmp-<pid>``), fsyncing
+every file and the folder, renames it into place, then replaces ``latest.json`` atomically (temp
+file, fsync, ``os.replace``, fsync of the run folder): that replacement is the switch. Only then
+are the step folders beyond the last ``keep`` and stray temporary folders removed. A state saved
+again at a step that already has a folder is switched to under its temporary name first, so
+``latest.json`` always names a complete folder; a folder named ``step-<step>`` is only ever made by
+renaming a complete one. The same state gives the same bytes in every file.
+
+A load reads ``latest.json`` (or the step folder it is given), checks the manifest and every file's
+size and sha256 (streamed) before any tensor is read, the run configuration, the world size, the
+names and shapes of everything it restores, and only then writes into the caller's modules,
+optimizers, schedulers, generators and RNGs. Every problem is a
+:class:`~disback_core.storage.StorageError` naming the file and the problem.
+
+Not in scope here: sharded states (FSDP / ``torch.distributed.checkpoint``); every rank of a
+replicated (DDP) run shares one folder on a shared file system, rank 0 writing all but the RNG files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import stat
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .storage import StorageError, config_hash, load_tensors, read_json, save_tensors
+
+__all__ = ["save_state", "load_state", "latest_state", "list_states", "FORMAT", "VERSION"]
+
+FORMAT = "disback-state"
+POINTER_FORMAT = "disback-state-pointer"
+VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest.json"
+EXTRA_FILE = "extra.safetensors"
+MAX_STEP = 999_999_999  # nine digits in the folder name
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_RNG_JSON_BYTES = 1 << 20
+_CHUNK = 1 << 20
+_STEP_DIR = re.compile(r"step-(\d{9})")
+_TMP_DIR = re.compile(r"\.step-(\d{9})\.tmp-[A-Za-z0-9-]{1,80}")
+_POINTER_TMP = ".latest.json.tmp-"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TAGS = ("__tuple__", "__tensor__", "__dict__", "__float__")
+_MAX_DEPTH = 60
+
+
+# --------------------------------------------------------------------------- JSON encoding
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _encode(obj: Any, where: str, sink: dict[str, Tensor] | None, key: str, depth: int = 0) -> Any:
+    """``obj`` as JSON-able data. Tuples, dicts with non-string keys and non-finite floats are tagged
+    (``{"__tuple__": [...]}``, ``{"__dict__": [[k, v], ...]}``, ``{"__float__": "inf"}``); tensors go to
+    ``sink`` under the dotted ``key`` and are referenced as ``{"__tensor__": key}`` (refused if
+    ``sink`` is None). Anything else is a ``TypeError`` naming ``where``."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{where} is nested more than {_MAX_DEPTH} levels deep")
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else {"__float__": repr(float(obj))}
+    if isinstance(obj, Tensor):
+        if sink is None:
+            raise TypeError(f"{where} is a tensor; tensors are not allowed there")
+        name = key or "value"
+        while name in sink:
+            name += "~"
+        sink[name] = obj
+        return {"__tensor__": name}
+    if type(obj).__module__ == "numpy" and getattr(obj, "ndim", None) == 0 and hasattr(obj, "item"):
+        return _encode(obj.item(), where, sink, key, depth)  # a numpy scalar: saved as a Python number
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{where}[{i}]", sink, _join(key, i), depth + 1) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{where}[{i}]", sink, _join(key, i), depth + 1) for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) and k not in _TAGS for k in obj):
+            return {k: _encode(v, f"{where}[{k!r}]", sink, _join(key, k), depth + 1) for k, v in obj.items()}
+        return {"__dict__": [[_encode(k, f"{where} key {k!r}", None, "", depth + 1),
+                              _encode(v, f"{where}[{k!r}]", sink, _join(key, k), depth + 1)] for k, v in obj.items()]}
+    raise TypeError(f"{where} is a {type(obj).__name__}, which a state cannot hold "
+                    "(JSON values, tuples, dicts, numpy scalars and tensors can)")
+
+
+def _decode(obj: Any, tensors: Mapping[str, Tensor], where: str) -> Any:
+    """Inverse of :func:`_encode`; a malformed tag or a missing tensor is a StorageError naming ``where``."""
+    if isinstance(obj, list):
+        return [_decode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if not isinstance(obj, dict):
+        return obj
+    tags = [k for k in obj if k in _TAGS]
+    if not tags:
+        return {k: _decode(v, tensors, f"{where}[{k!r}]") for k, v in obj.items()}
+    if len(obj) != 1:
+        raise StorageError(f"{where}: a tagged value {tags[0]!r} has other keys beside it")
+    tag, v = next(iter(obj.items()))
+    if tag == "__tuple__" and isinstance(v, list):
+        return tuple(_decode(x, tensors, f"{where}[{i}]") for i, x in enumerate(v))
+    if tag == "__tensor__" and isinstance(v, str):
+        if v not in tensors:
+            raise StorageError(f"{where}: tensor {v!r} is not in the state's tensor file")
+        return tensors[v]
+    if tag == "__float__" and v in ("nan", "inf", "-inf"):
+        return float(v)
+    if tag == "__dict__" and isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v):
+        out = {}
+        for i, (k, x) in enumerate(v):
+            k = _decode(k, tensors, f"{where} key {i}")
+            try:
+                out[k] = _decode(x, tensors, f"{where}[{k!r}]")
+            except TypeError:
+                raise StorageError(f"{where}: key {i} ({k!r}) cannot be a dict key") from None
+        return out
+    raise StorageError(f"{where}: malformed {tag} value {str(v)[:60]!r}")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    """Deterministic JSON bytes (ASCII, no NaN). Keys keep their order, so that a restored dict
+    iterates like the saved one; the library's own sections are built in a fixed order."""
+    return (json.dumps(obj, indent=1, ensure_ascii=True, allow_nan=False) + "\n").encode()
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _parse_json(data: bytes, path: Path) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise StorageError(f"{path} is not valid JSON: {str(e)[:200]}") from None
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (new files, renames) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist), write ``data`` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically: temp file beside it, fsync, ``os.replace``, fsync of the folder."""
+    tmp = path.parent / f"{_POINTER_TMP}{os.getpid()}"
+    _remove(tmp)
+    try:
+        _write_new(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, symlink or folder tree at ``path`` if there is one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _open_regular(path: Path, what: str) -> tuple[Any, int]:
+    """Open a regular file (not a symlink) for reading; returns it and its size."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StorageError(f"{what} {path} is missing") from None
+    except OSError as e:
+        raise StorageError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise StorageError(f"{what} {path} is a symlink; only regular files are read")
+    if not stat.S_ISREG(st.st_mode):
+        raise StorageError(f"{what} {path} is not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise StorageError(f"{what} {path} cannot be opened: {e.strerror or e}") from None
+    f = os.fdopen(fd, "rb")
+    return f, os.fstat(f.fileno()).st_size
+
+
+def _sha256_stream(path: Path, what: str) -> tuple[str, int]:
+    """sha256 and size of a regular file, read in 1 MiB chunks."""
+    f, _ = _open_regular(path, what)
+    h, n = hashlib.sha256(), 0
+    with f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _read_small(path: Path, what: str, max_bytes: int, sha256: str | None = None) -> bytes:
+    """Read a regular file of at most ``max_bytes``; with ``sha256``, refuse other contents."""
+    f, size = _open_regular(path, what)
+    with f:
+        if size > max_bytes:
+            raise StorageError(f"{what} {path} is {size} bytes, more than the {max_bytes} allowed")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise StorageError(f"{what} {path} grew beyond {max_bytes} bytes while it was read")
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise StorageError(f"{what} {path} fails its sha256 check: it was modified, truncated or replaced")
+    return data
+
+
+def _link_copy(src: Path, dst: Path) -> None:
+    """A new folder ``dst`` holding the files of ``src`` as hard links (copies where links fail)."""
+    _remove(dst)
+    dst.mkdir()
+    for entry in sorted(os.listdir(src)):
+        s, d = src / entry, dst / entry
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copyfile(s, d)
+            with open(d, "rb+") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(dst)
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
+    if type(value) is not int or value < lo or (hi is not None and value > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
+    return value
+
+
+def _check_names(objs: Mapping[str, Any], arg: str, kind: type | tuple[type, ...] | None = None) -> None:
+    if not isinstance(objs, Mapping):
+        raise TypeError(f"{arg} must be a mapping of names to objects, got {type(objs).__name__}")
+    for name, obj in objs.items():
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(f"{arg}: name {name!r} must be 1-100 characters of letters, digits, '_', '.' "
+                             "or '-', not starting with '.' or '-'")
+        if kind is not None and not isinstance(obj, kind):
+            want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise TypeError(f"{arg}[{name!r}] is a {type(obj).__name__}, not a {want}")
+        if kind is None and not (callable(getattr(obj, "state_dict", None))
+                                 and callable(getattr(obj, "load_state_dict", None))):
+            raise TypeError(f"{arg}[{name!r}] ({type(obj).__name__}) has no state_dict/load_state_dict")
+
+
+def _check_ranks(rank: int, world_size: int) -> None:
+    _check_int(world_size, "world_size", 1)
+    _check_int(rank, "rank", 0, world_size - 1)
+
+
+# --------------------------------------------------------------------------- collecting a state
+
+
+def _param_names(modules: Mapping[str, nn.Module]) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for mname, m in modules.items():
+        for pname, p in m.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), f"{mname}.{pname}")
+    return names
+
+
+def _optimizer_params(opt: torch.optim.Optimizer, names: Mapping[int, str]) -> list[list[Any]]:
+    """Per parameter of the optimizer, in its order: [module-qualified name or None, shape]."""
+    return [[names.get(id(p)), list(p.shape)] for g in opt.param_groups for p in g["params"]]
+
+
+def _module_tensors(name: str, module: nn.Module) -> dict[str, Tensor]:
+    sd = module.state_dict()
+    for k, v in sd.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"modules[{name!r}]: state_dict entry {k!r} is a {type(v).__name__}, not a tensor")
+    return dict(sd)
+
+
+def _rng_state(generators: Mapping[str, torch.Generator], rank: int,
+               world_size: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """This process's RNG states: tensors (torch CPU, CUDA, named generators) and JSON (numpy, Python)."""
+    tensors = {"torch.cpu": torch.get_rng_state()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    for i, s in enumerate(cuda):
+        tensors[f"torch.cuda.{i}"] = s
+    for name, g in generators.items():
+        tensors[f"generator.{name}"] = g.get_state()
+    version, internal, gauss = random.getstate()
+    info: dict[str, Any] = {
+        "format": FORMAT + "-rng", "rank": rank, "world_size": world_size, "cuda_devices": len(cuda),
+        "generators": {n: {"device": str(g.device)} for n, g in generators.items()},
+        "python": {"version": version, "state": list(internal), "gauss_next": _encode(gauss, "gauss", None, "")},
+        "numpy": _numpy_state(),
+    }
+    return tensors, info
+
+
+def _numpy_state() -> dict[str, Any] | None:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return None
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"bit_generator": kind, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached_gaussian": _encode(float(cached), "cached_gaussian", None, "")}
+
+
+def _library_version() -> str:
+    import disback_core
+
+    return str(getattr(disback_core, "__version__", "unknown"))
+
+
+class _Payload:
+    """What rank 0 writes: tensor files and the manifest's sections, collected before anything is written."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
+                 schedulers: Mapping[str, Any], extra: Mapping[str, Any], config: Mapping[str, Any]):
+        self.files: dict[str, dict[str, Tensor]] = {}
+        self.sections: dict[str, Any] = {"modules": {}, "optimizers": {}}
+        for name, m in modules.items():
+            fname = f"module-{name}.safetensors"
+            self.files[fname] = _module_tensors(name, m)
+            self.sections["modules"][name] = {"file": fname}
+        names = _param_names(modules)
+        for name, opt in optimizers.items():
+            fname, sink = f"optimizer-{name}.safetensors", {}
+            sd = _encode(opt.state_dict(), f"optimizers[{name!r}].state_dict()", sink, "")
+            self.files[fname] = sink
+            self.sections["optimizers"][name] = {"file": fname, "state_dict": sd,
+                                                 "params": _optimizer_params(opt, names)}
+        sink = {}
+        self.sections["schedulers"] = {
+            n: _encode(s.state_dict(), f"schedulers[{n!r}].state_dict()", sink, f"schedulers.{n}")
+            for n, s in schedulers.items()}
+        self.sections["extra"] = _encode(dict(extra), "extra", sink, "extra")
+        self.sections["tensors_file"] = EXTRA_FILE if sink else None
+        if sink:
+            self.files[EXTRA_FILE] = sink
+        self.sections["config"] = _encode(dict(config), "config", None, "")
+        self.sections["config_hash"] = config_hash(config)
+
+
+def _write_tensors(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    sha = save_tensors(path, tensors)
+    return {"sha256": sha, "size": os.stat(path).st_size}
+
+
+def _write_rank_files(tmp: Path, rank: int, tensors: Mapping[str, Tensor], info: Mapping[str, Any]) -> dict[str, Any]:
+    files = {f"rng-rank{rank}.safetensors": _write_tensors(tmp / f"rng-rank{rank}.safetensors", tensors)}
+    data = _json_bytes(info)
+    _write_new(tmp / f"rng-rank{rank}.json", data)
+    files[f"rng-rank{rank}.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    return files
+
+
+def _hash_rank_files(tmp: Path, rank: int) -> dict[str, Any]:
+    out = {}
+    for fname in (f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"):
+        sha, size = _sha256_stream(tmp / fname, f"rank {rank}'s RNG file")
+        out[fname] = {"sha256": sha, "size": size}
+    return out
+
+
+# --------------------------------------------------------------------------- switching
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def _tmp_name(step: int, world_size: int) -> str:
+    # Every rank must find the same folder without communicating: one name per world when ranks share it.
+    return f".step-{step:09d}.tmp-" + (str(os.getpid()) if world_size == 1 else f"ws{world_size}")
+
+
+def _write_pointer(folder: Path, directory: str, step: int, manifest_sha: str) -> None:
+    _replace_file(folder / LATEST, _json_bytes({"format": POINTER_FORMAT, "version": VERSION, "step": step,
+                                                "directory": directory, "manifest_sha256": manifest_sha}))
+
+
+def _install(folder: Path, tmp: Path, step: int, manifest_sha: str) -> Path:
+    """Make the complete folder ``tmp`` the live state ``folder/step-<step>``; ``latest.json`` names a
+    complete folder at every moment."""
+    final = folder / _step_name(step)
+    if not os.path.lexists(final):
+        os.rename(tmp, final)
+        _fsync_dir(folder)
+        _write_pointer(folder, final.name, step, manifest_sha)
+        return final
+    # A folder of this step exists (perhaps the live one): switch to the new state under its
+    # temporary name first, then give it its name.
+    _write_pointer(folder, tmp.name, step, manifest_sha)
+    _move_in(folder, tmp, final, step, manifest_sha)
+    return final
+
+
+def _move_in(folder: Path, live: Path, final: Path, step: int, manifest_sha: str) -> None:
+    """``latest.json`` names the complete temporary folder ``live``: move whatever has the name
+    ``final`` aside, give ``live``'s files that name (hard links), switch to it, remove the rest."""
+    old, staged = folder / f"{live.name}-old", folder / f"{live.name}-link"
+    if os.path.lexists(final):
+        _remove(old)
+        os.rename(final, old)
+    _link_copy(live, staged)
+    os.rename(staged, final)
+    _fsync_dir(folder)
+    _write_pointer(folder, final.name, step, manifest_sha)
+    _remove(old)
+    _remove(live)
+
+
+def _recover(folder: Path) -> None:
+    """Finish a save that was interrupted after switching to a temporary folder (a re-save of a
+    step), so that the state it made live keeps its step name and is not removed as a stray."""
+    if not os.path.lexists(folder / LATEST):
+        return
+    try:
+        live, sha = _read_pointer(folder)
+    except StorageError:
+        return  # a broken pointer: the new save replaces it
+    m = _TMP_DIR.fullmatch(live.name)
+    if m is not None:
+        _move_in(folder, live, folder / _step_name(int(m.group(1))), int(m.group(1)), sha)
+
+
+def _cleanup(folder: Path, step: int, keep: int, live: str) -> None:
+    """Remove stray temporary folders and files, step folders after ``step`` (an abandoned future
+    of a run resumed from an earlier state) and all but the ``keep`` newest up to ``step``."""
+    steps, doomed = [], []
+    for entry in os.scandir(folder):
+        name = entry.name
+        if name == live:
+            continue
+        if _TMP_DIR.fullmatch(name) or name.startswith(_POINTER_TMP):
+            doomed.append(folder / name)
+        elif _STEP_DIR.fullmatch(name) and entry.is_dir(follow_symlinks=False):
+            steps.append(int(name[5:]))
+    kept = sorted((s for s in steps if s < step), reverse=True)[:keep - 1]
+    for s in steps:
+        if s not in kept:
+            aside = folder / f".{_step_name(s)}.tmp-{os.getpid()}-old"
+            _remove(aside)
+            os.rename(folder / _step_name(s), aside)  # a step-* folder is complete or absent, never partial
+            doomed.append(aside)
+    if doomed:
+        _fsync_dir(folder)
+    for p in doomed:
+        _remove(p)
+
+
+def _sync(barrier: Callable[[], None] | None) -> None:
+    if barrier is not None:
+        barrier()
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_state(folder: str | os.PathLike, *, step: int, modules: Mapping[str, nn.Module],
+               optimizers: Mapping[str, torch.optim.Optimizer] = {}, schedulers: Mapping[str, Any] = {},
+               generators: Mapping[str, torch.Generator] = {}, extra: Mapping[str, Any] = {},
+               config: Mapping[str, Any], keep: int = 3, rank: int = 0, world_size: int = 1,
+               barrier: Callable[[], None] | None = None) -> Path:
+    """Save everything needed to continue a run as ``folder/step-<step:09d>/`` and switch
+    ``folder/latest.json`` to it; returns that folder.
+
+    Args:
+        step: the iteration reached (0..999999999).
+        modules: modules by name; each module's ``state_dict()`` (parameters and buffers) is saved.
+        optimizers: optimizers by name: tensors to safetensors, ``param_groups`` and the rest to JSON,
+            with the module-qualified name and shape of each parameter (checked on load).
+        schedulers: LR schedulers (or any object with ``state_dict``/``load_state_dict``) by name;
+            tensors in their state go to ``extra.safetensors``.
+        generators: ``torch.Generator`` objects by name (a data sampler's: its state is the data position).
+        extra: any JSON-able data (``Backtrack.state_dict()``, ``Attachment.state_dict()``, the epoch,
+            the data index); tuples, non-string keys, non-finite floats and tensors are kept exactly.
+        config: the run's configuration (JSON-able); a load with another configuration is refused.
+        keep: how many step folders to keep (the newest up to this step); later steps are removed.
+        rank, world_size: this process in a replicated (DDP) run. Every rank writes its own RNG files;
+            rank 0 writes the rest (other ranks' modules, optimizers, ... are not read) and switches.
+        barrier: required when ``world_size > 1`` (e.g. ``torch.distributed.barrier``); called three
+            times: after rank 0 made the temporary folder, after every rank wrote, after the switch.
+
+    The RNG state saved is this process's: torch CPU, CUDA (every device, if CUDA is available),
+    numpy's global one and Python's ``random``. Saving consumes no random numbers. Not thread-safe:
+    one saver per run folder.
+    """
+    folder = Path(folder)
+    _check_int(step, "step", 0, MAX_STEP)
+    _check_int(keep, "keep", 1)
+    _check_ranks(rank, world_size)
+    if world_size > 1 and barrier is None:
+        raise ValueError(f"world_size={world_size} needs barrier= (e.g. torch.distributed.barrier)")
+    if barrier is not None and not callable(barrier):
+        raise TypeError(f"barrier must be callable, got {type(barrier).__name__}")
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"extra must be a mapping, got {type(extra).__name__}")
+    _check_names(generators, "generators", torch.Generator)
+    payload = None
+    if rank == 0:
+        _check_names(modules, "modules", nn.Module)
+        _check_names(optimizers, "optimizers", torch.optim.Optimizer)
+        _check_names(schedulers, "schedulers")
+        payload = _Payload(modules, optimizers, schedulers, extra, config)  # refuses bad values before any write
+    rng_tensors, rng_info = _rng_state(generators, rank, world_size)
+
+    tmp = folder / _tmp_name(step, world_size)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        _recover(folder)
+        _remove(tmp)
+        tmp.mkdir()
+    _sync(barrier)
+    final = folder / _step_name(step)
+    try:
+        files = _write_rank_files(tmp, rank, rng_tensors, rng_info)
+        if payload is not None:
+            for fname, tensors in payload.files.items():
+                files[fname] = _write_tensors(tmp / fname, tensors)
+    except BaseException:
+        if rank == 0:
+            _remove(tmp)
+        raise
+    _sync(barrier)
+    if payload is not None:
+        try:
+            for r in range(1, world_size):
+                files.update(_hash_rank_files(tmp, r))
+            manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
+                        "library_version": _library_version(), "torch_version": str(torch.__version__),
+                        "generators": sorted(generators), **payload.sections,
+                        "files": {k: files[k] for k in sorted(files)}}
+            data = _json_bytes(manifest)
+            _write_new(tmp / MANIFEST, data)
+            _fsync_dir(tmp)
+        except BaseException:
+            _remove(tmp)
+            raise
+        final = _install(folder, tmp, step, hashlib.sha256(data).hexdigest())
+        _cleanup(folder, step, keep, final.name)
+    _sync(barrier)
+    return final
+
+
+# --------------------------------------------------------------------------- finding a state
+
+
+def _read_pointer(folder: Path) -> tuple[Path, str]:
+    """The step folder ``latest.json`` names (checked: inside ``folder``, a real folder) and the
+    manifest sha256 it records."""
+    ptr = folder / LATEST
+    d = read_json(ptr, "state pointer")
+    keys = {"format", "version", "step", "directory", "manifest_sha256"}
+    if not isinstance(d, dict) or d.get("format") != POINTER_FORMAT or set(d) != keys:
+        raise StorageError(f"state pointer {ptr} is not a disback state pointer "
+                           f"(an object with exactly {sorted(keys)})")
+    if d["version"] != VERSION:
+        raise StorageError(f"state pointer {ptr} has version {str(d['version'])[:40]!r}; this library reads {VERSION}")
+    name, step, sha = d["directory"], d["step"], d["manifest_sha256"]
+    m = (_STEP_DIR.fullmatch(name) or _TMP_DIR.fullmatch(name)) if isinstance(name, str) else None
+    if m is None:
+        raise StorageError(f"state pointer {ptr} names {str(name)[:200]!r}, which is not a step folder inside {folder}")
+    if type(step) is not int or step != int(m.group(1)):
+        raise StorageError(f"state pointer {ptr}: step {str(step)[:40]!r} does not match its folder {name}")
+    if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+        raise StorageError(f"state pointer {ptr}: manifest_sha256 is not 64 hex digits")
+    path = folder / name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StorageError(f"state pointer {ptr} names {path}, which does not exist") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"state pointer {ptr} names {path}, which is not a folder (a symlink or a file)")
+    return path, sha
+
+
+def latest_state(folder: str | os.PathLike) -> Path | None:
+    """The step folder ``folder/latest.json`` points at, or None when no state was saved there yet.
+    A broken pointer is a :class:`StorageError` (files are not verified here: :func:`load_state` does)."""
+    folder = Path(folder)
+    if not os.path.lexists(folder / LATEST):
+        return None
+    return _read_pointer(folder)[0]
+
+
+def list_states(folder: str | os.PathLike) -> list[int]:
+    """Steps of the ``step-*`` folders in ``folder`` that hold a manifest, ascending (not verified)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(e.name[5:]) for e in os.scandir(folder) if _STEP_DIR.fullmatch(e.name)
+                  and e.is_dir(follow_symlinks=False) and os.path.isfile(os.path.join(e.path, MANIFEST)))
+
+
+def _resolve(folder: Path) -> tuple[Path, str | None]:
+    """(step folder, expected manifest sha256 or None) for a run folder or a step folder."""
+    if not folder.is_dir():
+        raise StorageError(f"state folder {folder} does not exist or is not a folder")
+    if os.path.lexists(folder / MANIFEST) or _STEP_DIR.fullmatch(folder.name) or _TMP_DIR.fullmatch(folder.name):
+        return folder, None
+    if not os.path.lexists(folder / LATEST):
+        raise StorageError(f"state folder {folder} has no {LATEST} and no {MANIFEST}: no state was saved there")
+    return _read_pointer(folder)
+
+
+# --------------------------------------------------------------------------- reading a manifest
+
+
+def _want(cond: bool, where: Path, problem: str) -> None:
+    if not cond:
+        raise StorageError(f"manifest {where}: {problem}")
+
+
+def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
+    path = step_dir / MANIFEST
+    if not os.path.lexists(path):
+        raise StorageError(f"step folder {step_dir} has no {MANIFEST}: an incomplete or foreign save")
+    data = _read_small(path, "manifest", MAX_MANIFEST_BYTES)
+    if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
+        raise StorageError(f"manifest {path} fails the sha256 recorded in {LATEST}: it was modified or replaced")
+    m = _parse_json(data, path)
+    _want(isinstance(m, dict) and m.get("format") == FORMAT, path, f"not a {FORMAT} manifest")
+    _want(m.get("version") == VERSION, path,
+          f"format version {str(m.get('version'))[:40]!r}; this library reads {VERSION}")
+    for key, kind in (("step", int), ("world_size", int), ("files", dict), ("modules", dict), ("optimizers", dict),
+                      ("schedulers", dict), ("generators", list), ("config", dict), ("config_hash", str)):
+        _want(type(m.get(key)) is kind, path, f"{key!r} is missing or not a {kind.__name__}")
+    _want(0 <= m["step"] <= MAX_STEP and m["world_size"] >= 1, path, "step or world_size out of range")
+    match = _STEP_DIR.fullmatch(step_dir.name) or _TMP_DIR.fullmatch(step_dir.name)
+    _want(match is None or int(match.group(1)) == m["step"], path, f"step {m['step']} does not match its folder's name")
+    _check_file_table(m, path)
+    return m
+
+
+def _check_file_table(m: dict[str, Any], path: Path) -> None:
+    """Every file entry has a plain name, a sha256 and a size; the table lists exactly the files the
+    manifest's sections name, and every rank's RNG files."""
+    for name, e in m["files"].items():
+        _want(bool(_NAME.fullmatch(name)) and name != MANIFEST, path,
+              f"file name {name[:200]!r} is not a plain file name")
+        _want(isinstance(e, dict) and set(e) == {"sha256", "size"} and isinstance(e["sha256"], str)
+              and bool(_HEX64.fullmatch(e["sha256"])) and type(e["size"]) is int and e["size"] >= 0,
+              path, f"file {name!r} needs a sha256 (64 hex digits) and a size")
+    want = {f"rng-rank{r}.{ext}" for r in range(m["world_size"]) for ext in ("safetensors", "json")}
+    for section in ("modules", "optimizers"):
+        for name, e in m[section].items():
+            _want(isinstance(e, dict) and isinstance(e.get("file"), str), path, f"{section}[{name!r}] names no file")
+            want.add(e["file"])
+    if m.get("tensors_file") is not None:
+        want.add(m["tensors_file"])
+    missing, extra = sorted(want - set(m["files"])), sorted(set(m["files"]) - want)
+    _want(not missing, path, f"file {missing[0] if missing else ''!r} is used but not in the file table")
+    _want(not extra, path, f"file {extra[0] if extra else ''!r} is in the file table but used by nothing")
+
+
+def _verify_files(step_dir: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
+    """Every listed file: a regular file of the recorded size and sha256 (streamed)."""
+    for name in sorted(files):
+        path, e = step_dir / name, files[name]
+        f, size = _open_regular(path, "state file")
+        f.close()
+        if size != e["size"]:
+            raise StorageError(f"state file {path} is {size} bytes, the manifest says {e['size']}: "
+                               "it was truncated or extended")
+        sha, _ = _sha256_stream(path, "state file")
+        if sha != e["sha256"]:
+            raise StorageError(f"state file {path} fails its sha256 check (expected {e['sha256'][:12]}..., "
+                               f"got {sha[:12]}...): it was modified")
+
+
+# --------------------------------------------------------------------------- checking what is restored
+
+
+def _config_diff(saved: Any, given: Any, path: str = "") -> list[str]:
+    """Dotted keys where two encoded configs differ, with both values."""
+    if isinstance(saved, dict) and isinstance(given, dict) and not (set(saved) & set(_TAGS)):
+        out = []
+        for k in sorted(set(saved) | set(given)):
+            p = _join(path, k)
+            if k not in given:
+                out.append(f"{p} (only in the state)")
+            elif k not in saved:
+                out.append(f"{p} (only in the given config)")
+            else:
+                out += _config_diff(saved[k], given[k], p)
+        return out
+    if saved == given and type(saved) is type(given):
+        return []
+    s, g = json.dumps(saved)[:60], json.dumps(given)[:60]
+    return [f"{path or '<config>'}: {s} in the state, {g} given"]
+
+
+def _check_config(m: Mapping[str, Any], config: Mapping[str, Any], path: Path) -> None:
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
+    given = _encode(dict(config), "config", None, "")
+    given_hash = config_hash(config)
+    if given == m["config"] and given_hash == m["config_hash"]:
+        return
+    diffs = _config_diff(m["config"], given) or ["no key differs: the config hash does"]
+    more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+    raise StorageError(f"{path}: the state is from another run configuration (config hash {m['config_hash']} "
+                       f"in the state, {given_hash} given); differing keys: {'; '.join(diffs[:5])}{more}")
+
+
+def _check_world(m: Mapping[str, Any], rank: int, world_size: int, path: Path) -> None:
+    if m["world_size"] != world_size:
+        raise StorageError(f"{path}: the state was saved by a run of world size {m['world_size']}; this run has "
+                           f"world size {world_size}")
+
+
+def _check_sections(m: Mapping[str, Any], given: Mapping[str, Mapping[str, Any]], strict: bool, path: Path) -> None:
+    """Everything passed must be in the state; with ``strict``, everything in the state must be passed."""
+    for section, objs in given.items():
+        saved = set(m[section])
+        missing = sorted(set(objs) - saved)
+        if missing:
+            raise StorageError(f"{path}: {section} {missing[0]!r} is not in the state (it holds {sorted(saved)})")
+        unused = sorted(saved - set(objs))
+        if strict and unused:
+            raise StorageError(f"{path}: the state holds {section} {unused[0]!r}, which was not passed "
+                               "(pass it, or strict=False to leave it)")
+
+
+def _check_module(name: str, module: nn.Module, saved: Mapping[str, Tensor], file: Path) -> None:
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in saved], [k for k in saved if k not in own]
+    if missing:
+        raise StorageError(f"{file}: module {name!r} does not fit the state: key {missing[0]!r} is not in the file"
+                           f" ({len(missing)} missing)")
+    if unexpected:
+        raise StorageError(f"{file}: module {name!r} does not fit the state: the file's key {unexpected[0]!r} is "
+                           f"not in the module ({len(unexpected)} unexpected)")
+    for k in own:  # the module's order: the first that does not fit is named
+        a, b = saved[k], own[k]
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            raise StorageError(f"{file}: module {name!r} does not fit the state: {k!r} is {a.dtype} "
+                               f"{list(a.shape)} in the file, {b.dtype} {list(b.shape)} in the module")
+
+
+def _check_optimizer(name: str, opt: torch.optim.Optimizer, sd: Any, params: Any, names: Mapping[int, str],
+                     file: Path) -> None:
+    where = f"{file}: optimizer {name!r}"
+    if not isinstance(sd, dict) or set(sd) != {"state", "param_groups"} or not isinstance(sd["state"], dict) \
+            or not isinstance(sd["param_groups"], list) \
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in sd["param_groups"]):
+        raise StorageError(f"{where}: the saved state_dict is not an optimizer state (state, param_groups)")
+    groups = sd["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise StorageError(f"{where}: {len(groups)} parameter groups in the state, {len(opt.param_groups)} here")
+    for i, (g, og) in enumerate(zip(groups, opt.param_groups)):
+        if len(g["params"]) != len(og["params"]):
+            raise StorageError(f"{where}: group {i} has {len(g['params'])} parameters in the state, "
+                               f"{len(og['params'])} here")
+    ids = [p for g in groups for p in g["params"]]
+    if len(set(ids)) != len(ids) or not set(sd["state"]) <= set(ids):
+        raise StorageError(f"{where}: the saved state names parameters its groups do not hold")
+    here = _optimizer_params(opt, names)
+    if params != here:
+        i = next((i for i, (a, b) in enumerate(zip(params, here)) if a != b), min(len(params), len(here)))
+        a = params[i] if i < len(params) else None
+        b = here[i] if i < len(here) else None
+        raise StorageError(f"{where}: parameter {i} is {a} (name, shape) in the state, {b} here: the optimizer "
+                           "holds other parameters or the same ones in another order")
+
+
+def _check_scheduler(name: str, sched: Any, sd: Any, strict: bool, path: Path) -> None:
+    if not isinstance(sd, dict):
+        raise StorageError(f"{path}: scheduler {name!r}: the saved state is not an object")
+    own = sched.state_dict()
+    if strict and set(sd) != set(own):
+        diff = sorted(set(sd) ^ set(own))
+        raise StorageError(f"{path}: scheduler {name!r} does not fit the state: key {diff[0]!r} is in only one of "
+                           "the state and this scheduler")
+
+
+def _scratch_generator(state: Tensor, device: str, where: str) -> None:
+    """Refuse an RNG state its generator would refuse, before anything is restored."""
+    try:
+        torch.Generator(device=device).set_state(state)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise StorageError(f"{where}: not a valid generator state: {str(e)[:200]}") from None
+
+
+class _RankRng:
+    """This rank's saved RNG states, checked."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], info: Any, rank: int, generators: Mapping[str, torch.Generator],
+                 strict: bool, tfile: Path, jfile: Path):
+        if not isinstance(info, dict) or info.get("format") != FORMAT + "-rng" or info.get("rank") != rank:
+            raise StorageError(f"RNG file {jfile} is not rank {rank}'s RNG state")
+        if "torch.cpu" not in tensors:
+            raise StorageError(f"RNG file {tfile} holds no torch CPU RNG state")
+        self.cpu = tensors["torch.cpu"]
+        _scratch_generator(self.cpu, "cpu", f"RNG file {tfile}: torch.cpu")
+        n = info.get("cuda_devices")
+        self.cuda = [tensors.get(f"torch.cuda.{i}") for i in range(n)] if type(n) is int and n >= 0 else None
+        if self.cuda is None or any(t is None for t in self.cuda):
+            raise StorageError(f"RNG file {tfile}: the CUDA RNG states do not match cuda_devices in {jfile}")
+        here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n != here:
+            if strict:
+                raise StorageError(f"RNG file {tfile} holds the CUDA RNG states of {n} devices; this process sees "
+                                   f"{here} (strict=False skips restoring them)")
+            self.cuda = []
+        self.generators = {}
+        saved_gens = info.get("generators")
+        for name, g in generators.items():
+            t = tensors.get(f"generator.{name}")
+            if t is None or not isinstance(saved_gens, dict) or name not in saved_gens:
+                raise StorageError(f"RNG file {tfile} holds no state for generator {name!r}")
+            dev = saved_gens[name].get("device") if isinstance(saved_gens[name], dict) else None
+            if dev != str(g.device):
+                raise StorageError(f"RNG file {jfile}: generator {name!r} was on {dev!r}, this one is on {g.device}")
+            _scratch_generator(t, str(g.device), f"RNG file {tfile}: generator {name!r}")
+            self.generators[name] = t
+        self.python = self._python(info.get("python"), jfile)
+        self.numpy = self._numpy(info.get("numpy"), strict, jfile)
+
+    @staticmethod
+    def _python(d: Any, jfile: Path) -> Any:
+        try:
+            st = (d["version"], tuple(d["state"]), _decode(d["gauss_next"], {}, "gauss_next"))
+            random.Random().setstate(st)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise StorageError(f"RNG file {jfile}: the Python random state is not valid: {str(e)[:200]}") from None
+        return st
+
+    @staticmethod
+    def _numpy(d: Any, strict: bool, jfile: Path) -> Any:
+        if d is None:
+            return None
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            if strict:
+                raise StorageError(f"RNG file {jfile} holds numpy's RNG state, but numpy cannot be imported") from None
+            return None
+        try:
+            st = (d["bit_generator"], np.array(d["keys"], dtype=np.uint32), d["pos"], d["has_gauss"],
+                  float(_decode(d["cached_gaussian"], {}, "cached_gaussian")))
+            np.random.RandomState().set_state(st)
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise StorageError(f"RNG file {jfile}: the numpy RNG state is not valid: {str(e)[:200]}") from None
+        return st
+
+    def restore(self, generators: Mapping[str, torch.Generator]) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.cuda)
+        for name, t in self.generators.items():
+            generators[name].set_state(t)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            import numpy as np
+
+            np.random.set_state(self.numpy)
+
+
+def _load(path: Path, sha: str) -> dict[str, Tensor]:
+    try:
+        return load_tensors(path, sha256=sha)
+    except StorageError:
+        raise
+    except Exception as e:  # a reader error of another type: still the file's problem
+        raise StorageError(f"tensor file {path} cannot be read: {str(e)[:200]}") from None
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_state(folder: str | os.PathLike, *, modules: Mapping[str, nn.Module],
+               optimizers: Mapping[str, torch.optim.Optimizer] = {}, schedulers: Mapping[str, Any] = {},
+               generators: Mapping[str, torch.Generator] = {}, config: Mapping[str, Any], rank: int = 0,
+               world_size: int = 1, strict: bool = True) -> dict[str, Any]:
+    """Restore a state saved by :func:`save_state` into the given objects, in place; returns
+    ``{"step": int, "extra": ..., "path": Path}``.
+
+    ``folder`` is a run folder (its ``latest.json`` is followed) or one step folder. Before anything is
+    written: the manifest (against the sha256 in ``latest.json``), every file's size and sha256,
+    ``config`` (its hash and content: a differing key is named), ``world_size``, this rank's RNG file,
+    and that every module's keys, shapes and dtypes and every optimizer's groups and parameters (names
+    and shapes) fit. Then modules (``load_state_dict(strict=True)``: the same parameter objects, so
+    optimizers stay valid), optimizers (tensors moved to each parameter's device by torch),
+    schedulers, generators and this rank's RNG states (torch CPU, CUDA, numpy, Python) are restored.
+
+    With ``strict`` (default) everything in the state must be passed, the schedulers' state keys must
+    match, and the CUDA RNG states must be for as many devices as this process sees; with
+    ``strict=False`` what is not passed is left, and CUDA RNG states that do not fit are skipped.
+    Everything passed must be in the state. Every problem is a :class:`StorageError`.
+    """
+    _check_ranks(rank, world_size)
+    _check_names(modules, "modules", nn.Module)
+    _check_names(optimizers, "optimizers", torch.optim.Optimizer)
+    _check_names(schedulers, "schedulers")
+    _check_names(generators, "generators", torch.Generator)
+    step_dir, expected_sha = _resolve(Path(folder))
+    m = _read_manifest(step_dir, expected_sha)
+    mpath = step_dir / MANIFEST
+    _check_config(m, config, mpath)
+    _check_world(m, rank, world_size, mpath)
+    _check_sections(m, {"modules": modules, "optimizers": optimizers, "schedulers": schedulers}, strict, mpath)
+    saved_gens = set(m["generators"])
+    if not set(generators) <= saved_gens or (strict and saved_gens - set(generators)):
+        odd = sorted(set(generators) ^ saved_gens)[0]
+        raise StorageError(f"{mpath}: generator {odd!r} is in only one of the state and the generators passed")
+    files = m["files"]
+    _verify_files(step_dir, files)
+
+    def tensors_of(fname: str) -> dict[str, Tensor]:
+        return _load(step_dir / fname, files[fname]["sha256"])
+
+    mod_states = {}
+    for name, module in modules.items():
+        fname = m["modules"][name]["file"]
+        mod_states[name] = tensors_of(fname)
+        _check_module(name, module, mod_states[name], step_dir / fname)
+    names = _param_names(modules)
+    opt_states = {}
+    for name, opt in optimizers.items():
+        e = m["optimizers"][name]
+        fname = e["file"]
+        sd = _decode(e.get("state_dict"), tensors_of(fname), f"{mpath}: optimizers[{name!r}]")
+        _check_optimizer(name, opt, sd, e.get("params"), names, step_dir / fname)
+        opt_states[name] = sd
+    shared = tensors_of(m["tensors_file"]) if m.get("tensors_file") else {}
+    sched_states = {}
+    for name, sched in schedulers.items():
+        sched_states[name] = _decode(m["schedulers"][name], shared, f"{mpath}: schedulers[{name!r}]")
+        _check_scheduler(name, sched, sched_states[name], strict, mpath)
+    extra = _decode(m.get("extra", {}), shared, f"{mpath}: extra")
+    tfile, jfile = step_dir / f"rng-rank{rank}.safetensors", step_dir / f"rng-rank{rank}.json"
+    info = _parse_json(_read_small(jfile, "RNG file", MAX_RNG_JSON_BYTES, files[jfile.name]["sha256"]), jfile)
+    rng = _RankRng(tensors_of(tfile.name), info, rank, generators, strict, tfile, jfile)
+
+    where = "modules"
+    try:
+        for name, module in modules.items():
+            module.load_state_dict(mod_states[name], strict=True)
+        where = "optimizers"
+        for name, opt in optimizers.items():
+            opt.load_state_dict(opt_states[name])
+        where = "schedulers"
+        for name, sched in schedulers.items():
+            sched.load_state_dict(sched_states[name])
+        where = "RNG states"
+        rng.restore(generators)
+    except Exception as e:
+        raise StorageError(f"{step_dir}: restoring the {where} failed after every check passed; the objects may be "
+                           f"partly restored: {type(e).__name__}: {str(e)[:300]}") from e
+    return {"step": m["step"], "extra": extra, "path": step_dir}
