@@ -10,7 +10,11 @@ care is only what DDP does not do by itself:
   its gradients are averaged, ``record_degradation(..., wrap=DDP)``), rank 0 writes the path, all
   ranks wait, then every rank loads it and checks that all ranks hold the same path (the
   manifest's sha256 and the teacher's fingerprint are gathered and compared);
-- :func:`check_same_on_all_ranks`: a cheap identity check of modules across ranks (tests, debugging).
+- :func:`check_same_on_all_ranks`: a cheap identity check of modules across ranks (tests, debugging);
+- :func:`full_state_to` / :func:`full_state_from`: copy an FSDP2-sharded module's full weights and
+  optimizer state into a plain CPU copy of it and back, so that :mod:`disback_core.state` saves and
+  restores sharded runs exactly (every rank holds the gathered copy; fine for UNet-size models; a
+  sharded ``torch.distributed.checkpoint`` path for larger ones is not written yet).
 
 Every function is a no-op pass-through when ``torch.distributed`` is not initialised.
 """
@@ -28,7 +32,7 @@ from .storage import sha256_file, tensors_fingerprint
 from .trajectory import Trajectory
 
 __all__ = ["is_distributed", "rank", "world_size", "barrier", "allreduce_grads", "share_trajectory",
-           "check_same_on_all_ranks", "gather_strings"]
+           "check_same_on_all_ranks", "gather_strings", "full_state_to", "full_state_from"]
 
 
 def is_distributed() -> bool:
@@ -99,3 +103,43 @@ def check_same_on_all_ranks(*modules: nn.Module) -> bool:
         h.update(tensors_fingerprint(m.state_dict()).encode())
     everyone = gather_strings(h.hexdigest())
     return all(s == everyone[0] for s in everyone)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True)
+
+
+def full_state_to(mirror: nn.Module, sharded: nn.Module, mirror_optimizer: torch.optim.Optimizer | None = None,
+                  optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Copy the full weights (and optimizer state) of an FSDP2 ``sharded`` module into ``mirror``,
+    a plain copy of the same architecture (and ``mirror_optimizer``, the same optimizer class over
+    it). Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    full = _full_options()
+    state = get_model_state_dict(sharded, options=full)
+    mirror.load_state_dict({k: v.detach().to("cpu") for k, v in state.items()}, strict=True)
+    if optimizer is not None:
+        if mirror_optimizer is None:
+            raise ValueError("pass mirror_optimizer together with optimizer")
+        osd = get_optimizer_state_dict(sharded, optimizer, options=full)
+        set_optimizer_state_dict(mirror, mirror_optimizer, osd, options=full)
+
+
+def full_state_from(mirror: nn.Module, sharded: nn.Module, mirror_optimizer: torch.optim.Optimizer | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
+    """The reverse of :func:`full_state_to`: shard ``mirror``'s weights (and optimizer state) back
+    into ``sharded`` (and ``optimizer``). Collective."""
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    full = _full_options()
+    set_model_state_dict(sharded, mirror.state_dict(), options=full)
+    if optimizer is not None:
+        if mirror_optimizer is None:
+            raise ValueError("pass mirror_optimizer together with optimizer")
+        osd = get_optimizer_state_dict(mirror, mirror_optimizer, options=full)
+        set_optimizer_state_dict(sharded, optimizer, osd, options=full)

@@ -15,7 +15,8 @@ Gradient accumulation (``--grad-accum``) skips DDP's all-reduce on all but the l
 TensorBoard (``--tensorboard``). ``--save-every`` writes a resumable state (:mod:`disback_core.state`):
 models, optimizers, LR schedulers, the backtracking schedule, every rank's RNG states and the data
 position; ``--resume`` continues from the newest one and refuses a state of another configuration.
-(Not yet with ``--fsdp``: sharded states need ``torch.distributed.checkpoint``.)
+With ``--fsdp`` the state holds the gathered full weights and optimizer states (plain CPU copies
+of both models, :func:`disback_core.distributed.full_state_to`), so it loads at any world size.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from torch import nn
 from disback_core import (Backtrack, Batch, DiffusersDenoiser, FixedInterval, LoraSpec, make_generator,
                           record_degradation, trainable_copy)
 from disback_core.adapters import DMD2, DiffInstruct, SiD
-from disback_core.distributed import share_trajectory
+from disback_core.distributed import full_state_from, full_state_to, share_trajectory
 from disback_core.step import optimizer_params
 
 METHODS = {"dmd2": (DMD2, 80.0), "di": (DiffInstruct, 1.0), "sid": (SiD, 2.5)}
@@ -85,9 +86,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.fsdp and (args.save_every or args.resume or args.stop_after):
-        raise SystemExit("--fsdp: resumable states of sharded runs (torch.distributed.checkpoint) are not "
-                         "implemented yet; run without --save-every/--resume/--stop-after, or with DDP")
     if args.problem is None and args.unet is None:
         args.problem = "toy2d"
     for name in ("iterations", "batch_size", "grad_accum", "nodes", "rank", "record_steps"):
@@ -168,16 +166,18 @@ def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager
 
 
 def update(loss_fn: Callable[[Batch], torch.Tensor], wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-           scheduler: Any, batches: list[Batch], max_grad_norm: float, accelerator: Any) -> float:
+           scheduler: Any, batches: list[Batch], max_grad_norm: float, accelerator: Any, sharded: bool) -> float:
     """One optimizer step over ``len(batches)`` micro-batches: DDP all-reduces on the last one only;
-    each micro-batch's loss is divided by their number; only the optimizer's parameters get gradients."""
+    each micro-batch's loss is divided by their number; only the optimizer's parameters get
+    gradients (FSDP2 reduce-scatters in its own backward hooks, which ``backward(inputs=...)`` would
+    skip: there every trainable tensor gets gradients, and each update starts by clearing its own)."""
     params = optimizer_params(optimizer)
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for i, batch in enumerate(batches):
         with _no_sync(wrapped, i == len(batches) - 1), accelerator.autocast():
             loss = loss_fn(batch) / len(batches)
-        loss.backward(inputs=params)
+        loss.backward() if sharded else loss.backward(inputs=params)
         total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
@@ -235,19 +235,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         distiller = Backtrack(method, traj, FixedInterval.from_share(args.iterations, traj.last, args.share))
         fake, target = distiller.initial_fake(), distiller.target
     warm = lambda step: min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0  # noqa: E731
-    g_opt = torch.optim.AdamW(generator.parameters(), lr=args.lr, weight_decay=0.01)
-    f_opt = torch.optim.AdamW([*fake.parameters(), *distiller.critic_parameters()], lr=args.lr, weight_decay=0.01)
+    make_opt = lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)  # noqa: E731
+    initial = {k: v.detach().to("cpu", copy=True) for k, v in generator.state_dict().items()}
+    mirrors: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
+    if args.fsdp:  # plain CPU copies that hold the gathered weights and optimizer states for saving
+        for name, m in (("generator", generator), ("fake", fake)):
+            mirror = copy.deepcopy(m).to("cpu")
+            mirror_opt = make_opt(mirror.parameters())
+            for group in mirror_opt.param_groups:  # the key an LR scheduler adds to the live optimizer's groups
+                group["initial_lr"] = group["lr"]
+            mirrors[name] = (mirror, mirror_opt)
+        gen_w, fake_w = shard(generator), shard(fake)  # new (DTensor) parameters: optimizers come after
+    else:
+        gen_w, fake_w = accelerator.prepare(generator, fake)  # DDP when world > 1; the parameters stay the same
+    g_opt = make_opt(unwrap(gen_w).parameters())
+    f_opt = make_opt([*unwrap(fake_w).parameters(), *distiller.critic_parameters()])
     g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, warm)
     f_sched = torch.optim.lr_scheduler.LambdaLR(f_opt, warm)
-    if args.fsdp:
-        gen_w, fake_w = shard(generator), shard(fake)
-    else:
-        gen_w, fake_w = accelerator.prepare(generator, fake)  # DDP when world > 1; optimizers stay plain
+    live = {"generator": (unwrap(gen_w), g_opt), "fake": (unwrap(fake_w), f_opt)}
+    saved = mirrors or live  # what save_state/load_state see: the live objects, or the FSDP2 mirrors
     start = 0
     if args.resume and latest_state(out / "state") is not None:
-        got = load_state(out / "state", modules={"generator": unwrap(gen_w), "fake": unwrap(fake_w)},
-                         optimizers={"generator": g_opt, "fake": f_opt}, schedulers={"generator": g_sched, "fake": f_sched},
+        got = load_state(out / "state", modules={k: m for k, (m, _) in saved.items()},
+                         optimizers={k: o for k, (_, o) in saved.items()},
+                         schedulers={"generator": g_sched, "fake": f_sched},
                          generators={"data": data}, config=config, rank=rank, world_size=world)
+        for name, (m, o) in mirrors.items():
+            full_state_from(m, live[name][0], o, live[name][1])
         start = got["step"]
         if args.disback:
             distiller.load_state_dict(got["extra"]["backtrack"])
@@ -257,8 +271,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fake_unwrapped, gen_unwrapped = unwrap(fake_w), unwrap(gen_w)
 
     def save(step: int) -> None:
-        save_state(out / "state", step=step, modules={"generator": gen_unwrapped, "fake": fake_unwrapped},
-                   optimizers={"generator": g_opt, "fake": f_opt}, schedulers={"generator": g_sched, "fake": f_sched},
+        for name, (m, o) in mirrors.items():
+            full_state_to(m, live[name][0], o, live[name][1])
+        save_state(out / "state", step=step, modules={k: m for k, (m, _) in saved.items()},
+                   optimizers={k: o for k, (_, o) in saved.items()}, schedulers={"generator": g_sched, "fake": f_sched},
                    generators={"data": data}, extra={"backtrack": distiller.state_dict() if args.disback else None},
                    config=config, keep=args.keep, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone)
 
@@ -278,9 +294,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for it in bar:
         for _ in range(method.critic_steps):
             logs["critic"] = update(critic_loss, fake_w, f_opt, f_sched, [draw() for _ in range(args.grad_accum)],
-                                    args.max_grad_norm, accelerator)
+                                    args.max_grad_norm, accelerator, args.fsdp)
         logs["generator"] = update(generator_loss, gen_w, g_opt, g_sched, [draw() for _ in range(args.grad_accum)],
-                                   args.max_grad_norm, accelerator)
+                                   args.max_grad_norm, accelerator, args.fsdp)
         distiller.on_generator_step()
         if not all(math.isfinite(v) for v in logs.values()):
             raise FloatingPointError(f"non-finite loss at update {it + 1}: {logs}")
@@ -294,9 +310,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save(it + 1)
             accelerator.end_training()
             return {"logs": logs, "updates": it + 1, "stopped": True}
-    if not args.fsdp and (not args.save_every or args.iterations % args.save_every):
+    if not args.save_every or args.iterations % args.save_every:
         save(args.iterations)
-    result: dict[str, Any] = {"logs": logs, "updates": args.iterations, "world_size": world}
+    if mirrors:
+        full_state_to(mirrors["generator"][0], gen_unwrapped)
+    final = (mirrors["generator"][0] if mirrors else gen_unwrapped).state_dict()
+    moved = max(float((final[k].detach().cpu().float() - v.float()).abs().max()) for k, v in initial.items())
+    result: dict[str, Any] = {"logs": logs, "updates": args.iterations, "world_size": world,
+                              "generator_change": moved}  # max |W - W_0|: proof that the generator trained
     if args.disback:
         result["switches"] = distiller.switches
     if task["evaluate"] is not None:  # on every rank: a sharded generator's forward needs them all
