@@ -1,55 +1,168 @@
 """Safe persistence: safetensors + JSON, sha256, atomic writes, verified loads. No pickle.
 
-Every writer goes through a temporary file in the destination folder, ``fsync`` and
-``os.replace``, so a crash leaves either the old file or the new one, never a torn one. Every
-reader checks what it can (existence, JSON syntax, safetensors header, sha256) and raises
-:class:`StorageError` naming the file and the first problem found.
+Writers: every file goes through a temporary file in the destination folder (``.<name>.<random>.tmp``),
+``fsync``, ``os.replace`` and an ``fsync`` of the folder, so a crash leaves either the old file or
+the new one under a name, never a torn one. Safetensors files are written by this module (not by
+the ``safetensors`` package, whose metadata order is random): the same tensors and metadata give
+the same bytes.
+
+Readers check before they trust: a file must be a regular file (not a symlink, FIFO or device) of
+a bounded size; JSON must be UTF-8, bounded in size and nesting depth, without duplicate keys;
+a safetensors header is parsed here first (bounded length, known dtypes, ``data_offsets``
+consistent with each shape and covering the data exactly, without overlap), and a file with an
+expected sha256 is hashed by streaming before any tensor is allocated. Every problem is a
+:class:`StorageError` naming the file and the problem.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
+import re
+import secrets
+import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "StorageError",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_HEADER_BYTES",
+    "DTYPES",
+    "TensorInfo",
+    "atomic_write",
     "atomic_write_bytes",
+    "fsync_dir",
+    "remove_files",
     "write_json",
     "read_json",
-    "save_tensors",
-    "load_tensors",
+    "parse_json",
+    "canonical_json",
+    "is_sha256",
+    "sha256_bytes",
     "sha256_file",
+    "tensors_to_bytes",
+    "tensors_sha256",
+    "save_tensors",
+    "save_tensors_once",
+    "read_tensor_header",
+    "load_tensors",
     "tensors_fingerprint",
     "lowest_float_dtype",
     "config_hash",
 ]
+
+MAX_JSON_BYTES = 16 << 20  # a JSON file larger than this is refused before parsing
+MAX_JSON_DEPTH = 64  # deeper nesting of arrays/objects is refused before parsing
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header longer than this is refused before reading it
+TEMP_SUFFIX = ".tmp"
+_CHUNK = 1 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# A JSON string, or an unterminated one up to the end: this pattern cannot fail once it has
+# started at a quote, so stripping strings is linear in the text's length.
+_JSON_STRING = re.compile(r'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)', re.DOTALL)
+
+# safetensors dtype name -> torch dtype (only those this library reads and writes)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class StorageError(ValueError):
     """A file is missing, corrupted, tampered with, or belongs to something else."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+# --------------------------------------------------------------------------- writing
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the folder's entries (renames, new files) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+
+
+def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], sync_dir: bool = True) -> str:
+    """Write ``chunks`` to ``path`` atomically: a temporary file in the same folder, fsync,
+    ``os.replace`` and (with ``sync_dir``) an fsync of the folder. The file gets the usual
+    permissions (``0o666`` less the umask). Returns the sha256 of what was written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _temp_path(path)
+    h = hashlib.sha256()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
+                h.update(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
+    if sync_dir:
+        fsync_dir(path.parent)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, [data], sync_dir)
+
+
+def _holds(path: Path, sha256: str) -> bool:
+    """Whether ``path`` is a regular file (not a symlink) whose content has this sha256."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        return sha256_file(path) == sha256
+    except OSError:
+        return False
+
+
+def remove_files(folder: str | os.PathLike, names: Iterable[str]) -> list[str]:
+    """Remove the regular files or symlinks ``folder/<name>`` (never folders), best effort: a file
+    that cannot be removed is left for the next call. Returns those removed."""
+    removed = []
+    for name in names:
+        p = Path(folder) / name
+        try:
+            if stat.S_ISDIR(os.lstat(p).st_mode):
+                continue
+            os.unlink(p)
+            removed.append(name)
+        except OSError:
+            continue
+    return removed
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -57,55 +170,358 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Read JSON, raising :class:`StorageError` naming ``path`` when missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise StorageError(f"{what} {path} is missing")
+# --------------------------------------------------------------------------- reading files safely
+
+
+def _open_regular(path: Path, what: str) -> tuple[BinaryIO, int]:
+    """Open ``path`` for reading without following a symlink and without blocking on a FIFO;
+    refuse anything but a regular file. Returns the open file and its size."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StorageError(f"{what} {path} is not valid JSON: {e}") from e
+        if os.path.islink(path):
+            raise StorageError(f"{what} {path} is a symlink; only regular files are read")
+        fd = os.open(path, flags)
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise StorageError(f"{what} {path} is missing") from None
+    except OSError as e:  # ELOOP (a symlink), ENAMETOOLONG, EACCES, EISDIR, ...
+        raise StorageError(f"{what} {path} cannot be opened: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StorageError(f"{what} {path} is not a regular file")
+        return os.fdopen(fd, "rb", buffering=0), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_exact(f: BinaryIO, buf: memoryview, path: Path, what: str) -> None:
+    """Fill ``buf`` from ``f`` or raise (the file is shorter than its header says)."""
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:])
+        if not n:
+            raise StorageError(f"{what} {path} ended early (read {got} of {len(buf)} bytes): it was truncated")
+        got += n
+
+
+def _json_depth(text: str) -> int:
+    """Maximum nesting depth of arrays/objects in JSON ``text`` (strings ignored), without recursion."""
+    bare = _JSON_STRING.sub('""', text)
+    codes = np.frombuffer(bare.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    if codes.size == 0:
+        return 0
+    step = np.isin(codes, (ord("["), ord("{"))).astype(np.int64) - np.isin(codes, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_json(data: bytes, where: str | os.PathLike, what: str = "JSON file",
+               max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse UTF-8 JSON ``data``, refusing nesting deeper than ``max_depth`` and duplicate keys;
+    every problem is a :class:`StorageError` naming ``where``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StorageError(f"{what} {where} is not valid JSON (not UTF-8: {e})") from None
+    depth = _json_depth(text)
+    if depth > max_depth:
+        raise StorageError(f"{what} {where} is nested {depth} levels deep (more than {max_depth})")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, duplicate keys, a 5000-digit int
+        raise StorageError(f"{what} {where} is not valid JSON: {e}") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read a JSON file (a regular file of at most ``max_bytes``), raising :class:`StorageError`
+    naming ``path`` when it is missing, too large, too deeply nested or malformed."""
+    path = Path(path)
+    f, size = _open_regular(path, what)
+    with f:
+        if size > max_bytes:
+            raise StorageError(f"{what} {path} is {size} bytes, more than the {max_bytes} allowed")
+        buf = bytearray(size)
+        _read_exact(f, memoryview(buf), path, what)
+        if f.read(1):
+            raise StorageError(f"{what} {path} grew while it was read")
+    return parse_json(bytes(buf), path, what)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Compact, key-sorted, ASCII JSON of ``obj``: equal objects give equal bytes (digests)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode()
+
+
+# --------------------------------------------------------------------------- hashes
+
+
+def is_sha256(v: Any) -> bool:
+    """Whether ``v`` is a lowercase 64-hex-digit string."""
+    return isinstance(v, str) and _HEX64.fullmatch(v) is not None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_open(f: BinaryIO) -> str:
+    h = hashlib.sha256()
+    f.seek(0)
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
+    """sha256 of a file, read in 1 MiB chunks."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        return _sha256_open(f)
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def _check_tensor(name: Any, t: Any) -> str:
+    """The safetensors dtype name of tensor ``name``; refuse what cannot be saved."""
+    if not isinstance(name, str) or not name or name == "__metadata__":
+        raise ValueError(f"tensor name {name!r} is not allowed")
+    if not isinstance(t, Tensor):
+        raise ValueError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+    if t.layout != torch.strided:
+        raise ValueError(f"tensor {name!r} has layout {t.layout}; only dense tensors are saved")
+    dt = _NAMES.get(t.dtype)
+    if dt is None:
+        raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which is not saved (known: {sorted(DTYPES)})")
+    return dt
+
+
+def _layout(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """(length + header bytes, tensor names in data order) of a safetensors file, deterministic.
+
+    Data is laid out like the ``safetensors`` package does (larger element sizes first, then by
+    name, so every tensor is aligned); the header is key-sorted compact JSON padded with spaces to a
+    multiple of 8 bytes."""
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("safetensors metadata must map strings to strings")
+    dtypes = {name: _check_tensor(name, t) for name, t in tensors.items()}
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": dtypes[name], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head, order
+
+
+def _tensor_chunks(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None) -> Iterator[bytes | memoryview]:
+    """The bytes of a safetensors file, one tensor at a time (a CPU tensor's own memory, no copy)."""
+    head, order = _layout(tensors, metadata)
+    yield head
+    for name in order:
+        flat = tensors[name].detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
+        if flat.numel():
+            yield memoryview(flat.view(torch.uint8).numpy())
+
+
+def tensors_to_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, deterministic: the same tensors and metadata give the same bytes
+    (unlike the ``safetensors`` package, whose metadata order is random). Readable by
+    ``safetensors`` and by :func:`load_tensors`."""
+    return b"".join(bytes(c) for c in _tensor_chunks(tensors, metadata))
+
+
+def tensors_sha256(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """sha256 of :func:`tensors_to_bytes` without building the file in memory."""
+    h = hashlib.sha256()
+    for chunk in _tensor_chunks(tensors, metadata):
+        h.update(chunk)
     return h.hexdigest()
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
-                 metadata: Mapping[str, str] | None = None) -> str:
-    """Save tensors as one safetensors file, atomically; returns the file's sha256."""
-    from safetensors.torch import save
-
-    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    data = save(clean, metadata=dict(metadata) if metadata else None)
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+                 metadata: Mapping[str, str] | None = None, sync_dir: bool = True) -> str:
+    """Save tensors as one safetensors file, atomically and reproducibly, streaming one tensor at
+    a time; returns the file's sha256."""
+    return atomic_write(path, _tensor_chunks(tensors, metadata), sync_dir)
 
 
-def load_tensors(path: str | os.PathLike, sha256: str | None = None,
-                 device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Load a safetensors file; with ``sha256``, refuse a file whose hash differs."""
-    from safetensors.torch import load
-
+def save_tensors_once(path: str | os.PathLike, tensors: Mapping[str, Tensor], sha256: str,
+                      metadata: Mapping[str, str] | None = None) -> bool:
+    """Save tensors whose file has the given ``sha256`` (:func:`tensors_sha256`) to ``path``, unless
+    a regular file there already has that hash (then it is reused). Returns whether it wrote.
+    The folder is not fsynced: call :func:`fsync_dir` once after the last file."""
     path = Path(path)
-    if not path.is_file():
-        raise StorageError(f"tensor file {path} is missing")
-    data = path.read_bytes()
-    if sha256 is not None:
-        got = hashlib.sha256(data).hexdigest()
-        if got != sha256:
-            raise StorageError(f"tensor file {path} fails its sha256 check (expected {sha256[:12]}..., got {got[:12]}...): "
-                               "it was modified or truncated")
-    try:
-        out = load(data)
-    except Exception as e:  # safetensors raises its own error types for a bad header or size
-        raise StorageError(f"tensor file {path} is not a valid safetensors file: {e}") from e
+    if _holds(path, sha256):
+        return False
+    got = save_tensors(path, tensors, metadata, sync_dir=False)
+    if got != sha256:
+        raise ValueError(f"tensors written to {path} changed while they were saved (sha256 {got[:12]}..., "
+                         f"expected {sha256[:12]}...)")
+    return True
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors header: its dtype name, shape and byte range in the data section."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def _tensor_info(name: str, v: Any, path: Path) -> TensorInfo:
+    """Validate one header entry: known dtype, non-negative int shape, offsets matching shape*itemsize."""
+    where = f"safetensors file {path}: tensor {name!r}"
+    if not isinstance(v, dict) or set(v) != {"dtype", "shape", "data_offsets"}:
+        raise StorageError(f"{where} must be an object with exactly dtype, shape and data_offsets")
+    dt, shape, offs = v["dtype"], v["shape"], v["data_offsets"]
+    if not isinstance(dt, str) or dt not in DTYPES:
+        raise StorageError(f"{where} has unknown dtype {dt!r} (known: {sorted(DTYPES)})")
+    if not isinstance(shape, list) or len(shape) > 64 or not all(_nonneg_int(d) for d in shape):
+        raise StorageError(f"{where} has an invalid shape {shape!r}")
+    if not isinstance(offs, list) or len(offs) != 2 or not all(_nonneg_int(o) for o in offs) or offs[0] > offs[1]:
+        raise StorageError(f"{where} has invalid data_offsets {offs!r}")
+    nbytes = math.prod(shape) * DTYPES[dt].itemsize
+    if offs[1] - offs[0] != nbytes:
+        raise StorageError(f"{where}: data_offsets {offs} span {offs[1] - offs[0]} bytes, but shape {shape} "
+                           f"of {dt} needs {nbytes}")
+    return TensorInfo(dt, tuple(shape), offs[0], offs[1])
+
+
+def _nonneg_int(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _check_layout(infos: Mapping[str, TensorInfo], data_len: int, path: Path) -> None:
+    """The tensors' byte ranges must tile the data section exactly: no gap, no overlap, nothing after."""
+    pos = 0
+    for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if info.begin != pos:
+            problem = "overlaps the previous tensor" if info.begin < pos else "leaves a gap before it"
+            raise StorageError(f"safetensors file {path}: tensor {name!r} at bytes {info.begin}..{info.end} {problem}")
+        pos = info.end
+    if pos != data_len:
+        raise StorageError(f"safetensors file {path}: tensors cover {pos} bytes of a {data_len}-byte data "
+                           "section (truncated or extra bytes)")
+
+
+def _parse_header(f: BinaryIO, size: int, path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, str]]:
+    """Read and validate the header of an open safetensors file of ``size`` bytes.
+
+    Returns (header length, tensors by name, metadata). Nothing is allocated beyond the header,
+    whose length is checked against :data:`MAX_HEADER_BYTES` and the file size first.
+    """
+    what = "safetensors file"
+    if size < 8:
+        raise StorageError(f"{what} {path} is {size} bytes: too short for a safetensors header")
+    f.seek(0)
+    raw_len = bytearray(8)
+    _read_exact(f, memoryview(raw_len), path, what)
+    n = int.from_bytes(raw_len, "little")
+    if n > MAX_HEADER_BYTES:
+        raise StorageError(f"{what} {path} declares a {n}-byte header (more than {MAX_HEADER_BYTES}): refused")
+    if n > size - 8:
+        raise StorageError(f"{what} {path} declares a {n}-byte header but holds only {size - 8} bytes after the "
+                           "length: it was truncated")
+    raw = bytearray(n)
+    _read_exact(f, memoryview(raw), path, what)
+    header = parse_json(bytes(raw), path, f"{what} header of")
+    if not isinstance(header, dict):
+        raise StorageError(f"{what} {path}: the header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise StorageError(f"{what} {path}: __metadata__ must map strings to strings")
+    infos = {}
+    for name, v in header.items():
+        if not name:
+            raise StorageError(f"{what} {path}: a tensor has an empty name")
+        infos[name] = _tensor_info(name, v, path)
+    _check_layout(infos, size - 8 - n, path)
+    return n, infos, meta
+
+
+def read_tensor_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The validated header of a safetensors file: tensors by name and the metadata (no data read)."""
+    path = Path(path)
+    f, size = _open_regular(path, "tensor file")
+    with f:
+        _, infos, meta = _parse_header(f, size, path)
+    return infos, meta
+
+
+def _read_tensor(f: BinaryIO, info: TensorInfo, start: int, h: Any, path: Path, name: str) -> Tensor:
+    """Read one tensor's bytes (already validated against the file size) into a fresh tensor."""
+    nbytes = info.end - info.begin
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        f.seek(start + info.begin)
+        view = memoryview(buf.numpy())
+        _read_exact(f, view, path, "tensor file")
+        if h is not None:
+            h.update(view)
+    if info.dtype == "BOOL" and nbytes and int(buf.max()) > 1:
+        raise StorageError(f"tensor file {path}: BOOL tensor {name!r} holds bytes other than 0 and 1")
+    return buf.view(info.torch_dtype).reshape(info.shape)
+
+
+def load_tensors(path: str | os.PathLike, sha256: str | None = None, device: str | torch.device = "cpu",
+                 max_bytes: int | None = None) -> dict[str, Tensor]:
+    """Load a safetensors file, checking it before any tensor is allocated.
+
+    The file must be a regular file (not a symlink) of at most ``max_bytes``; with ``sha256``, it
+    is hashed by streaming and refused if the hash differs; its header must be valid (see
+    :func:`read_tensor_header`). The bytes read into the tensors are hashed again, so a file changed
+    between the checks and the read is refused too.
+    """
+    path = Path(path)
+    if sha256 is not None and not is_sha256(sha256):
+        raise StorageError(f"tensor file {path}: the expected sha256 {str(sha256)[:80]!r} is not 64 hex digits")
+    f, size = _open_regular(path, "tensor file")
+    with f:
+        if max_bytes is not None and size > max_bytes:
+            raise StorageError(f"tensor file {path} is {size} bytes, more than the {max_bytes} it can be")
+        if sha256 is not None:
+            got = _sha256_open(f)
+            if got != sha256:
+                raise StorageError(f"tensor file {path} fails its sha256 check (expected {sha256[:12]}..., "
+                                   f"got {got[:12]}...): it was modified or truncated")
+        n, infos, _ = _parse_header(f, size, path)
+        h = None
+        if sha256 is not None:
+            h = hashlib.sha256()
+            head = bytearray(8 + n)
+            f.seek(0)
+            _read_exact(f, memoryview(head), path, "tensor file")
+            h.update(head)
+        out = {}
+        for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+            out[name] = _read_tensor(f, info, 8 + n, h, path, name)
+        if h is not None and h.hexdigest() != sha256:
+            raise StorageError(f"tensor file {path} changed while it was read")
     return {k: v.to(device) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- fingerprints
 
 
 def tensors_fingerprint(tensors: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> str:

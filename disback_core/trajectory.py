@@ -7,20 +7,19 @@ into a module of the teacher's structure: a private working copy (:meth:`Traject
 a standalone copy (:meth:`Trajectory.materialize`), or the user's own module
 (:func:`disback_core.attach.attach`).
 
-On disk a trajectory is one folder::
-
-    manifest.json           format, version, base-model fingerprints, LoRA spec, nodes (step, file, sha256)
-    node-0001.safetensors   one file per node
-    probe.safetensors       fixed inputs and every node's recorded outputs on them (optional)
-
-Loading checks the format, the base model's fingerprint and every file's sha256, keys and shapes,
-and raises :class:`~disback_core.storage.StorageError` naming the first problem.
+On disk a trajectory is one folder (:mod:`disback_core.trajectory_files` holds the format):
+``manifest.json`` and one content-named safetensors file per node (and the probe). A save writes
+new files beside the old ones, then replaces ``manifest.json`` atomically (the switch), then
+removes files no manifest names any more: a crash at any point leaves the previous complete save
+or the new one, and the same trajectory gives the same bytes. Loading checks every field, file,
+hash, header, key, shape and dtype and raises :class:`~disback_core.storage.StorageError` naming
+the file and the first problem.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,16 +29,13 @@ from torch import Tensor, nn
 from .denoisers import freeze
 from .lora import (LoraSpec, check_node, inject_lora, load_lora_state, lora_template, node_layers,
                    write_node_weight_)
-from .storage import (StorageError, load_tensors, lowest_float_dtype, read_json, save_tensors,
-                      tensors_fingerprint, write_json)
+from .storage import StorageError, atomic_write_bytes, fsync_dir, remove_files, tensors_fingerprint
+from .trajectory_files import (FINGERPRINT_DTYPES, FORMAT, KINDS, MANIFEST, VERSION, Probe, _check_fingerprint,
+                               _check_savable, _dtype_name, _load_node, _load_probe, _manifest_bytes,
+                               _node_max_bytes, _node_template, _write_node, _write_probe, manifest_digest,
+                               read_manifest, stale_files)
 
-__all__ = ["Trajectory", "TrajectoryTarget", "Probe", "FORMAT", "VERSION", "call_module"]
-
-FORMAT = "disback-trajectory"
-VERSION = 1
-KINDS = ("lora", "full")
-FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
+__all__ = ["Trajectory", "TrajectoryTarget", "Probe", "FORMAT", "VERSION", "call_module", "manifest_digest"]
 
 def call_module(module: Callable[..., Any], x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
     """``module(x, sigma, cond)`` (``module(x, sigma)`` when ``cond`` is None), unwrapping a diffusers
@@ -48,18 +44,6 @@ def call_module(module: Callable[..., Any], x: Tensor, sigma: Any, cond: Any = N
     if isinstance(out, (tuple, list)):
         out = out[0]
     return getattr(out, "sample", out)
-
-
-@dataclass
-class Probe:
-    """Fixed inputs ``(x, sigma, cond)`` and each node's outputs on them, recorded when the node was
-    made; :meth:`Trajectory.verify` recomputes them to prove every node loads as recorded.
-    ``sigma`` is whatever the module's second argument is (a timestep for a raw diffusers UNet)."""
-
-    x: Tensor
-    sigma: Tensor
-    cond: Tensor | None
-    outputs: list[Tensor]  # index k = node k (0 = teacher)
 
 
 def _state(module: nn.Module) -> dict[str, Tensor]:
@@ -292,108 +276,72 @@ class Trajectory:
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the folder: node files first, the manifest last (atomically), so a crash mid-save
-        never leaves a manifest that points at missing or half-written nodes."""
+        """Write the folder so that the previous complete save survives any crash.
+
+        Node and probe files are named by their content and written atomically (an existing file
+        with the same name and bytes is reused); then ``manifest.json`` is replaced atomically,
+        which switches to the new save; only then are files no longer referenced removed, with
+        temporary files left by earlier crashes. The same trajectory gives the same bytes.
+        """
+        _check_savable(self.steps, self.meta)  # refused before anything is written
         folder = Path(path)
+        created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        entries = []
-        for k, (state, step) in enumerate(zip(self.nodes, self.steps), start=1):
-            name = f"node-{k:04d}.safetensors"
-            sha = save_tensors(folder / name, state, {"node": str(k), "step": str(step)})
-            entries.append({"index": k, "step": step, "file": name, "sha256": sha})
-        probe_entry = None
-        if self.probe is not None:
-            t = {"x": self.probe.x, "sigma": self.probe.sigma}
-            if self.probe.cond is not None:
-                t["cond"] = self.probe.cond
-            t.update({f"out.{k}": o for k, o in enumerate(self.probe.outputs)})
-            probe_entry = {"file": "probe.safetensors", "sha256": save_tensors(folder / "probe.safetensors", t)}
+        if created:
+            fsync_dir(folder.parent)
+        nodes = [_write_node(folder, k, state, step)
+                 for k, (state, step) in enumerate(zip(self.nodes, self.steps), start=1)]
+        probe = _write_probe(folder, self.probe) if self.probe is not None else None
+        manifest = _manifest_bytes(self._manifest_body(nodes, probe))
+        fsync_dir(folder)  # every file the new manifest names is durable before the switch
+        atomic_write_bytes(folder / MANIFEST, manifest)  # the switch
+        keep = {MANIFEST} | {e["file"] for e in nodes} | ({probe["file"]} if probe else set())
+        remove_files(folder, stale_files(folder, keep))
+        return folder
+
+    def _manifest_body(self, nodes: list[dict[str, Any]], probe: dict[str, str] | None) -> dict[str, Any]:
+        """The manifest (without its digest) for node entries ``nodes`` and probe entry ``probe``."""
         from . import __version__
 
         base = self.base_tensors()
-        write_json(folder / "manifest.json", {
+        body = {
             "format": FORMAT, "version": VERSION, "library": f"disback {__version__}", "kind": self.kind,
             "base_fingerprint": self.base_fingerprint,
-            "base_fingerprints": {str(d).removeprefix("torch."): tensors_fingerprint(base, d) for d in FINGERPRINT_DTYPES},
-            "lora": self.lora.to_json() if self.lora else None, "nodes": entries, "probe": probe_entry,
-            "meta": self.meta,
-        })
-        return folder
+            "base_fingerprints": {_dtype_name(d): tensors_fingerprint(base, d) for d in FINGERPRINT_DTYPES},
+            "lora": self.lora.to_json() if self.lora else None, "node_count": len(nodes), "nodes": nodes,
+            "probe": probe, "meta": self.meta,
+        }
+        return json.loads(json.dumps(body, allow_nan=True))  # plain JSON types: the digest of what a reader parses
 
     @classmethod
     def load(cls, path: str | os.PathLike, teacher: nn.Module, merge: bool = True,
              check_fingerprint: bool = True) -> "Trajectory":
         """Load a trajectory folder onto ``teacher``; refuse anything that does not verify.
 
-        A teacher cast to another floating dtype after recording (e.g. bf16) is recognised by the
-        manifest's per-dtype fingerprints.
+        Every problem with the folder is a :class:`StorageError` naming the file and the problem
+        (see docs/RELIABILITY.md for the list of checks). A teacher cast to another floating dtype
+        after recording (e.g. bf16) is recognised by the manifest's per-dtype fingerprints.
+        Format versions 1 (``node-0001.safetensors`` names, no digest) and 2 are read.
         """
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         folder = Path(path)
         if not folder.is_dir():
-            raise StorageError(f"trajectory folder {folder} is missing")
-        man = read_json(folder / "manifest.json", "trajectory manifest")
-        where = folder / "manifest.json"
-        if not isinstance(man, dict) or man.get("format") != FORMAT:
-            raise StorageError(f"{where} is not a disback trajectory manifest")
-        if man.get("version") != VERSION:
-            raise StorageError(f"{where} has format version {man.get('version')!r}; this library reads {VERSION}")
-        kind = man.get("kind")
-        if kind not in KINDS:
-            raise StorageError(f"{where}: unknown node kind {kind!r}")
-        fp = None
-        if check_fingerprint:
-            fp = _check_fingerprint(man, teacher, where)
+            raise StorageError(f"trajectory folder {folder} {'is not a folder' if folder.exists() else 'is missing'}")
+        where = folder / MANIFEST
+        man = read_manifest(where)
+        fp = _check_fingerprint(man, teacher, where) if check_fingerprint else None
+        lora, template, floating = _node_template(man, teacher, where)
+        limit = _node_max_bytes(template)
+        nodes = [_load_node(folder, e, template, floating, limit) for e in man["nodes"]]
+        probe = _load_probe(folder, man["probe"], len(nodes)) if man["probe"] is not None else None
         try:
-            lora = LoraSpec.from_json(man["lora"]) if kind == "lora" else None
-            template = (lora_template(teacher, lora) if kind == "lora"
-                        else {k: tuple(v.shape) for k, v in teacher.state_dict().items()})
-        except (KeyError, TypeError, ValueError) as e:
-            raise StorageError(f"{where}: bad LoRA spec: {e}") from e
-        entries = man.get("nodes")
-        if not isinstance(entries, list) or not entries:
-            raise StorageError(f"{where}: no nodes listed")
-        nodes, steps = [], []
-        for i, e in enumerate(entries, start=1):
-            if not isinstance(e, dict) or e.get("index") != i:
-                raise StorageError(f"{where}: node entry {i} is malformed or out of order")
-            name = str(e.get("file", ""))
-            if not name or "/" in name or "\\" in name or name.startswith("."):
-                raise StorageError(f"{where}: node {i} has an invalid file name {name!r}")
-            state = load_tensors(folder / name, sha256=e.get("sha256") or "missing")
-            missing = sorted(set(template) - set(state))
-            unexpected = sorted(set(state) - set(template))
-            if missing or unexpected:
-                raise StorageError(f"{folder / name}: keys do not fit this teacher: missing {missing[:3]}, "
-                                   f"unexpected {unexpected[:3]}")
-            for k, shape in template.items():
-                if tuple(state[k].shape) != shape:
-                    raise StorageError(f"{folder / name}: {k} has shape {tuple(state[k].shape)}, expected {shape}")
-            nodes.append(state)
-            steps.append(int(e.get("step", i)))
-        probe = None
-        if man.get("probe"):
-            pe = man["probe"]
-            t = load_tensors(folder / str(pe.get("file")), sha256=pe.get("sha256") or "missing")
-            outs = [t.get(f"out.{k}") for k in range(len(nodes) + 1)]
-            if any(o is None for o in outs) or "x" not in t or "sigma" not in t:
-                raise StorageError(f"{folder / str(pe.get('file'))}: probe lacks inputs or outputs for some node")
-            probe = Probe(t["x"], t["sigma"], t.get("cond"), outs)
-        return cls(teacher, nodes, kind=kind, lora=lora, steps=steps, merge=merge, probe=probe,
-                   meta=man.get("meta") or {}, base_fingerprint=fp)
-
-
-def _check_fingerprint(man: Mapping[str, Any], teacher: nn.Module, where: Path) -> str:
-    """The teacher's fingerprint if it is the recorded base model (in its dtype or cast); else raise."""
-    state = teacher.state_dict()
-    fp = tensors_fingerprint(state)
-    if man.get("base_fingerprint") == fp:
-        return fp
-    dtype = lowest_float_dtype(state)
-    cast = (man.get("base_fingerprints") or {}).get(str(dtype).removeprefix("torch."))
-    if isinstance(cast, str) and cast == tensors_fingerprint(state, dtype):
-        return fp
-    raise StorageError(f"{where}: trajectory was recorded on another base model "
-                       f"(fingerprint {str(man.get('base_fingerprint'))[:12]}..., this teacher {fp[:12]}...)")
+            return cls(teacher, nodes, kind=man["kind"], lora=lora, steps=[e["step"] for e in man["nodes"]],
+                       merge=merge, probe=probe, meta=man["meta"], base_fingerprint=fp)
+        except StorageError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise StorageError(f"{where}: the stored trajectory does not fit this teacher: {e}") from e
 
 
 def probe_error(module: Callable[..., Any], probe: Probe, k: int,

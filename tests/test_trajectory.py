@@ -22,6 +22,7 @@ from disback_core import (AdaptiveGap, Backtrack, Batch, FixedInterval, Gaussian
 from disback_core.adapters import DMD2, DiffInstruct, SiD
 from disback_core.lora import inject_lora, load_lora_state, lora_state
 from disback_core.storage import save_tensors
+from disback_core.trajectory import manifest_digest
 
 
 def _teacher(seed=0):
@@ -236,9 +237,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(traj.probe.outputs, back.probe.outputs))
     for k in range(len(traj)):
         assert torch.equal(_probe_out(back, k), _probe_out(traj, k))
-    names = sorted(p.name for p in (tmp_path / "traj").iterdir())
-    assert names == ["manifest.json", "node-0001.safetensors", "node-0002.safetensors", "node-0003.safetensors",
-                     "node-0004.safetensors", "probe.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "traj").iterdir())  # files named by their content
+    assert names[0] == "manifest.json" and len(names) == 6
+    assert all(re.fullmatch(rf"node-000{k}-[0-9a-f]{{16}}\.safetensors", n) for k, n in enumerate(names[1:5], start=1))
+    assert re.fullmatch(r"probe-[0-9a-f]{16}\.safetensors", names[5])
 
 
 def test_many_nodes_and_large_step_numbers_round_trip(tmp_path):
@@ -260,17 +262,17 @@ def _saved(tmp_path):
 
 def test_tampered_truncated_and_missing_nodes_are_refused(tmp_path):
     t, folder = _saved(tmp_path)
-    node = folder / "node-0002.safetensors"
+    node = next(folder.glob("node-0002-*.safetensors"))
     data = bytearray(node.read_bytes())
     data[-5] ^= 0xFF
     node.write_bytes(bytes(data))
-    with pytest.raises(StorageError, match=r"node-0002.safetensors fails its sha256"):
+    with pytest.raises(StorageError, match=r"node-0002-[0-9a-f]{16}\.safetensors fails its sha256"):
         Trajectory.load(folder, t)
     node.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(StorageError, match=r"node-0002.safetensors fails its sha256"):
+    with pytest.raises(StorageError, match=r"node-0002-[0-9a-f]{16}\.safetensors fails its sha256"):
         Trajectory.load(folder, t)
     node.unlink()
-    with pytest.raises(StorageError, match=r"node-0002.safetensors is missing"):
+    with pytest.raises(StorageError, match=r"node-0002-[0-9a-f]{16}\.safetensors is missing"):
         Trajectory.load(folder, t)
 
 
@@ -283,10 +285,11 @@ def test_manifest_for_another_base_model_or_broken_is_refused(tmp_path):
     man.write_text(text[:-20])
     with pytest.raises(StorageError, match="not valid JSON"):
         Trajectory.load(folder, t)
-    man.write_text(text.replace('"version": 1', '"version": 99'))
+    man.write_text(text.replace('"version": 2', '"version": 99'))
     with pytest.raises(StorageError, match="format version 99"):
         Trajectory.load(folder, t)
-    man.write_text(text.replace('"node-0001.safetensors"', '"../node-0001.safetensors"'))
+    node1 = next(folder.glob("node-0001-*.safetensors")).name
+    man.write_text(text.replace(f'"{node1}"', f'"../{node1}"'))
     with pytest.raises(StorageError, match="invalid file name"):
         Trajectory.load(folder, t)
     (folder / "manifest.json").unlink()
@@ -301,11 +304,14 @@ def test_mismatched_keys_are_refused_not_silently_skipped(tmp_path):
     renamed = [{"module.fake_unet." + k: v for k, v in n.items()} for n in traj.nodes]
     with pytest.raises(ValueError, match="node 1 does not fit this model's LoRA slot"):
         Trajectory(t, renamed, kind="lora", lora=traj.lora)
-    folder = traj.save(tmp_path / "bad")  # the same on disk: rename the keys of node 2, hash rewritten
+    folder = traj.save(tmp_path / "bad")  # the same on disk: rename the keys of node 2, hash, name, digest rewritten
     man = json.loads((folder / "manifest.json").read_text())
-    man["nodes"][1]["sha256"] = save_tensors(folder / "node-0002.safetensors", renamed[1])
+    sha = save_tensors(folder / "renamed.safetensors", renamed[1])
+    (folder / "renamed.safetensors").rename(folder / f"node-0002-{sha[:16]}.safetensors")
+    man["nodes"][1].update(sha256=sha, file=f"node-0002-{sha[:16]}.safetensors")
+    man["digest"] = manifest_digest(man)
     (folder / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(StorageError, match="node-0002.safetensors: keys do not fit this teacher"):
+    with pytest.raises(StorageError, match=r"node-0002-[0-9a-f]{16}\.safetensors: keys do not fit this teacher"):
         Trajectory.load(folder, t)
     w = inject_lora(copy.deepcopy(t), traj.lora)
     shrunk = {k: v[..., :1] for k, v in lora_state(w).items()}
