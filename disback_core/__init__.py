@@ -20,6 +20,7 @@ from .schedules import AdaptiveGap, FixedInterval, NodeCursor, TeacherOnly, scor
 from .backtracking import Backtrack
 from .attach import Attachment, attach
 from .state import latest_state, list_states, load_state, save_state
+from .faults import DivergenceMonitor, NonFiniteGuard
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,5 @@ __all__ = [
     "record_degradation", "DegradationRecorder", "probe_inputs",
     "Backtrack", "FixedInterval", "AdaptiveGap", "TeacherOnly", "NodeCursor", "score_gap",
     "attach", "Attachment", "Unconditional", "check_denoiser",
-    "save_state", "load_state", "latest_state", "list_states",
+    "save_state", "load_state", "latest_state", "list_states", "NonFiniteGuard", "DivergenceMonitor",
 ]

@@ -23,16 +23,16 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .storage import sha256_file, tensors_fingerprint
 from .trajectory import Trajectory
 
 __all__ = ["is_distributed", "rank", "world_size", "barrier", "allreduce_grads", "share_trajectory",
-           "check_same_on_all_ranks", "gather_strings", "full_state_to", "full_state_from"]
+           "check_same_on_all_ranks", "gather_strings", "full_state_to", "full_state_from", "any_rank"]
 
 
 def is_distributed() -> bool:
@@ -59,6 +59,18 @@ def gather_strings(s: str) -> list[str]:
     out: list[str] = [""] * world_size()
     torch.distributed.all_gather_object(out, s)
     return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce; e.g. to skip an
+    update on all ranks together when one rank's loss is not finite)."""
+    if not is_distributed():
+        return flag
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def allreduce_grads(params: Iterable[nn.Parameter]) -> None:
@@ -120,7 +132,8 @@ def full_state_to(mirror: nn.Module, sharded: nn.Module, mirror_optimizer: torch
                                                          set_optimizer_state_dict)
 
     full = _full_options()
-    state = get_model_state_dict(sharded, options=full)
+    # a module's state dict holds tensors only; torch types its values as any state-dict value
+    state = cast("dict[str, Tensor]", get_model_state_dict(sharded, options=full))
     mirror.load_state_dict({k: v.detach().to("cpu") for k, v in state.items()}, strict=True)
     if optimizer is not None:
         if mirror_optimizer is None:

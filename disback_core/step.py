@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoisers import takes_args
+from .faults import NonFiniteGuard
 from .protocol import ScoreDistiller
 
 __all__ = ["Batch", "as_batch", "call_generator", "critic_step", "generator_step", "train_step", "optimizer_params"]
@@ -63,54 +64,75 @@ def _logs(prefix: str, out: dict[str, Tensor]) -> dict[str, float]:
     return {f"{prefix}/{k}": float(v.detach()) for k, v in out.items()}
 
 
-def critic_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: nn.Module,
-                optimizer: torch.optim.Optimizer, batch: Batch,
-                max_grad_norm: float | None = None) -> dict[str, float]:
-    """One update of the fake score (and the method's GAN head) on fresh, detached generator samples."""
-    with torch.no_grad():
-        x = call_generator(generator, batch.z, batch.cond)
+def _update(where: str, loss_fn: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Optimizer,
+            max_grad_norm: float | None, guard: NonFiniteGuard | None) -> dict[str, float] | None:
+    """zero_grad, loss, backward into the optimizer's parameters only, clip, step. With a ``guard``,
+    a non-finite loss or gradient drops the update (None is returned) or stops the run, per its policy."""
     optimizer.zero_grad(set_to_none=True)
-    out = method.fake_score_loss(x, fake, batch.cond, real=batch.real, real_cond=batch.real_cond)
     params = optimizer_params(optimizer)
+    try:
+        out = loss_fn()
+    except FloatingPointError as e:  # a loss's own finiteness check (check_finite) fired
+        if guard is None:
+            raise
+        guard.failed(where, str(e), params)
+        return None
     out["loss"].backward(inputs=params)
+    if guard is not None and not guard.check(where, out["loss"], params):
+        return None
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
-    return _logs("critic", out)
+    return _logs(where, out)
+
+
+def critic_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: nn.Module,
+                optimizer: torch.optim.Optimizer, batch: Batch, max_grad_norm: float | None = None,
+                guard: NonFiniteGuard | None = None) -> dict[str, float]:
+    """One update of the fake score (and the method's GAN head) on fresh, detached generator samples.
+    A dropped update (``guard``) returns ``{"critic/skipped": 1.0}``."""
+    with torch.no_grad():
+        x = call_generator(generator, batch.z, batch.cond)
+    logs = _update("critic", lambda: method.fake_score_loss(x, fake, batch.cond, real=batch.real,
+                                                            real_cond=batch.real_cond),
+                   optimizer, max_grad_norm, guard)
+    return {"critic/skipped": 1.0} if logs is None else logs
 
 
 def generator_step(method: ScoreDistiller, generator: Callable[..., Tensor], target: Any, fake: Any,
-                   optimizer: torch.optim.Optimizer, batch: Batch,
-                   max_grad_norm: float | None = None) -> dict[str, float]:
+                   optimizer: torch.optim.Optimizer, batch: Batch, max_grad_norm: float | None = None,
+                   guard: NonFiniteGuard | None = None) -> dict[str, float]:
     """One generator update, then ``method.on_generator_step()``.
 
     Only the optimizer's parameters receive gradients, so a fake score that the loss
-    differentiates through (SiD, a GAN term) keeps its own gradients untouched."""
-    optimizer.zero_grad(set_to_none=True)
-    x = call_generator(generator, batch.z, batch.cond)
-    out = method.generator_loss(x, target, fake, batch.cond)
-    params = optimizer_params(optimizer)
-    out["loss"].backward(inputs=params)
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
+    differentiates through (SiD, a GAN term) keeps its own gradients untouched. A dropped update
+    (``guard``) is not counted as a generator step (no ``on_generator_step``) and returns
+    ``{"generator/skipped": 1.0}``."""
+    logs = _update("generator",
+                   lambda: method.generator_loss(call_generator(generator, batch.z, batch.cond), target, fake,
+                                                 batch.cond),
+                   optimizer, max_grad_norm, guard)
+    if logs is None:
+        return {"generator/skipped": 1.0}
     method.on_generator_step()
-    return _logs("generator", out)
+    return logs
 
 
 def train_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: nn.Module, target: Any,
                generator_optimizer: torch.optim.Optimizer, fake_optimizer: torch.optim.Optimizer,
-               next_batch: Callable[[], Batch], max_grad_norm: float | None = None) -> dict[str, float]:
+               next_batch: Callable[[], Batch], max_grad_norm: float | None = None,
+               guard: NonFiniteGuard | None = None) -> dict[str, float]:
     """``method.critic_steps`` critic updates, then one generator update; each draws its own batch.
 
-    Returns the last critic logs and the generator logs, as floats.
+    Returns the last critic logs and the generator logs, as floats. ``guard``: see
+    :class:`~disback_core.faults.NonFiniteGuard` (without one, a non-finite loss raises).
     """
     if method.critic_steps < 1:
         raise ValueError(f"method.critic_steps must be >= 1, got {method.critic_steps}")
     logs: dict[str, float] = {}
     for _ in range(method.critic_steps):
         logs.update(critic_step(method, generator, fake, fake_optimizer, as_batch(next_batch(), "next_batch()"),
-                                max_grad_norm))
+                                max_grad_norm, guard))
     logs.update(generator_step(method, generator, target, fake, generator_optimizer,
-                               as_batch(next_batch(), "next_batch()"), max_grad_norm))
+                               as_batch(next_batch(), "next_batch()"), max_grad_norm, guard))
     return logs

@@ -11,7 +11,8 @@ FSDP2 (``--fsdp``, ``fully_shard`` on every child module and the root); the teac
 trajectory are never wrapped. Degradation Recording runs with DDP-averaged gradients; rank 0
 writes the path, every rank loads and checks it (:func:`disback_core.distributed.share_trajectory`).
 Gradient accumulation (``--grad-accum``) skips DDP's all-reduce on all but the last micro-batch;
-``--mixed-precision bf16`` autocasts the forward passes; tqdm and logs on rank 0 only; optional
+``--mixed-precision bf16`` autocasts the forward passes; a NaN/inf loss or gradient drops that
+update and is counted, and ``--max-nonfinite`` in a row stop the run (``--on-nonfinite raise``: the first); tqdm and logs on rank 0 only; optional
 TensorBoard (``--tensorboard``). ``--save-every`` writes a resumable state (:mod:`disback_core.state`):
 models, optimizers, LR schedulers, the backtracking schedule, every rank's RNG states and the data
 position; ``--resume`` continues from the newest one and refuses a state of another configuration.
@@ -35,7 +36,8 @@ from torch import nn
 from disback_core import (Backtrack, Batch, DiffusersDenoiser, FixedInterval, LoraSpec, make_generator,
                           record_degradation, trainable_copy)
 from disback_core.adapters import DMD2, DiffInstruct, SiD
-from disback_core.distributed import full_state_from, full_state_to, share_trajectory
+from disback_core.distributed import any_rank, full_state_from, full_state_to, share_trajectory
+from disback_core.faults import NonFiniteGuard
 from disback_core.step import optimizer_params
 
 METHODS = {"dmd2": (DMD2, 80.0), "di": (DiffInstruct, 1.0), "sid": (SiD, 2.5)}
@@ -67,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=0, help="linear LR warm-up, in updates")
     ap.add_argument("--max-grad-norm", type=float, default=10.0)
+    ap.add_argument("--on-nonfinite", choices=["skip", "raise"], default="skip",
+                    help="a NaN/inf loss or gradient: drop that update (and stop after --max-nonfinite in a row), or stop")
+    ap.add_argument("--max-nonfinite", type=int, default=10)
     ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     ap.add_argument("--fsdp", action="store_true", help="shard generator and fake score with FSDP2 instead of DDP")
     ap.add_argument("--record-steps", type=int, default=500)
@@ -166,7 +171,8 @@ def _no_sync(module: nn.Module, last: bool) -> contextlib.AbstractContextManager
 
 
 def update(loss_fn: Callable[[Batch], torch.Tensor], wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-           scheduler: Any, batches: list[Batch], max_grad_norm: float, accelerator: Any, sharded: bool) -> float:
+           scheduler: Any, batches: list[Batch], max_grad_norm: float, accelerator: Any, sharded: bool,
+           guard: NonFiniteGuard, where: str) -> float:
     """One optimizer step over ``len(batches)`` micro-batches: DDP all-reduces on the last one only;
     each micro-batch's loss is divided by their number; only the optimizer's parameters get
     gradients (FSDP2 reduce-scatters in its own backward hooks, which ``backward(inputs=...)`` would
@@ -176,9 +182,20 @@ def update(loss_fn: Callable[[Batch], torch.Tensor], wrapped: nn.Module, optimiz
     total = 0.0
     for i, batch in enumerate(batches):
         with _no_sync(wrapped, i == len(batches) - 1), accelerator.autocast():
-            loss = loss_fn(batch) / len(batches)
+            reason = ""
+            try:
+                loss = loss_fn(batch) / len(batches)
+            except FloatingPointError as e:  # a loss's own finiteness check
+                reason = str(e)
+            if not reason and not torch.isfinite(loss.detach()).all():
+                reason = f"loss {float(loss.detach())}"
+        if any_rank(bool(reason)):  # all ranks skip together (a lone rank skipping backward would hang DDP)
+            guard.failed(where, reason or "another rank's loss is not finite", params)
+            return math.nan
         loss.backward() if sharded else loss.backward(inputs=params)
         total += float(loss.detach())
+    if not guard.check(where, None, params):  # the all-reduced gradients: the same decision on every rank
+        return math.nan
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
@@ -235,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         distiller = Backtrack(method, traj, FixedInterval.from_share(args.iterations, traj.last, args.share))
         fake, target = distiller.initial_fake(), distiller.target
     warm = lambda step: min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0  # noqa: E731
+    guard = NonFiniteGuard(args.on_nonfinite, max_consecutive=args.max_nonfinite)
     make_opt = lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)  # noqa: E731
     initial = {k: v.detach().to("cpu", copy=True) for k, v in generator.state_dict().items()}
     mirrors: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
@@ -294,12 +312,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for it in bar:
         for _ in range(method.critic_steps):
             logs["critic"] = update(critic_loss, fake_w, f_opt, f_sched, [draw() for _ in range(args.grad_accum)],
-                                    args.max_grad_norm, accelerator, args.fsdp)
+                                    args.max_grad_norm, accelerator, args.fsdp, guard, "critic")
         logs["generator"] = update(generator_loss, gen_w, g_opt, g_sched, [draw() for _ in range(args.grad_accum)],
-                                   args.max_grad_norm, accelerator, args.fsdp)
-        distiller.on_generator_step()
-        if not all(math.isfinite(v) for v in logs.values()):
-            raise FloatingPointError(f"non-finite loss at update {it + 1}: {logs}")
+                                   args.max_grad_norm, accelerator, args.fsdp, guard, "generator")
+        if math.isfinite(logs["generator"]):  # a dropped generator update is not a generator step
+            distiller.on_generator_step()
+        logs["skipped"] = guard.skipped
         if args.tensorboard:
             accelerator.log(logs, step=it + 1)
         bar.set_postfix(logs)
@@ -317,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     final = (mirrors["generator"][0] if mirrors else gen_unwrapped).state_dict()
     moved = max(float((final[k].detach().cpu().float() - v.float()).abs().max()) for k, v in initial.items())
     result: dict[str, Any] = {"logs": logs, "updates": args.iterations, "world_size": world,
-                              "generator_change": moved}  # max |W - W_0|: proof that the generator trained
+                              "generator_change": moved, "skipped_updates": guard.skipped}  # max |W - W_0|: proof that the generator trained
     if args.disback:
         result["switches"] = distiller.switches
     if task["evaluate"] is not None:  # on every rank: a sharded generator's forward needs them all

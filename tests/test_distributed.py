@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from disback_core import Backtrack, Batch, FixedInterval, LoraSpec, edm_mlp, freeze, make_generator, record_degradation
 from disback_core.adapters import DMD2
-from disback_core.distributed import allreduce_grads, check_same_on_all_ranks, gather_strings, share_trajectory
+from disback_core.distributed import allreduce_grads, any_rank, check_same_on_all_ranks, gather_strings, share_trajectory
 
 WORLD = 2
 
@@ -82,10 +82,12 @@ def _worker(rank, tmp):
         p = torch.nn.Parameter(torch.zeros(3))
         p.grad = torch.full((3,), float(rank))
         allreduce_grads([p])
+        any_flags = [any_rank(rank == 1), any_rank(False)]  # one rank's bad loss: every rank skips
         if rank == 0:
             (tmp / "result.json").write_text(json.dumps({
                 "same_nodes": same_nodes, "verify": verify, "same": same, "switches": bt.switches,
-                "grad_diff": diff, "grad_scale": scale, "allreduce": p.grad.tolist()}))
+                "grad_diff": diff, "grad_scale": scale, "allreduce": p.grad.tolist(),
+                "any_rank": any_flags}))
     finally:
         dist.destroy_process_group()
 
@@ -99,7 +101,7 @@ def test_ddp_recording_backtracking_and_gradients(tmp_path):
     assert all(r["same"]) and len(r["same"]) == 8  # generator and fake identical on both ranks after every step
     assert [n for _, n in r["switches"]] == [3, 2, 1, 0]
     assert r["grad_diff"] <= 1e-6 * max(1.0, r["grad_scale"]), r
-    assert r["allreduce"] == [0.5, 0.5, 0.5]
+    assert r["allreduce"] == [0.5, 0.5, 0.5] and r["any_rank"] == [True, False]
 
 
 def _fsdp_worker(rank, tmp):
