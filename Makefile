@@ -23,6 +23,8 @@ demo: $(BIN)/.installed
 	$(BIN)/disback demo $(DEMO_ARGS)
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check disback_core adapters
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -23,8 +23,14 @@ from torch import Tensor, nn
 
 from disback_core.denoisers import check_sample, pad_dims
 from disback_core.gan import GANHead
-from disback_core.losses import (DSMLoss, abs_mean_normaliser, check_finite, gan_discriminator_loss,
-                                 gan_generator_loss, reduce_per_sample)
+from disback_core.losses import (
+    DSMLoss,
+    abs_mean_normaliser,
+    check_finite,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    reduce_per_sample,
+)
 from disback_core.protocol import DSMFakeScore, LossDict
 from disback_core.sigmas import KarrasIndexSigma, SigmaSampler
 

@@ -3,24 +3,35 @@
 The public API is re-exported here; the methods live in :mod:`disback_core.adapters`.
 """
 from .analytic import GaussianMixtureDenoiser
-from .denoisers import (CFGDenoiser, Denoiser, DiffusersDenoiser, EDMPrecond, OneStepGenerator, Unconditional, as_sigma,
-                        check_denoiser, check_sample, freeze, make_generator, trainable_copy)
+from .attach import Attachment, attach
+from .backtracking import Backtrack
+from .denoisers import (
+                        CFGDenoiser,
+                        Denoiser,
+                        DiffusersDenoiser,
+                        EDMPrecond,
+                        OneStepGenerator,
+                        Unconditional,
+                        as_sigma,
+                        check_denoiser,
+                        check_sample,
+                        freeze,
+                        make_generator,
+                        trainable_copy,
+)
+from .faults import DivergenceMonitor, NonFiniteGuard
 from .gan import GANHead, capture_features
-from .losses import (DSMLoss, abs_mean_normaliser, check_finite, gan_discriminator_loss, gan_generator_loss,
-                     r1_penalty)
+from .lora import LoraSpec, LoraTarget, lora_targets
+from .losses import DSMLoss, abs_mean_normaliser, check_finite, gan_discriminator_loss, gan_generator_loss, r1_penalty
 from .nets import MLPNet, UNetNet, edm_mlp, edm_unet
 from .protocol import DSMFakeScore, LossDict, ScoreDistiller
-from .sigmas import KarrasContinuousSigma, KarrasIndexSigma, LogNormalSigma, SigmaSampler, edm_weight, karras_sigmas
-from .step import Batch, as_batch, call_generator, critic_step, generator_step, train_step
-from .storage import StorageError
-from .lora import LoraSpec, LoraTarget, lora_targets
-from .trajectory import Probe, Trajectory, TrajectoryTarget
 from .recording import DegradationRecorder, probe_inputs, record_degradation
 from .schedules import AdaptiveGap, FixedInterval, NodeCursor, TeacherOnly, score_gap
-from .backtracking import Backtrack
-from .attach import Attachment, attach
+from .sigmas import KarrasContinuousSigma, KarrasIndexSigma, LogNormalSigma, SigmaSampler, edm_weight, karras_sigmas
 from .state import latest_state, list_states, load_state, save_state
-from .faults import DivergenceMonitor, NonFiniteGuard
+from .step import Batch, as_batch, call_generator, critic_step, generator_step, train_step
+from .storage import StorageError
+from .trajectory import Probe, Trajectory, TrajectoryTarget
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,11 @@ class GaussianMixtureDenoiser(nn.Module):
     float64. A ``cond`` of component indices ``[batch]`` restricts each sample to its component.
     """
 
+    # buffers, float64
+    means: Tensor  # [K, d]
+    stds: Tensor  # [K]
+    log_weights: Tensor  # [K], normalised
+
     def __init__(self, means: Tensor, stds: Tensor | float, weights: Tensor | None = None):
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)

@@ -21,7 +21,8 @@ None of them takes a target argument, so :func:`attach` changes the module they 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +33,16 @@ from .trajectory import Trajectory, _state, call_module, probe_error
 
 __all__ = ["attach", "Attachment"]
 
-_LIVE: "weakref.WeakSet[Attachment]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Attachment] = weakref.WeakSet()
 _WRAPPERS = ("DistributedDataParallel", "DataParallel")
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    while type(module).__name__ in _WRAPPERS and isinstance(getattr(module, "module", None), nn.Module):
-        module = module.module
+    while type(module).__name__ in _WRAPPERS:
+        inner = getattr(module, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
     return module
 
 
@@ -188,7 +192,7 @@ class Attachment:
         self._attached = False
         _LIVE.discard(self)
 
-    def __enter__(self) -> "Attachment":
+    def __enter__(self) -> Attachment:
         return self
 
     def __exit__(self, *exc: Any) -> None:

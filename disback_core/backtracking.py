@@ -10,7 +10,8 @@ teacher, kept to the end. For a loop whose losses call its own teacher module di
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from torch import Tensor, nn
 

@@ -16,21 +16,33 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypedDict
 
 __all__ = ["main"]
 
 log = logging.getLogger("disback")
 
+
+class _ProblemDefaults(TypedDict):
+    iterations: int
+    batch: int
+    lr: float
+    eval_every: int
+    degradation_steps: int
+
+
 # Defaults per problem: generator iterations, batch, learning rate, evaluation interval,
 # degradation steps. The demo's toy2d default runs in a few minutes on 2 CPU cores.
-PROBLEM_DEFAULTS = {
+PROBLEM_DEFAULTS: dict[str, _ProblemDefaults] = {
     "toy2d": {"iterations": 600, "batch": 256, "lr": 1e-4, "eval_every": 25, "degradation_steps": 500},
     "digits": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
     "digits-cond": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
 }
-DISBACK_FIELDS = {"nodes": int, "degradation_steps": int, "node_mode": str, "rank": int, "schedule": str,
-                  "share": float, "adaptive_ratio": float, "merge": lambda v: v.lower() in ("1", "true", "yes")}
+DISBACK_FIELDS: dict[str, Callable[[str], Any]] = {
+    "nodes": int, "degradation_steps": int, "node_mode": str, "rank": int, "schedule": str,
+    "share": float, "adaptive_ratio": float, "merge": lambda v: v.lower() in ("1", "true", "yes")}
 
 
 def _base_spec(args: argparse.Namespace, adapter: str):
@@ -62,12 +74,12 @@ def parse_variant(base, text: str):
 
 
 def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
+    import torch
+
     from .bench.problems import get_problem
     from .bench.report import summary_table, write_report
     from .bench.runner import compare
     from .bench.tracking import make_tracker
-
-    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Any, Mapping, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -207,6 +208,8 @@ class DiffusersDenoiser(nn.Module):
             ``encoder_hidden_states`` for ``UNet2DConditionModel`` and ``class_labels`` otherwise.
             A dict ``cond`` is passed as keyword arguments.
     """
+
+    log_sigmas: Tensor  # buffer [T], float64: log sigma_t of each integer timestep
 
     def __init__(
         self,

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, cast
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -128,8 +129,11 @@ def full_state_to(mirror: nn.Module, sharded: nn.Module, mirror_optimizer: torch
     """Copy the full weights (and optimizer state) of an FSDP2 ``sharded`` module into ``mirror``,
     a plain copy of the same architecture (and ``mirror_optimizer``, the same optimizer class over
     it). Collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     full = _full_options()
     # a module's state dict holds tensors only; torch types its values as any state-dict value
@@ -146,8 +150,11 @@ def full_state_from(mirror: nn.Module, sharded: nn.Module, mirror_optimizer: tor
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     """The reverse of :func:`full_state_to`: shard ``mirror``'s weights (and optimizer state) back
     into ``sharded`` (and ``optimizer``). Collective."""
-    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     full = _full_options()
     set_model_state_dict(sharded, mirror.state_dict(), options=full)

@@ -74,7 +74,7 @@ class GANHead(nn.Module):
 
     @classmethod
     def build(cls, denoiser: nn.Module, feature_module: str, example_x: Tensor, cond: Any = None,
-              sigma_sampler: SigmaSampler | None = None, hidden: int | None = None) -> "GANHead":
+              sigma_sampler: SigmaSampler | None = None, hidden: int | None = None) -> GANHead:
         """Probe the feature shape on ``example_x`` and build a matching head.
 
         Image features ``[B, C, H, W]``: conv 4x4/2 + GroupNorm + SiLU while H > 2, then a 1x1 conv

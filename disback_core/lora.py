@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
 
 __all__ = ["LoraSpec", "LoraTarget", "ADAPTER", "default_target_modules", "lora_targets", "inject_lora",
            "remove_lora", "lora_parameters", "lora_state", "load_lora_state", "lora_template", "node_layers",
@@ -45,10 +49,17 @@ _PEFT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
+def _parametrizations(m: nn.Module, name: str) -> parametrize.ParametrizationList:
+    """``m.parametrizations[name]`` of a module parametrized on ``name`` (``Module.__getattr__`` is typed
+    loosely, so the type checker cannot see what ``register_parametrization`` put there)."""
+    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, m.parametrizations)[name])
+
+
 def _weight_of(m: nn.Module) -> Tensor | None:
     """The layer's own ``weight`` parameter (original one if parametrized), if it is a matrix or kernel."""
+    w: Tensor | None
     if parametrize.is_parametrized(m, "weight"):
-        w = m.parametrizations["weight"].original
+        w = _parametrizations(m, "weight").original
     else:
         w = m._parameters.get("weight")
     if isinstance(w, Tensor) and w.is_floating_point() and w.ndim >= 2:
@@ -136,7 +147,7 @@ class LoraSpec:
         a = float(self.alpha if self.alpha is not None else self.rank)
         return a / math.sqrt(self.rank) if self.use_rslora else a / self.rank
 
-    def resolved(self, model: nn.Module) -> "LoraSpec":
+    def resolved(self, model: nn.Module) -> LoraSpec:
         """The same spec with exact target names for ``model`` and an explicit alpha."""
         names = tuple(t.name for t in lora_targets(model, self))
         return LoraSpec(self.rank, float(self.alpha if self.alpha is not None else self.rank), names, self.use_rslora)
@@ -147,7 +158,7 @@ class LoraSpec:
                 "target_modules": list(tm) if isinstance(tm, tuple) else tm}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "LoraSpec":
+    def from_json(cls, d: Mapping[str, Any]) -> LoraSpec:
         if not isinstance(d, Mapping):
             raise ValueError(f"a LoRA spec must be a JSON object, got {type(d).__name__}")
         unknown = set(d) - {"rank", "alpha", "target_modules", "use_rslora", "extra"}
@@ -189,10 +200,13 @@ def _target(name: str, m: nn.Module, r: int) -> LoraTarget:
     w = _weight_of(m)
     assert w is not None
     shape, backend = tuple(w.shape), _backend(m)
+    a: tuple[int, ...]
+    b: tuple[int, ...]
     if backend == "peft" and isinstance(m, nn.Linear):
         a, b = (r, m.in_features), (m.out_features, r)
     elif backend == "peft":
-        a, b = (r, m.in_channels, *m.kernel_size), (m.out_channels, r, *([1] * len(m.kernel_size)))
+        conv = cast("nn.Conv1d | nn.Conv2d | nn.Conv3d", m)  # _backend: a peft layer that is not Linear
+        a, b = (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r, *([1] * len(conv.kernel_size)))
     else:
         a, b = (r, math.prod(shape[1:])), (shape[0], r)
     return LoraTarget(name, type(m).__name__, shape, backend, a, b)
@@ -234,6 +248,8 @@ class _DeltaLoRA(nn.Module):
 
     Factors are fp32 (like peft's autocast adapters); the sum is cast once to ``W``'s dtype."""
 
+    order: list[str]  # the layer's parameter names before injection, set by inject_lora for remove_lora
+
     def __init__(self, weight: Tensor, rank: int, scale: float):
         super().__init__()
         out, fan_in = weight.shape[0], weight[0].numel()
@@ -252,7 +268,7 @@ class _DeltaLoRA(nn.Module):
 def _delta_slots(model: nn.Module) -> Iterator[tuple[str, _DeltaLoRA]]:
     for name, m in model.named_modules():
         if parametrize.is_parametrized(m, "weight"):
-            for p in m.parametrizations["weight"]:
+            for p in _parametrizations(m, "weight"):
                 if isinstance(p, _DeltaLoRA):
                     yield name, p
 
@@ -278,17 +294,24 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     targets = lora_targets(model, spec)
     model.requires_grad_(False)
     peft_names = [t.name for t in targets if t.backend == "peft"]
-    model._disback_had_peft_config = hasattr(model, "peft_config")  # remove_lora leaves no trace behind
+    # remove_lora leaves no trace behind. The ignore: torch types Module.__setattr__'s value as
+    # Tensor | Module, but a module takes any attribute.
+    model._disback_had_peft_config = hasattr(model, "peft_config")  # type: ignore[assignment]
     if peft_names:
         from peft import LoraConfig, inject_adapter_in_model
 
-        cfg = LoraConfig(r=spec.rank, lora_alpha=float(spec.alpha if spec.alpha is not None else spec.rank),
+        # peft annotates lora_alpha as int but only divides by it (scaling = lora_alpha / r): a float is right
+        alpha = float(spec.alpha if spec.alpha is not None else spec.rank)
+        cfg = LoraConfig(r=spec.rank, lora_alpha=alpha,  # type: ignore[arg-type]
                          target_modules=peft_names, lora_dropout=0.0, bias="none", use_rslora=spec.use_rslora)
         inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
     for t in targets:
         if t.backend == "delta":
             layer = model.get_submodule(t.name)
-            delta = _DeltaLoRA(_weight_of(layer), spec.rank, spec.scale)
+            weight = _weight_of(layer)
+            if weight is None:  # lora_targets kept only layers with a weight
+                raise RuntimeError(f"LoRA target {t.name!r} has no floating weight of ndim >= 2 any more")
+            delta = _DeltaLoRA(weight, spec.rank, spec.scale)
             delta.order = list(layer._parameters)  # restored by remove_lora: the user's parameter order
             parametrize.register_parametrization(layer, "weight", delta, unsafe=True)
     for p in lora_parameters(model):
@@ -300,7 +323,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
     """Take the slot out again: every layer is its plain base layer with its original weight."""
     for name, m in list(_peft_layers(model)):
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, m.get_base_layer())
+        setattr(model.get_submodule(parent) if parent else model, child, cast("LoraLayer", m).get_base_layer())
     if not model.__dict__.pop("_disback_had_peft_config", True) and "peft_config" in model.__dict__:
         del model.__dict__["peft_config"]  # set by peft's injection on this model
     for name, delta in list(_delta_slots(model)):
@@ -317,11 +340,11 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch the slot on (unmerged forward) or off (the base weights alone); never changes requires_grad."""
     for _, m in _peft_layers(model):
         flags = [p.requires_grad for p in m.parameters()]
-        m.enable_adapters(enabled)  # peft makes the adapter trainable here; put the flags back
+        cast("LoraLayer", m).enable_adapters(enabled)  # peft makes the adapter trainable here; put the flags back
         for p, f in zip(m.parameters(), flags):
             p.requires_grad_(f)
-    for _, p in _delta_slots(model):
-        p.enabled = enabled
+    for _, d in _delta_slots(model):
+        d.enabled = enabled
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

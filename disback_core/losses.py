@@ -4,7 +4,8 @@ Adapters compose these; none of them re-implements one.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

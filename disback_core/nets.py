@@ -11,7 +11,8 @@ Users bring their own networks; these exist so the project never downloads weigh
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -123,4 +124,5 @@ def edm_unet(sample_size: int = 8, channels: int = 1, num_classes: int = 0, sigm
         down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=norm_num_groups,
         num_class_embeds=(num_classes + 1) if num_classes > 0 else None, **unet_kwargs,
     )
-    return EDMPrecond(UNetNet(unet), sigma_data=sigma_data)
+    # diffusers' __init__ shows type checkers its torch-less dummy UNet2DModel (not an nn.Module)
+    return EDMPrecond(UNetNet(unet), sigma_data=sigma_data)  # type: ignore[arg-type]

@@ -12,7 +12,8 @@ other entries are detached parts for logging.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 

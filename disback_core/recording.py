@@ -27,7 +27,8 @@ import copy
 import logging
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -124,7 +125,7 @@ class DegradationRecorder:
         self.module = module
         self._flags = [(p, p.requires_grad) for p in module.parameters()]
         if mode == "lora":
-            inject_lora(module, self.spec)
+            inject_lora(module, self._lora_spec())
         elif mode == "svd":
             self._targets = lora_targets(teacher, self.spec)
             self._svd_work = freeze(copy.deepcopy(teacher))
@@ -132,7 +133,7 @@ class DegradationRecorder:
                 keep = {f"{t.name}.weight" for t in self._targets}
                 for name, p in module.named_parameters():
                     p.requires_grad_(name in keep)
-        self.probe: tuple[Tensor, Any, Any] | None = None
+        self.probe: tuple[Tensor, Tensor, Any] | None = None
         self.outputs: list[Tensor] = []
         self.nodes: list[dict[str, Tensor]] = []
         self.node_steps: list[int] = []
@@ -148,8 +149,17 @@ class DegradationRecorder:
         """Set the probe (see ``probe`` above) before the first node; records the teacher's outputs on it."""
         if self.nodes:
             raise RuntimeError("set the probe before the first node is taken")
-        self.probe = _probe(probe, self.teacher)
-        self.outputs = [_run(self.teacher, self.call, self.probe)]
+        inputs = _probe(probe, self.teacher)
+        self.probe = inputs
+        if inputs is None:
+            raise TypeError("probe must be clean samples x0 (a tensor) or a tuple (x, sigma, cond), not None")
+        self.outputs = [_run(self.teacher, self.call, inputs)]
+
+    def _lora_spec(self) -> LoraSpec:
+        """The resolved LoRA spec of a ``"lora"``/``"svd"`` recorder (``__init__`` sets it for those modes)."""
+        if self.spec is None:
+            raise RuntimeError(f"a {self.mode!r} recorder has no LoRA spec (DegradationRecorder.spec is None)")
+        return self.spec
 
     def parameters(self) -> list[nn.Parameter]:
         """What to optimise: the LoRA factors (``"lora"``) or the module's trainable parameters."""
@@ -186,24 +196,26 @@ class DegradationRecorder:
 
     def snapshot(self) -> None:
         """Take a node now (``step`` does it every ``interval`` steps)."""
-        out = _run(self.module, self.call, self.probe) if self.probe is not None else None
+        probe = self.probe
+        out = _run(self.module, self.call, probe) if probe is not None else None
         if self.mode == "lora":
             self.nodes.append(lora_state(self.module))
         elif self.mode == "full":
             self.nodes.append({k: v.detach().to("cpu").clone() for k, v in self.module.state_dict().items()})
         else:
             base = _state(self.teacher)
-            node, err = svd_lora(self._targets, base, _state(self.module), self.spec.scale)
+            scale = self._lora_spec().scale
+            node, err = svd_lora(self._targets, base, _state(self.module), scale)
             self.nodes.append(node)
             self.svd_error.append(err)
             work = _state(self._svd_work)
             with torch.no_grad():
                 for t in self._targets:
                     key = f"{t.name}.weight"
-                    work[key].copy_(node_weight(base[key], node, t.name, self.spec.scale))
-            if out is not None:
+                    work[key].copy_(node_weight(base[key], node, t.name, scale))
+            if out is not None and probe is not None:  # out is None exactly when there is no probe
                 full_out = out
-                out = _run(self._svd_work, self.call, self.probe)
+                out = _run(self._svd_work, self.call, probe)
                 self.svd_output_error.append(float((out - full_out).norm()
                                                    / (full_out - self.outputs[0]).norm().clamp_min(1e-12)))
         if out is not None:
@@ -265,7 +277,7 @@ def _check_same_weights(module: nn.Module, teacher: nn.Module) -> None:
         raise ValueError("module must start as a copy of the teacher, but its weights differ from the teacher's")
 
 
-def _probe(probe: Any, teacher: nn.Module) -> tuple[Tensor, Any, Any] | None:
+def _probe(probe: Any, teacher: nn.Module) -> tuple[Tensor, Tensor, Any] | None:
     if probe is None:
         return None
     if isinstance(probe, Tensor):
@@ -364,7 +376,12 @@ def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], met
     return rec.trajectory({"method": type(method).__name__, "steps": steps, "dsm_loss": losses})
 
 
-def _sigma_range(teacher: nn.Module) -> dict[str, float]:
+class _SigmaRange(TypedDict):
+    sigma_min: float
+    sigma_max: float
+
+
+def _sigma_range(teacher: nn.Module) -> _SigmaRange:
     """Probe sigmas in [0.05, 20], within the teacher's ``sigma_min``/``sigma_max`` if it declares them
     (as a DDPM-schedule model does)."""
     return {"sigma_min": max(0.05, float(getattr(teacher, "sigma_min", 0.0)) * 1.01),

@@ -1,7 +1,8 @@
 """Multi-step samplers for any denoiser ``D(x_t, sigma, cond)`` (reference lines and Distillation++)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

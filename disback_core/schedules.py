@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 __all__ = ["FixedInterval", "AdaptiveGap", "TeacherOnly", "NodeCursor", "score_gap", "check_schedule"]
@@ -47,7 +46,7 @@ class FixedInterval:
         self.every = int(every)
 
     @classmethod
-    def from_share(cls, total_steps: int, degraded_nodes: int, share: float) -> "FixedInterval":
+    def from_share(cls, total_steps: int, degraded_nodes: int, share: float) -> FixedInterval:
         """Spend ``share`` of ``total_steps`` generator updates on the ``degraded_nodes - 1`` degraded
         targets (nodes N-1..1), the rest on the teacher."""
         if not 0 < share < 1:
@@ -97,10 +96,13 @@ class AdaptiveGap:
                 self.g_ref = sum(self._warm) / len(self._warm)
                 self.g_ema = self.g_ref
         else:
+            if self.g_ema is None:
+                raise RuntimeError("AdaptiveGap has a reference gap g_ref but no g_ema (inconsistent state_dict?)")
             self.g_ema = self.decay * self.g_ema + (1 - self.decay) * stat
         if steps_in_node >= self.max_steps:
             return True
-        return (steps_in_node >= self.min_steps and self.g_ref is not None
+        # g_ema is always set together with g_ref (above); the check narrows it for the type checker.
+        return (steps_in_node >= self.min_steps and self.g_ref is not None and self.g_ema is not None
                 and self.g_ema <= self.ratio * self.g_ref)
 
     def state_dict(self) -> dict[str, Any]:
@@ -108,7 +110,7 @@ class AdaptiveGap:
                 "max_steps": self.max_steps, "warm": list(self._warm), "g_ref": self.g_ref, "g_ema": self.g_ema}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.__init__(d["ratio"], d["warmup"], d["decay"], d["min_steps"], d["max_steps"])
+        type(self).__init__(self, d["ratio"], d["warmup"], d["decay"], d["min_steps"], d["max_steps"])
         self._warm, self.g_ref, self.g_ema = list(d["warm"]), d["g_ref"], d["g_ema"]
 
 

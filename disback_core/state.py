@@ -43,8 +43,9 @@ import random
 import re
 import shutil
 import stat
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -385,7 +386,8 @@ class _Payload:
             self.sections["modules"][name] = {"file": fname}
         names = _param_names(modules)
         for name, opt in optimizers.items():
-            fname, sink = f"optimizer-{name}.safetensors", {}
+            fname = f"optimizer-{name}.safetensors"
+            sink: dict[str, Tensor] = {}
             sd = _encode(opt.state_dict(), f"optimizers[{name!r}].state_dict()", sink, "")
             self.files[fname] = sink
             self.sections["optimizers"][name] = {"file": fname, "state_dict": sd,
@@ -858,9 +860,10 @@ class _RankRng:
         self.cpu = tensors["torch.cpu"]
         _scratch_generator(self.cpu, "cpu", f"RNG file {tfile}: torch.cpu")
         n = info.get("cuda_devices")
-        self.cuda = [tensors.get(f"torch.cuda.{i}") for i in range(n)] if type(n) is int and n >= 0 else None
-        if self.cuda is None or any(t is None for t in self.cuda):
+        cuda = [tensors.get(f"torch.cuda.{i}") for i in range(n)] if type(n) is int and n >= 0 else None
+        if cuda is None or any(t is None for t in cuda):
             raise StorageError(f"RNG file {tfile}: the CUDA RNG states do not match cuda_devices in {jfile}")
+        self.cuda = cast("list[Tensor]", cuda)  # every entry was checked just above
         here = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n != here:
             if strict:

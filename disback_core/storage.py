@@ -16,15 +16,17 @@ expected sha256 is hashed by streaming before any tensor is allocated. Every pro
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import secrets
 import stat
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -173,7 +175,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 # --------------------------------------------------------------------------- reading files safely
 
 
-def _open_regular(path: Path, what: str) -> tuple[BinaryIO, int]:
+def _open_regular(path: Path, what: str) -> tuple[io.FileIO, int]:
     """Open ``path`` for reading without following a symlink and without blocking on a FIFO;
     refuse anything but a regular file. Returns the open file and its size."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -197,7 +199,7 @@ def _open_regular(path: Path, what: str) -> tuple[BinaryIO, int]:
         raise
 
 
-def _read_exact(f: BinaryIO, buf: memoryview, path: Path, what: str) -> None:
+def _read_exact(f: io.RawIOBase, buf: memoryview, path: Path, what: str) -> None:
     """Fill ``buf`` from ``f`` or raise (the file is shorter than its header says)."""
     got = 0
     while got < len(buf):
@@ -335,7 +337,8 @@ def _tensor_chunks(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | 
     for name in order:
         flat = tensors[name].detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
         if flat.numel():
-            yield memoryview(flat.view(torch.uint8).numpy())
+            # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; it is a buffer on all versions
+            yield memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def tensors_to_bytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -425,7 +428,7 @@ def _check_layout(infos: Mapping[str, TensorInfo], data_len: int, path: Path) ->
                            "section (truncated or extra bytes)")
 
 
-def _parse_header(f: BinaryIO, size: int, path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, str]]:
+def _parse_header(f: io.RawIOBase, size: int, path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, str]]:
     """Read and validate the header of an open safetensors file of ``size`` bytes.
 
     Returns (header length, tensors by name, metadata). Nothing is allocated beyond the header,
@@ -469,13 +472,14 @@ def read_tensor_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], 
     return infos, meta
 
 
-def _read_tensor(f: BinaryIO, info: TensorInfo, start: int, h: Any, path: Path, name: str) -> Tensor:
+def _read_tensor(f: io.RawIOBase, info: TensorInfo, start: int, h: Any, path: Path, name: str) -> Tensor:
     """Read one tensor's bytes (already validated against the file size) into a fresh tensor."""
     nbytes = info.end - info.begin
     buf = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:
         f.seek(start + info.begin)
-        view = memoryview(buf.numpy())
+        # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; it is a buffer on all versions
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]
         _read_exact(f, view, path, "tensor file")
         if h is not None:
             h.update(view)

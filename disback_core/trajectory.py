@@ -20,20 +20,37 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .denoisers import freeze
-from .lora import (LoraSpec, check_node, inject_lora, load_lora_state, lora_template, node_layers,
-                   write_node_weight_)
+from .lora import LoraSpec, check_node, inject_lora, load_lora_state, lora_template, node_layers, write_node_weight_
 from .storage import StorageError, atomic_write_bytes, fsync_dir, remove_files, tensors_fingerprint
-from .trajectory_files import (FINGERPRINT_DTYPES, FORMAT, KINDS, MANIFEST, VERSION, Probe, _check_fingerprint,
-                               _check_savable, _dtype_name, _load_node, _load_probe, _manifest_bytes,
-                               _node_max_bytes, _node_template, _write_node, _write_probe, manifest_digest,
-                               read_manifest, stale_files)
+from .trajectory_files import (
+    FINGERPRINT_DTYPES,
+    FORMAT,
+    KINDS,
+    MANIFEST,
+    VERSION,
+    Probe,
+    _check_fingerprint,
+    _check_savable,
+    _dtype_name,
+    _load_node,
+    _load_probe,
+    _manifest_bytes,
+    _node_max_bytes,
+    _node_template,
+    _write_node,
+    _write_probe,
+    manifest_digest,
+    read_manifest,
+    stale_files,
+)
 
 __all__ = ["Trajectory", "TrajectoryTarget", "Probe", "FORMAT", "VERSION", "call_module", "manifest_digest"]
 
@@ -127,9 +144,15 @@ class Trajectory:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.last:
             raise IndexError(f"node index {k!r} out of range 0..{self.last}")
 
+    def _lora_spec(self) -> LoraSpec:
+        """The LoRA spec of a ``kind="lora"`` trajectory (``__init__`` sets it for that kind)."""
+        if self.lora is None:
+            raise RuntimeError("this LoRA trajectory has no LoRA spec (Trajectory.lora is None)")
+        return self.lora
+
     def _node_template(self) -> dict[str, tuple[int, ...]]:
         if self.kind == "lora":
-            return lora_template(self.teacher, self.lora)
+            return lora_template(self.teacher, self._lora_spec())
         return {k: tuple(v.shape) for k, v in self.teacher.state_dict().items()}
 
     def _check_node(self, k: int) -> None:
@@ -178,7 +201,7 @@ class Trajectory:
                 if state is None:
                     dst.copy_(b)
                 elif self.kind == "lora":
-                    write_node_weight_(dst, b, state, name[: -len(".weight")], self.lora.scale)
+                    write_node_weight_(dst, b, state, name[: -len(".weight")], self._lora_spec().scale)
                 else:
                     dst.copy_(state[name])
 
@@ -197,7 +220,7 @@ class Trajectory:
             for n in (state if unmerged else touched):  # shared tensors keep the teacher's flags
                 state[n].requires_grad_(False)
             if unmerged:
-                inject_lora(work, self.lora)
+                inject_lora(work, self._lora_spec())
                 work.requires_grad_(False)
             self._work = work.eval()
         return self._work
@@ -315,7 +338,7 @@ class Trajectory:
 
     @classmethod
     def load(cls, path: str | os.PathLike, teacher: nn.Module, merge: bool = True,
-             check_fingerprint: bool = True) -> "Trajectory":
+             check_fingerprint: bool = True) -> Trajectory:
         """Load a trajectory folder onto ``teacher``; refuse anything that does not verify.
 
         Every problem with the folder is a :class:`StorageError` naming the file and the problem

@@ -16,16 +16,29 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .lora import LoraSpec, lora_template
-from .storage import (MAX_JSON_BYTES, StorageError, canonical_json, is_sha256, load_tensors, lowest_float_dtype,
-                      parse_json, read_json, save_tensors_once, sha256_bytes, tensors_fingerprint, tensors_sha256)
+from .storage import (
+    MAX_JSON_BYTES,
+    StorageError,
+    canonical_json,
+    is_sha256,
+    load_tensors,
+    lowest_float_dtype,
+    parse_json,
+    read_json,
+    save_tensors_once,
+    sha256_bytes,
+    tensors_fingerprint,
+    tensors_sha256,
+)
 
 FORMAT = "disback-trajectory"
 VERSION = 2  # written; 2 adds content-named files, node_count and digest

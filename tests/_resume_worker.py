@@ -217,12 +217,15 @@ class Server:
         self.p.stdin.write(json.dumps(args) + "\n")
         self.p.stdin.flush()
         pid, events = None, []
-        while pid is None or not events or events[-1][0] != "ready":
+        # The worker's lines and the server's "pid" line share one pipe: under load the worker can
+        # get far (even to its end) before the server writes "pid", so "ready" may not be the last event.
+        while pid is None or not any(e[0] == "ready" for e in events):
             e = self.next()
             if e[0] == "pid":
                 pid = int(e[1])
-            elif e[0] == "exit":
-                raise RuntimeError(f"worker ended before it was ready:\n{self.errpath.read_text()[-3000:]}")
+            elif e[0] == "exit":  # the server writes it after "pid": the worker died before "ready"
+                raise RuntimeError(f"worker ended (status {e[2]}) before it was ready:\n"
+                                   f"{self.errpath.read_text()[-3000:]}")
             else:
                 events.append(e)
         return pid, events

@@ -7,7 +7,8 @@ generator seeded by ``seed``; the others are deterministic functions of their in
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -152,8 +152,8 @@ class Toy2D(Problem):
         self.means = torch.stack([2 * ang.cos(), 2 * ang.sin()], 1)
         self.std = 0.1
         self.mixture = GaussianMixtureDenoiser(self.means, self.std)
-        cfg = {"width": 128, "depth": 3, "sigma_data": 1.4, "steps": teacher_steps, "lr": 1e-3, "batch": 512,
-               "p_mean": -0.5, "p_std": 1.5, "seed": seed, "recipe": 1}
+        cfg: dict[str, Any] = {"width": 128, "depth": 3, "sigma_data": 1.4, "steps": teacher_steps, "lr": 1e-3,
+                               "batch": 512, "p_mean": -0.5, "p_std": 1.5, "seed": seed, "recipe": 1}
 
         def build() -> nn.Module:
             torch.manual_seed(seed)
@@ -195,7 +195,10 @@ class Toy2D(Problem):
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(self._ref_data[:2000, 0], self._ref_data[:2000, 1], s=2, c="0.8", label="data")
         ax.scatter(s[:, 0], s[:, 1], s=2, c="C0", label="samples")
-        ax.set_xlim(-3.2, 3.2), ax.set_ylim(-3.2, 3.2), ax.set_aspect("equal"), ax.set_title(title, fontsize=9)
+        ax.set_xlim(-3.2, 3.2)
+        ax.set_ylim(-3.2, 3.2)
+        ax.set_aspect("equal")
+        ax.set_title(title, fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -212,9 +215,9 @@ class Digits(Problem):
 
         self.conditional = conditional
         self.x_train, self.y_train, self.x_test, self.y_test = load_digits_split()
-        cfg = {"block_out_channels": [16, 32, 32], "attention": True, "sigma_data": 0.5, "steps": teacher_steps,
-               "lr": 1e-3, "batch": 128, "label_dropout": 0.1, "p_mean": -1.2, "p_std": 1.2, "seed": seed,
-               "recipe": 1}
+        cfg: dict[str, Any] = {"block_out_channels": [16, 32, 32], "attention": True, "sigma_data": 0.5,
+                               "steps": teacher_steps, "lr": 1e-3, "batch": 128, "label_dropout": 0.1,
+                               "p_mean": -1.2, "p_std": 1.2, "seed": seed, "recipe": 1}
 
         def build() -> nn.Module:
             torch.manual_seed(seed)

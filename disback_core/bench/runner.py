@@ -39,9 +39,10 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -154,8 +155,9 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
     z_eval, c_eval = problem.eval_inputs()
 
     def evaluate(it: int) -> dict[str, Any]:
-        e = {"iteration": it, "seconds": degradation_seconds + train_seconds, "cpu_seconds": degradation_cpu + train_cpu,
-             "metrics": problem.evaluate(_generate(generator, z_eval, c_eval), c_eval)}
+        e: dict[str, Any] = {"iteration": it, "seconds": degradation_seconds + train_seconds,
+                             "cpu_seconds": degradation_cpu + train_cpu,
+                             "metrics": problem.evaluate(_generate(generator, z_eval, c_eval), c_eval)}
         log.info("%s seed %d it %d: %s", spec.label, seed, it, {k: round(v, 4) for k, v in e["metrics"].items()})
         if track is not None:
             track(f"{spec.adapter}-{spec.label}-seed{seed}", it, {**e["metrics"], "cpu_seconds": e["cpu_seconds"]})
