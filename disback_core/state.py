@@ -50,7 +50,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .storage import StorageError, config_hash, fsync_dir, load_tensors, read_json, save_tensors
+from .storage import StorageError, config_hash, load_tensors, read_json, save_tensors
 
 __all__ = ["save_state", "load_state", "latest_state", "list_states", "FORMAT", "VERSION"]
 
@@ -173,6 +173,20 @@ def _parse_json(data: bytes, path: Path) -> Any:
 # --------------------------------------------------------------------------- files
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (new files, renames) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_new(path: Path, data: bytes) -> None:
     """Create ``path`` (it must not exist), write ``data`` and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -192,7 +206,7 @@ def _replace_file(path: Path, data: bytes) -> None:
     except BaseException:
         _remove(tmp)
         raise
-    fsync_dir(path.parent)
+    _fsync_dir(path.parent)
 
 
 def _remove(path: Path) -> None:
@@ -267,7 +281,7 @@ def _link_copy(src: Path, dst: Path) -> None:
             shutil.copyfile(s, d)
             with open(d, "rb+") as f:
                 os.fsync(f.fileno())
-    fsync_dir(dst)
+    _fsync_dir(dst)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -434,7 +448,7 @@ def _install(folder: Path, tmp: Path, step: int, manifest_sha: str) -> Path:
     final = folder / _step_name(step)
     if not os.path.lexists(final):
         os.rename(tmp, final)
-        fsync_dir(folder)
+        _fsync_dir(folder)
         _write_pointer(folder, final.name, step, manifest_sha)
         return final
     # A folder of this step exists (perhaps the live one): switch to the new state under its
@@ -453,7 +467,7 @@ def _move_in(folder: Path, live: Path, final: Path, step: int, manifest_sha: str
         os.rename(final, old)
     _link_copy(live, staged)
     os.rename(staged, final)
-    fsync_dir(folder)
+    _fsync_dir(folder)
     _write_pointer(folder, final.name, step, manifest_sha)
     _remove(old)
     _remove(live)
@@ -493,7 +507,7 @@ def _cleanup(folder: Path, step: int, keep: int, live: str) -> None:
             os.rename(folder / _step_name(s), aside)  # a step-* folder is complete or absent, never partial
             doomed.append(aside)
     if doomed:
-        fsync_dir(folder)
+        _fsync_dir(folder)
     for p in doomed:
         _remove(p)
 
@@ -584,7 +598,7 @@ def save_state(folder: str | os.PathLike, *, step: int, modules: Mapping[str, nn
                         "files": {k: files[k] for k in sorted(files)}}
             data = _json_bytes(manifest)
             _write_new(tmp / MANIFEST, data)
-            fsync_dir(tmp)
+            _fsync_dir(tmp)
         except BaseException:
             _remove(tmp)
             raise
