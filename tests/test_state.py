@@ -222,6 +222,8 @@ def _save_crashing_at(k: int, folder: Path, o: dict, step: int) -> bool:
     """Save in a forked child that dies (``os._exit``: no cleanup runs, like SIGKILL) just before its
     k-th file-system operation of the state module (writes, fsyncs, renames, removals, switches);
     returns whether the save completed first."""
+    missing = [name for name in _CRASH_POINTS if not hasattr(st, name)]
+    assert not missing, f"crash points {missing} are gone from disback_core.state: update _CRASH_POINTS"
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         calls = [0]
@@ -234,10 +236,10 @@ def _save_crashing_at(k: int, folder: Path, o: dict, step: int) -> bool:
                 return f(*a, **kw)
             return g
 
-        for name in _CRASH_POINTS:
-            setattr(st, name, crashing(getattr(st, name)))
-        st.os.rename = crashing(st.os.rename)  # the child's own os module: the parent is untouched
-        try:
+        try:  # whatever happens, the child never returns into the test session
+            for name in _CRASH_POINTS:
+                setattr(st, name, crashing(getattr(st, name)))
+            st.os.rename = crashing(st.os.rename)  # the child's own os module: the parent is untouched
             save_state(folder, step=step, **kw(o), config=CFG, keep=2)
         finally:
             os._exit(0 if calls[0] < k else 4)
