@@ -50,7 +50,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .storage import StorageError, config_hash, load_tensors, read_json, save_tensors
+from .storage import StorageError, config_hash, fsync_dir, load_tensors, read_json, save_tensors
 
 __all__ = ["save_state", "load_state", "latest_state", "list_states", "FORMAT", "VERSION"]
 
@@ -173,18 +173,8 @@ def _parse_json(data: bytes, path: Path) -> Any:
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a folder's entries (new files, renames) durable; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
-        pass
-    finally:
-        os.close(fd)
+# storage's implementation, bound here as the name the crash-point tests patch
+_fsync_dir = fsync_dir
 
 
 def _write_new(path: Path, data: bytes) -> None:
