@@ -17,8 +17,10 @@ from .denoisers import (
                         check_sample,
                         freeze,
                         make_generator,
+                        timestep_generator,
                         trainable_copy,
 )
+from .export import export_generator, load_checkpoint, load_generator, read_export_note
 from .faults import DivergenceMonitor, NonFiniteGuard
 from .gan import GANHead, capture_features
 from .lora import LoraSpec, LoraTarget, lora_targets
@@ -47,4 +49,5 @@ __all__ = [
     "Backtrack", "FixedInterval", "AdaptiveGap", "TeacherOnly", "NodeCursor", "score_gap",
     "attach", "Attachment", "Unconditional", "check_denoiser",
     "save_state", "load_state", "latest_state", "list_states", "NonFiniteGuard", "DivergenceMonitor",
+    "timestep_generator", "export_generator", "load_generator", "read_export_note", "load_checkpoint",
 ]

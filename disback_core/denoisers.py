@@ -29,6 +29,7 @@ __all__ = [
     "DiffusersDenoiser",
     "CFGDenoiser",
     "OneStepGenerator",
+    "timestep_generator",
     "make_generator",
     "trainable_copy",
     "freeze",
@@ -369,24 +370,45 @@ def _broadcast_like(u: Any, c: Any, name: str) -> Tensor:
 
 
 class OneStepGenerator(nn.Module):
-    """A one-step generator ``G(z, cond) = D(sigma_init * z, sigma_init, cond)``.
+    """A one-step generator ``G(z, cond) = D(noise_scale * z, sigma_init, cond)``, ``noise_scale =
+    sigma_init`` unless given.
 
     Initialised from a copy of the teacher, it starts as the teacher's one-step denoise from pure
     noise (DMD2-EDM and GDD use ``sigma_init = 80``, SiD 2.5, Diff-Instruct small values).
     """
 
-    def __init__(self, denoiser: nn.Module, sigma_init: float):
+    def __init__(self, denoiser: nn.Module, sigma_init: float, *, noise_scale: float | None = None):
         super().__init__()
         if not (math.isfinite(sigma_init) and sigma_init > 0):
             raise ValueError(f"sigma_init must be finite and > 0, got {sigma_init}")
+        if noise_scale is not None and not (math.isfinite(noise_scale) and noise_scale > 0):
+            raise ValueError(f"noise_scale must be finite and > 0, got {noise_scale}")
         self.denoiser = denoiser
         self.sigma_init = float(sigma_init)
+        # What z is multiplied by: sigma_init (x_t = sigma z, the EDM convention), or e.g.
+        # sqrt(1 + sigma^2) for a DMD2-style diffusers generator fed raw noise at a fixed timestep.
+        self.noise_scale = self.sigma_init if noise_scale is None else float(noise_scale)
 
     def forward(self, z: Tensor, cond: Any = None) -> Tensor:
         check_sample(z, "z")
         # sigma as a [batch] float32 tensor: NVlabs' EDMPrecond calls sigma.to(...), a float would fail
         sigma = torch.full((z.shape[0],), self.sigma_init, device=z.device, dtype=torch.float32)
-        return self.denoiser(self.sigma_init * z, sigma, cond)
+        return self.denoiser(self.noise_scale * z, sigma, cond)
+
+
+def timestep_generator(model: nn.Module, timestep: float, alphas_cumprod: Tensor | None = None,
+                       prediction_type: str | None = None, *, scheduler: Any = None) -> OneStepGenerator:
+    """A diffusers model used DMD2-style as a one-step generator: ``unet(z, timestep)`` on raw noise
+    ``z`` at one fixed timestep, its x0 the sample (DMD2's and DisBack's SDXL generators: 399; DMD2's
+    SD-1.5: 999). In the library's convention that is ``D(sqrt(1 + sigma^2) z, sigma)`` with
+    ``sigma = sigma_t``, since ``x_t = x_vp / sqrt(abar_t)``; the schedule is passed as to
+    :class:`DiffusersDenoiser`."""
+    d = DiffusersDenoiser(model, alphas_cumprod, prediction_type, scheduler=scheduler)
+    last = len(d.log_sigmas) - 1
+    if isinstance(timestep, bool) or not isinstance(timestep, (int, float)) or not 0 <= timestep <= last:
+        raise ValueError(f"timestep must be a number in the schedule's 0..{last}, got {timestep!r}")
+    sigma = float(d.t_to_sigma(torch.tensor([float(timestep)]))[0])
+    return OneStepGenerator(d, sigma, noise_scale=math.sqrt(1.0 + sigma * sigma))
 
 
 def takes_args(fn: Any, n: int) -> bool:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LoraSpec", "LoraTarget", "ADAPTER", "default_target_modules", "lora_targets", "inject_lora",
            "remove_lora", "lora_parameters", "lora_state", "load_lora_state", "lora_template", "node_layers",
-           "node_weight", "write_node_weight_", "svd_lora", "lora_numel", "EDM_TARGETS", "UNET2D_TARGETS", "UNET2D_CONDITION_TARGETS"]
+           "node_weight", "write_node_weight_", "svd_lora", "lora_numel", "merged_state_dict", "EDM_TARGETS", "UNET2D_TARGETS", "UNET2D_CONDITION_TARGETS"]
 
 ADAPTER = "disback"
 
@@ -334,6 +334,38 @@ def remove_lora(model: nn.Module) -> nn.Module:
         layer._parameters.update({k: params[k] for k in delta.order if k in params})
         layer._parameters.update(params)  # anything else keeps its place after them
     return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s state dict with every LoRA merged into its layer's weight, under the plain
+    layer's keys (``<layer>.weight``, no ``base_layer``, ``lora_`` or ``parametrizations`` keys):
+    what the model would hold had it been trained without adapters. Covers peft layers (this
+    library's slots, ``unet.add_adapter(...)``, ``inject_adapter_in_model``: the active, unmerged
+    adapters are added) and the delta backend. Tensors are detached; merged weights are new tensors,
+    the rest are the model's own."""
+    merged: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name, m in _peft_layers(model):
+            layer: Any = m  # a peft LoraLayer subclass (Linear, Conv2d, ...): get_delta_weight is theirs
+            w = cast(Tensor, layer.get_base_layer().weight).detach()
+            if not layer.disable_adapters and not layer.merged:
+                delta = sum((layer.get_delta_weight(a).float() for a in layer.active_adapters
+                             if a in layer.lora_A), torch.zeros((), device=w.device))
+                w = (w.float() + delta).to(w.dtype)
+            merged[name + ".weight"] = w
+        for name, _ in _delta_slots(model):
+            merged[name + ".weight"] = cast(Tensor, model.get_submodule(name).weight).detach()
+    out: dict[str, Tensor] = {}
+    for key, v in model.state_dict().items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        if "parametrizations" in parts:  # <layer>.parametrizations.weight.original
+            i = parts.index("parametrizations")
+            key = ".".join(parts[:i] + [parts[i + 1]])
+        key = key.replace(".base_layer.", ".")
+        out[key] = merged.get(key, v.detach())
+    return out
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "fsync_dir",
     "remove_files",
     "write_json",
+    "read_bytes",
     "read_json",
     "parse_json",
     "canonical_json",
@@ -245,9 +246,9 @@ def parse_json(data: bytes, where: str | os.PathLike, what: str = "JSON file",
         raise StorageError(f"{what} {where} is not valid JSON: {e}") from None
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Read a JSON file (a regular file of at most ``max_bytes``), raising :class:`StorageError`
-    naming ``path`` when it is missing, too large, too deeply nested or malformed."""
+def read_bytes(path: str | os.PathLike, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (no symlink, FIFO or device), or a
+    :class:`StorageError` naming ``path``."""
     path = Path(path)
     f, size = _open_regular(path, what)
     with f:
@@ -257,7 +258,13 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int =
         _read_exact(f, memoryview(buf), path, what)
         if f.read(1):
             raise StorageError(f"{what} {path} grew while it was read")
-    return parse_json(bytes(buf), path, what)
+    return bytes(buf)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read a JSON file (a regular file of at most ``max_bytes``), raising :class:`StorageError`
+    naming ``path`` when it is missing, too large, too deeply nested or malformed."""
+    return parse_json(read_bytes(path, what, max_bytes), path, what)
 
 
 def canonical_json(obj: Any) -> bytes:

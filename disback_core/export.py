@@ -1,0 +1,464 @@
+"""The distilled generator as a model folder you can ship: export, verified load, checkpoints.
+
+:func:`export_generator` writes a one-step generator (a :class:`~disback_core.denoisers.OneStepGenerator`
+made by this library, or a raw diffusers UNet trained DMD2-style at a fixed timestep) as a folder.
+For a diffusers model the folder is a ``save_pretrained`` folder (``UNet2DConditionModel.from_pretrained(folder)``
+loads it) with two files of ours beside the model's own::
+
+    config.json                           the model's diffusers config (ConfigMixin.to_json_string)
+    diffusion_pytorch_model.safetensors   the weights, every LoRA merged in (lora.merged_state_dict)
+    disback_schedule.safetensors          log sigma_t of the training schedule (float64), for the wrapper
+    disback_generator.json                how to sample: sigma_init, the timestep, the noise scale,
+                                          the prediction type; the sha256 of every file; your metadata
+
+Any other generator (an EDM network, an MLP) is written as ``model.safetensors`` plus the note;
+loading it needs the module to load into (``load_generator(folder, model=...)``), because a
+class is never constructed from a file.
+
+:func:`load_generator` checks the note, every file's sha256 (streamed, before any tensor is
+allocated), that the weights' keys and shapes fit the config, and returns a
+``OneStepGenerator`` whose outputs equal the exported one's bit for bit.
+
+Sampling the exported UNet in a diffusers pipeline: call it at ``diffusers.timestep`` on latents
+``diffusers.latent_scale * randn`` (``latent_scale = noise_scale / sqrt(1 + sigma_init^2)``; 1 for
+a DMD2-style generator fed raw noise, as DMD2's and DisBack's SDXL releases are, with
+``LCMScheduler`` and ``timesteps=[399]``), and take the scheduler's x0.
+
+Saves are atomic: the new folder is written beside the old one (``.<name>.<random>.partial``),
+fsynced, and switched in by one ``renameat2(RENAME_EXCHANGE)`` where the OS has it (Linux); the old
+copy is removed afterwards. Elsewhere two renames are used and a crash between them leaves the
+previous complete export at ``.<name>.<random>.previous``, which :func:`load_generator` then reads
+(and the next export puts back first). No pickle: :func:`load_checkpoint` reads a legacy ``.bin``
+with ``torch.load(weights_only=True)`` only.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from .denoisers import DiffusersDenoiser, OneStepGenerator, timestep_generator
+from .lora import merged_state_dict
+from .storage import (
+    StorageError,
+    atomic_write_bytes,
+    fsync_dir,
+    is_sha256,
+    load_tensors,
+    parse_json,
+    read_bytes,
+    read_json,
+    save_tensors,
+    sha256_bytes,
+)
+
+__all__ = ["export_generator", "load_generator", "read_export_note", "load_checkpoint", "NOTE_NAME"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "disback-generator"
+VERSION = 1
+NOTE_NAME = "disback_generator.json"
+CONFIG_NAME = "config.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+SCHEDULE_NAME = "disback_schedule.safetensors"
+MODULE_WEIGHTS = "model.safetensors"
+_PARTIAL, _PREVIOUS = ".partial", ".previous"
+
+
+# --------------------------------------------------------------------------- what a generator is
+
+
+def _unwrap(m: Any) -> Any:
+    """Look through DDP / FSDP-style wrappers (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    for _ in range(8):
+        inner = getattr(m, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(m, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return m
+        m = inner
+    return m
+
+
+def _is_diffusers_model(m: Any) -> bool:
+    try:
+        from diffusers import ModelMixin
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return isinstance(m, ModelMixin)
+
+
+def _describe(generator: Any, *, timestep: float | None, scheduler: Any, alphas_cumprod: Tensor | None,
+              prediction_type: str | None) -> tuple[nn.Module, dict[str, Any], DiffusersDenoiser | None]:
+    """(model to save, sampling fields of the note, the diffusers wrapper or None)."""
+    g = _unwrap(generator)
+    if isinstance(g, OneStepGenerator):
+        if timestep is not None or scheduler is not None or alphas_cumprod is not None:
+            raise ValueError("timestep, scheduler and alphas_cumprod are for a raw diffusers model; "
+                             "a OneStepGenerator already carries its sigma_init and schedule")
+        d = _unwrap(g.denoiser)
+        sampling = {"sigma_init": g.sigma_init, "noise_scale": g.noise_scale}
+        if isinstance(d, DiffusersDenoiser) and _is_diffusers_model(_unwrap(d.model)):
+            return _unwrap(d.model), sampling, d
+        return d, sampling, None
+    if _is_diffusers_model(g):
+        if timestep is None:
+            raise ValueError(f"generator is a raw {type(g).__name__}: pass timestep= (the fixed timestep it is "
+                             "trained at, e.g. 399 or 999) and scheduler= (or alphas_cumprod= and prediction_type=)")
+        tg = timestep_generator(g, timestep, alphas_cumprod, prediction_type, scheduler=scheduler)
+        return g, {"sigma_init": tg.sigma_init, "noise_scale": tg.noise_scale}, cast(DiffusersDenoiser, tg.denoiser)
+    raise TypeError(f"generator must be a OneStepGenerator or a diffusers model, got {type(generator).__name__}")
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _file_entry(data_sha: str, size: int) -> dict[str, Any]:
+    return {"sha256": data_sha, "bytes": size}
+
+
+def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise TypeError("metadata must be a dict with string keys")
+    try:
+        return json.loads(json.dumps(dict(metadata), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata must be JSON-serialisable without NaN/Inf: {e}") from None
+
+
+def _is_ours(folder: Path) -> bool:
+    try:
+        note = read_json(folder / NOTE_NAME, "export note")
+    except StorageError:
+        return False
+    return isinstance(note, dict) and note.get("format") == FORMAT
+
+
+def _siblings(folder: Path, suffix: str) -> list[Path]:
+    prefix = f".{folder.name}."
+    try:
+        return sorted(p for p in folder.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(suffix)
+                      and p.is_dir() and not p.is_symlink())
+    except FileNotFoundError:
+        return []
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel cannot
+        return False
+    raise OSError(err, f"cannot switch {b} into place: {os.strerror(err)}")
+
+
+def _recover(folder: Path) -> None:
+    """An earlier two-rename switch that stopped half way: put the previous complete export back."""
+    if folder.exists() or folder.is_symlink():
+        return
+    for prev in reversed(_siblings(folder, _PREVIOUS)):
+        if _is_ours(prev):
+            os.replace(prev, folder)
+            fsync_dir(folder.parent)
+            log.warning("restored the previous export %s from %s (an export was interrupted)", folder, prev.name)
+            return
+
+
+def _switch(new: Path, folder: Path) -> None:
+    """Make ``new`` (complete, fsynced) the folder ``folder``; the old one is gone afterwards."""
+    parent = folder.parent
+    if not folder.exists():
+        os.rename(new, folder)
+        fsync_dir(parent)
+        return
+    if _exchange(new, folder):
+        fsync_dir(parent)
+        shutil.rmtree(new, ignore_errors=True)  # now the old export
+        return
+    old = parent / f".{folder.name}.{secrets.token_hex(8)}{_PREVIOUS}"
+    os.rename(folder, old)
+    os.rename(new, folder)  # a crash between the two renames leaves the old export at `old`
+    fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_generator(generator: nn.Module, folder: str | os.PathLike, *, timestep: float | None = None,
+                     scheduler: Any = None, alphas_cumprod: Tensor | None = None,
+                     prediction_type: str | None = None, dtype: torch.dtype | None = None,
+                     metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``generator`` as a model folder (layout in the module docstring); returns the folder.
+
+    Args:
+        generator: a :class:`OneStepGenerator` (over a :class:`DiffusersDenoiser` for a diffusers
+            folder, or any denoiser), or a raw diffusers model trained at a fixed ``timestep``.
+        timestep, scheduler, alphas_cumprod, prediction_type: for a raw diffusers model only: the
+            timestep it generates at and its DDPM schedule (as :class:`DiffusersDenoiser` takes them).
+        dtype: cast floating weights to this dtype (e.g. ``torch.float16`` for a release).
+        metadata: JSON-serialisable notes stored in ``disback_generator.json``.
+
+    The same generator always gives the same bytes. ``folder`` may not exist, be empty, or hold an
+    earlier export (replaced atomically); anything else is refused, nothing is overwritten.
+    """
+    folder = Path(folder)
+    meta = _check_metadata(metadata)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    _recover(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise FileExistsError(f"export folder {folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not _is_ours(folder):
+        raise FileExistsError(f"export folder {folder} exists, is not empty and holds no {NOTE_NAME}: "
+                              "it is not an export of this library; choose another folder")
+    model, sampling, wrapper = _describe(generator, timestep=timestep, scheduler=scheduler,
+                                         alphas_cumprod=alphas_cumprod, prediction_type=prediction_type)
+    state = merged_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    note: dict[str, Any] = {"format": FORMAT, "version": VERSION, "class": type(model).__name__,
+                            "sigma_init": sampling["sigma_init"], "noise_scale": sampling["noise_scale"],
+                            "metadata": meta}
+    files: dict[str, dict[str, Any]] = {}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    new = folder.parent / f".{folder.name}.{secrets.token_hex(8)}{_PARTIAL}"
+    new.mkdir()
+    try:
+        if wrapper is not None:
+            config = model.to_json_string().encode()  # type: ignore[operator]
+            _check_template(model, state, DIFFUSERS_WEIGHTS)
+            atomic_write_bytes(new / CONFIG_NAME, config, sync_dir=False)
+            files[CONFIG_NAME] = _file_entry(sha256_bytes(config), len(config))
+            sigma = torch.tensor([sampling["sigma_init"]], dtype=torch.float64)
+            note["kind"] = "diffusers"
+            note["diffusers"] = {
+                "timestep": float(wrapper.sigma_to_t(sigma)[0]),
+                "latent_scale": sampling["noise_scale"] / math.sqrt(1.0 + sampling["sigma_init"] ** 2),
+                "prediction_type": wrapper.prediction_type, "timestep_mode": wrapper.timestep,
+                "clamp": wrapper.clamp, "cond_kwarg": wrapper.cond_kwarg}
+            for name, tensors, md in ((DIFFUSERS_WEIGHTS, state, {"format": "pt"}),
+                                      (SCHEDULE_NAME, {"log_sigmas": wrapper.log_sigmas.detach().cpu()}, None)):
+                sha = save_tensors(new / name, tensors, md, sync_dir=False)
+                files[name] = _file_entry(sha, (new / name).stat().st_size)
+        else:
+            note["kind"] = "module"
+            sha = save_tensors(new / MODULE_WEIGHTS, state, {"format": "pt"}, sync_dir=False)
+            files[MODULE_WEIGHTS] = _file_entry(sha, (new / MODULE_WEIGHTS).stat().st_size)
+        note["files"] = files
+        atomic_write_bytes(new / NOTE_NAME, (json.dumps(note, indent=2, sort_keys=True) + "\n").encode())
+        _switch(new, folder)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    for stale in _siblings(folder, _PARTIAL) + _siblings(folder, _PREVIOUS):  # of earlier interrupted exports
+        shutil.rmtree(stale, ignore_errors=True)
+    return folder
+
+
+def _check_template(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """The weights' keys and shapes must be exactly the model's (a plain, LoRA-free instance)."""
+    want = {k: tuple(v.shape) for k, v in merged_state_dict(model).items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or extra or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} keys missing (e.g. {missing[:3]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected keys (e.g. {extra[:3]})")
+        if bad:
+            parts.append(f"{len(bad)} shapes differ (e.g. {bad[0]}: {got[bad[0]]} in the file, {want[bad[0]]} in the model)")
+        raise StorageError(f"{source}: the weights do not fit {type(model).__name__}: " + "; ".join(parts))
+
+
+# --------------------------------------------------------------------------- load
+
+
+_NOTE_KEYS = {"format", "version", "class", "kind", "sigma_init", "noise_scale", "metadata", "files"}
+_DIFFUSERS_KEYS = {"timestep", "latent_scale", "prediction_type", "timestep_mode", "clamp", "cond_kwarg"}
+
+
+def _positive(note: Mapping[str, Any], key: str, path: Path) -> float:
+    v = note.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise StorageError(f"export note {path}: {key} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def _where(folder: Path) -> Path:
+    """The folder to read: ``folder``, or the previous complete export of an interrupted switch."""
+    if folder.is_dir() and not folder.is_symlink():
+        return folder
+    if folder.is_symlink():
+        raise StorageError(f"export folder {folder} is a symlink; pass the folder itself")
+    if not folder.exists():
+        for prev in reversed(_siblings(folder, _PREVIOUS)):
+            if _is_ours(prev):
+                log.warning("export folder %s is missing (an export was interrupted); reading %s", folder, prev.name)
+                return prev
+        raise StorageError(f"export folder {folder} does not exist")
+    raise StorageError(f"export folder {folder} is not a folder")
+
+
+def read_export_note(folder: str | os.PathLike) -> dict[str, Any]:
+    """The checked ``disback_generator.json`` of an export (every field's type and range)."""
+    return _read_note(Path(folder))[1]
+
+
+def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
+    root = _where(folder)
+    path = root / NOTE_NAME
+    note = read_json(path, "export note")
+    if not isinstance(note, dict) or note.get("format") != FORMAT:
+        raise StorageError(f"export note {path}: not a {FORMAT} note")
+    if note.get("version") != VERSION or isinstance(note.get("version"), bool):
+        raise StorageError(f"export note {path}: version {note.get('version')!r} is not {VERSION}")
+    if set(note) - {"diffusers"} != _NOTE_KEYS:
+        raise StorageError(f"export note {path}: fields {sorted(set(note))} are not {sorted(_NOTE_KEYS)}")
+    kind = note["kind"]
+    expected = {"diffusers": {CONFIG_NAME, DIFFUSERS_WEIGHTS, SCHEDULE_NAME}, "module": {MODULE_WEIGHTS}}.get(kind)
+    if expected is None:
+        raise StorageError(f"export note {path}: kind {kind!r} is not 'diffusers' or 'module'")
+    if not isinstance(note["class"], str) or not note["class"].isidentifier():
+        raise StorageError(f"export note {path}: class {note['class']!r} is not a class name")
+    _positive(note, "sigma_init", path)
+    _positive(note, "noise_scale", path)
+    if not isinstance(note["metadata"], dict):
+        raise StorageError(f"export note {path}: metadata must be an object")
+    files = note["files"]
+    if not isinstance(files, dict) or set(files) != expected:
+        raise StorageError(f"export note {path}: files must be exactly {sorted(expected)}")
+    for name, entry in files.items():
+        if (not isinstance(entry, dict) or set(entry) != {"sha256", "bytes"} or not is_sha256(entry["sha256"])
+                or isinstance(entry["bytes"], bool) or not isinstance(entry["bytes"], int) or entry["bytes"] < 0):
+            raise StorageError(f"export note {path}: files[{name!r}] must be {{sha256: 64 hex, bytes: int >= 0}}")
+    if kind == "diffusers":
+        d = note.get("diffusers")
+        if not isinstance(d, dict) or set(d) != _DIFFUSERS_KEYS:
+            raise StorageError(f"export note {path}: diffusers must hold exactly {sorted(_DIFFUSERS_KEYS)}")
+        if d["timestep_mode"] not in ("interp", "nearest") or not isinstance(d["clamp"], bool) \
+                or not isinstance(d["cond_kwarg"], str) or not isinstance(d["prediction_type"], str):
+            raise StorageError(f"export note {path}: diffusers fields have wrong types or values")
+    elif "diffusers" in note:
+        raise StorageError(f"export note {path}: a 'module' export has no diffusers field")
+    return root, note
+
+
+def _sized(root: Path, note: Mapping[str, Any], name: str) -> tuple[Path, str, int]:
+    entry = note["files"][name]
+    return root / name, entry["sha256"], entry["bytes"]
+
+
+def _load_weights(model: nn.Module, path: Path, sha: str, size: int) -> None:
+    if path.is_symlink():
+        raise StorageError(f"weights {path} are a symlink; only regular files are read")
+    state = load_tensors(path, sha256=sha, max_bytes=size)
+    _check_template(model, state, str(path))
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:  # exported in one dtype (e.g. fp16): run in it, so outputs are the exported ones
+        model.to(next(iter(dtypes)))
+    model.load_state_dict(state, strict=True)
+
+
+def load_generator(folder: str | os.PathLike, *, model: nn.Module | None = None,
+                   device: str | torch.device = "cpu") -> OneStepGenerator:
+    """Load an export as a :class:`OneStepGenerator` (eval mode, no gradients).
+
+    A diffusers export builds its model from ``config.json`` (the class must be a diffusers model
+    class); a ``module`` export needs ``model=``, a module of the exported architecture, into which
+    the weights are loaded. Every file is verified first (sha256, size, keys and shapes); any
+    problem is a :class:`~disback_core.storage.StorageError` naming the file.
+    """
+    root, note = _read_note(Path(folder))
+    if note["kind"] == "module":
+        if model is None:
+            raise ValueError(f"export {folder} holds a {note['class']} (kind 'module'): pass model=, a module of "
+                             "that architecture to load the weights into")
+        _load_weights(model, *_sized(root, note, MODULE_WEIGHTS))
+        denoiser: nn.Module = model
+    else:
+        if model is not None:
+            raise ValueError(f"export {folder} is a diffusers folder; its model is built from {CONFIG_NAME}, "
+                             "do not pass model=")
+        import diffusers
+
+        cfg_path, cfg_sha, cfg_size = _sized(root, note, CONFIG_NAME)
+        raw = read_bytes(cfg_path, "model config", max_bytes=cfg_size)
+        if sha256_bytes(raw) != cfg_sha:
+            raise StorageError(f"model config {cfg_path} fails its sha256 check: it was modified")
+        config = parse_json(raw, cfg_path, "model config")
+        cls = getattr(diffusers, note["class"], None)
+        if not isinstance(config, dict) or config.get("_class_name") != note["class"]:
+            raise StorageError(f"model config {cfg_path}: _class_name is not {note['class']!r}")
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+            raise StorageError(f"export note {root / NOTE_NAME}: {note['class']!r} is not a diffusers model class")
+        net = cls.from_config(config)
+        _load_weights(net, *_sized(root, note, DIFFUSERS_WEIGHTS))
+        sch_path, sch_sha, sch_size = _sized(root, note, SCHEDULE_NAME)
+        sched = load_tensors(sch_path, sha256=sch_sha, max_bytes=sch_size)
+        ls = sched.get("log_sigmas")
+        if set(sched) != {"log_sigmas"} or ls is None or ls.dtype != torch.float64 or ls.ndim != 1 or len(ls) < 2:
+            raise StorageError(f"schedule {sch_path}: must hold one float64 vector 'log_sigmas' of >= 2 values")
+        d = note["diffusers"]
+        try:
+            wrapper = DiffusersDenoiser(net, 1.0 / (1.0 + (2 * ls).exp()), d["prediction_type"],
+                                        timestep=d["timestep_mode"], clamp=d["clamp"], cond_kwarg=d["cond_kwarg"])
+        except ValueError as e:
+            raise StorageError(f"export {root}: {e}") from None
+        wrapper.log_sigmas.copy_(ls)  # exactly the exported schedule (no exp/log round trip)
+        denoiser = wrapper
+    gen = OneStepGenerator(denoiser, note["sigma_init"], noise_scale=note["noise_scale"])
+    return gen.to(device).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- released checkpoints
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, key_prefix: str = "") -> nn.Module:
+    """Load a released state dict (``.safetensors``, or a legacy ``.bin``/``.pt``/``.pth`` read with
+    ``torch.load(weights_only=True)``, which cannot run code) into ``model``, strictly: every key and
+    shape must fit, or a :class:`~disback_core.storage.StorageError` names the file and what differs.
+    ``key_prefix`` is stripped from every key first (e.g. ``"module."`` of a DDP save)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        state = load_tensors(path)
+    elif suffix in (".bin", ".pt", ".pth"):
+        if not path.is_file() or path.is_symlink():
+            raise StorageError(f"checkpoint {path} is missing or not a regular file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for anything but tensors and containers, or a torn file
+            raise StorageError(f"checkpoint {path} cannot be read as a weights-only state dict: {e}") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+            raise StorageError(f"checkpoint {path} is not a flat state dict of tensors")
+    else:
+        raise StorageError(f"checkpoint {path}: unknown file type {suffix!r} (expected .safetensors, .bin, .pt or .pth)")
+    if key_prefix:
+        state = {k[len(key_prefix):] if k.startswith(key_prefix) else k: v for k, v in state.items()}
+    _check_template(model, state, str(path))
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state[k])
+    return model
