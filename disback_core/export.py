@@ -376,7 +376,8 @@ def _load_weights(model: nn.Module, path: Path, sha: str, size: int) -> None:
     state = load_tensors(path, sha256=sha, max_bytes=size)
     _check_template(model, state, str(path))
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(dtypes) == 1:  # exported in one dtype (e.g. fp16): run in it, so outputs are the exported ones
+    current = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1 and current != dtypes:  # exported in one dtype (e.g. fp16): run in it, as exported
         model.to(next(iter(dtypes)))
     model.load_state_dict(state, strict=True)
 
