@@ -9,7 +9,8 @@ loads it) with two files of ours beside the model's own::
     diffusion_pytorch_model.safetensors   the weights, every LoRA merged in (lora.merged_state_dict)
     disback_schedule.safetensors          log sigma_t of the training schedule (float64), for the wrapper
     disback_generator.json                how to sample: sigma_init, the timestep, the noise scale,
-                                          the prediction type; the sha256 of every file; your metadata
+                                          the prediction type; the sha256 of every file; your metadata;
+                                          a digest of all of it
 
 Any other generator (an EDM network, an MLP) is written as ``model.safetensors`` plus the note;
 loading it needs the module to load into (``load_generator(folder, model=...)``), because a
@@ -52,6 +53,7 @@ from .lora import merged_state_dict
 from .storage import (
     StorageError,
     atomic_write_bytes,
+    body_digest,
     fsync_dir,
     is_sha256,
     load_tensors,
@@ -265,6 +267,7 @@ def export_generator(generator: nn.Module, folder: str | os.PathLike, *, timeste
             sha = save_tensors(new / MODULE_WEIGHTS, state, {"format": "pt"}, sync_dir=False)
             files[MODULE_WEIGHTS] = _file_entry(sha, (new / MODULE_WEIGHTS).stat().st_size)
         note["files"] = files
+        note["digest"] = body_digest(note)
         atomic_write_bytes(new / NOTE_NAME, (json.dumps(note, indent=2, sort_keys=True) + "\n").encode())
         _switch(new, folder)
     except BaseException:
@@ -295,7 +298,7 @@ def _check_template(model: nn.Module, state: Mapping[str, Tensor], source: str) 
 # --------------------------------------------------------------------------- load
 
 
-_NOTE_KEYS = {"format", "version", "class", "kind", "sigma_init", "noise_scale", "metadata", "files"}
+_NOTE_KEYS = {"format", "version", "class", "kind", "sigma_init", "noise_scale", "metadata", "files", "digest"}
 _DIFFUSERS_KEYS = {"timestep", "latent_scale", "prediction_type", "timestep_mode", "clamp", "cond_kwarg"}
 
 
@@ -336,6 +339,8 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
         raise StorageError(f"export note {path}: version {note.get('version')!r} is not {VERSION}")
     if set(note) - {"diffusers"} != _NOTE_KEYS:
         raise StorageError(f"export note {path}: fields {sorted(set(note))} are not {sorted(_NOTE_KEYS)}")
+    if note["digest"] != body_digest(note):
+        raise StorageError(f"export note {path}: its digest does not match its fields: it was edited")
     kind = note["kind"]
     expected = {"diffusers": {CONFIG_NAME, DIFFUSERS_WEIGHTS, SCHEDULE_NAME}, "module": {MODULE_WEIGHTS}}.get(kind)
     if expected is None:

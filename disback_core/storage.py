@@ -48,6 +48,7 @@ __all__ = [
     "read_json",
     "parse_json",
     "canonical_json",
+    "body_digest",
     "is_sha256",
     "sha256_bytes",
     "sha256_file",
@@ -273,6 +274,12 @@ def canonical_json(obj: Any) -> bytes:
 
 
 # --------------------------------------------------------------------------- hashes
+
+
+def body_digest(body: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of every field of ``body`` except ``digest``: a manifest's
+    digest of itself, so an edited field is refused even where no file hash covers it."""
+    return sha256_bytes(canonical_json({k: v for k, v in body.items() if k != "digest"}))
 
 
 def is_sha256(v: Any) -> bool:

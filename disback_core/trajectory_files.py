@@ -28,14 +28,13 @@ from .lora import LoraSpec, lora_template
 from .storage import (
     MAX_JSON_BYTES,
     StorageError,
-    canonical_json,
+    body_digest,
     is_sha256,
     load_tensors,
     lowest_float_dtype,
     parse_json,
     read_json,
     save_tensors_once,
-    sha256_bytes,
     tensors_fingerprint,
     tensors_sha256,
 )
@@ -128,7 +127,7 @@ def _write_probe(folder: Path, probe: Probe) -> dict[str, str]:
 def manifest_digest(body: Mapping[str, Any]) -> str:
     """sha256 over the canonical JSON of every manifest field except ``digest``: the node count,
     the ordered node entries (steps, files, hashes), the LoRA spec, the probe, the fingerprints and meta."""
-    return sha256_bytes(canonical_json({k: v for k, v in body.items() if k != "digest"}))
+    return body_digest(body)
 
 
 def _manifest_bytes(body: Mapping[str, Any]) -> bytes:

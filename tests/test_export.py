@@ -27,7 +27,7 @@ from disback_core import (
 )
 from disback_core import export as export_mod
 from disback_core.lora import inject_lora, lora_parameters, merged_state_dict
-from disback_core.storage import save_tensors
+from disback_core.storage import body_digest, save_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 DIFFUSERS_FILES = ["config.json", "diffusion_pytorch_model.safetensors", "disback_generator.json",
@@ -178,10 +178,13 @@ def test_export_refuses_a_folder_that_is_not_ours_and_touches_nothing(tmp_path):
         export_generator(_unet_generator(), tmp_path / "m", metadata={"x": float("nan")})
 
 
-def _edit_note(folder, fn):
+def _edit_note(folder, fn, digest=True):
+    """Edit the note; with ``digest``, rewrite its digest too (a deliberate forgery reaches the field checks)."""
     p = folder / "disback_generator.json"
     note = json.loads(p.read_text())
     fn(note)
+    if digest:
+        note["digest"] = body_digest(note)
     p.write_text(json.dumps(note))
 
 
@@ -190,6 +193,7 @@ def _edit_note(folder, fn):
     ("truncate-weights", "sha256"),
     ("edit-config", "sha256"),
     ("sigma-nan", "sigma_init"),
+    ("edited-keeping-the-digest", "digest"),
     ("sigma-string", "sigma_init"),
     ("class-os", "not a diffusers model class|_class_name"),
     ("extra-file-entry", "files must be exactly"),
@@ -213,8 +217,9 @@ def test_tampered_exports_are_refused_naming_the_file(tmp_path, case, match):
         cfg["block_out_channels"] = [16, 32]
         (out / "config.json").write_text(json.dumps(cfg))
     elif case == "sigma-nan":
-        (out / "disback_generator.json").write_text((out / "disback_generator.json").read_text()
-                                                    .replace('"sigma_init": 14.0', '"sigma_init": NaN'))
+        _edit_note(out, lambda n: n.update(sigma_init=float("nan")))
+    elif case == "edited-keeping-the-digest":
+        _edit_note(out, lambda n: n.update(sigma_init=10.0), digest=False)
     elif case == "sigma-string":
         _edit_note(out, lambda n: n.update(sigma_init="14"))
     elif case == "class-os":
