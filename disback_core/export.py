@@ -279,11 +279,20 @@ def export_generator(generator: nn.Module, folder: str | os.PathLike, *, timeste
 
 
 def _check_template(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """The weights' keys and shapes must be exactly the model's (a plain, LoRA-free instance)."""
-    want = {k: tuple(v.shape) for k, v in merged_state_dict(model).items()}
+    """The weights' keys and shapes must be exactly the model's (a plain, LoRA-free instance), and
+    each tensor floating where the model's is (integer buffers of the same dtype): a relabelled
+    or integer tensor is never cast into a weight."""
+    ref = merged_state_dict(model)
+    want = {k: tuple(v.shape) for k, v in ref.items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    kinds = sorted(k for k in set(want) & set(got) if ref[k].is_floating_point() != state[k].is_floating_point()
+                   or (not ref[k].is_floating_point() and ref[k].dtype != state[k].dtype))
+    if kinds:
+        k = kinds[0]
+        raise StorageError(f"{source}: {len(kinds)} tensors have the wrong dtype (e.g. {k}: {state[k].dtype} in the "
+                           f"file, {ref[k].dtype} in {type(model).__name__})")
     if missing or extra or bad:
         parts = []
         if missing:
@@ -342,7 +351,8 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
     if note["digest"] != body_digest(note):
         raise StorageError(f"export note {path}: its digest does not match its fields: it was edited")
     kind = note["kind"]
-    expected = {"diffusers": {CONFIG_NAME, DIFFUSERS_WEIGHTS, SCHEDULE_NAME}, "module": {MODULE_WEIGHTS}}.get(kind)
+    expected = {"diffusers": {CONFIG_NAME, DIFFUSERS_WEIGHTS, SCHEDULE_NAME}, "module": {MODULE_WEIGHTS}}.get(kind) \
+        if isinstance(kind, str) else None
     if expected is None:
         raise StorageError(f"export note {path}: kind {kind!r} is not 'diffusers' or 'module'")
     if not isinstance(note["class"], str) or not note["class"].isidentifier():
@@ -371,8 +381,20 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def _sized(root: Path, note: Mapping[str, Any], name: str) -> tuple[Path, str, int]:
-    entry = note["files"][name]
-    return root / name, entry["sha256"], entry["bytes"]
+    """(path, sha256, size) of a listed file, which must be a regular file of exactly that size."""
+    entry, path = note["files"][name], root / name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StorageError(f"export file {path} is missing") from None
+    except OSError as e:
+        raise StorageError(f"export file {path} cannot be read: {e.strerror or e}") from None
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise StorageError(f"export file {path} is not a regular file (a symlink, folder or device)")
+    if st.st_size != entry["bytes"]:
+        raise StorageError(f"export file {path} is {st.st_size} bytes, the note says {entry['bytes']}: "
+                           "it was truncated, extended or replaced")
+    return path, entry["sha256"], entry["bytes"]
 
 
 def _load_weights(model: nn.Module, path: Path, sha: str, size: int) -> None:
@@ -384,6 +406,11 @@ def _load_weights(model: nn.Module, path: Path, sha: str, size: int) -> None:
     current = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) == 1 and current != dtypes:  # exported in one dtype (e.g. fp16): run in it, as exported
         model.to(next(iter(dtypes)))
+    now = model.state_dict()
+    cast = sorted(k for k, v in state.items() if v.dtype != now[k].dtype)
+    if cast:  # mixed precisions in the file that the model does not have: never cast silently
+        raise StorageError(f"weights {path}: {len(cast)} tensors differ in dtype from the model after loading "
+                           f"(e.g. {cast[0]}: {state[cast[0]].dtype} vs {now[cast[0]].dtype})")
     model.load_state_dict(state, strict=True)
 
 
@@ -419,7 +446,11 @@ def load_generator(folder: str | os.PathLike, *, model: nn.Module | None = None,
             raise StorageError(f"model config {cfg_path}: _class_name is not {note['class']!r}")
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             raise StorageError(f"export note {root / NOTE_NAME}: {note['class']!r} is not a diffusers model class")
-        net = cls.from_config(config)
+        try:
+            net = cls.from_config(config)
+        except Exception as e:  # diffusers' own checks of a config (group counts, block types, ...)
+            raise StorageError(f"model config {cfg_path}: {note['class']} cannot be built from it: "
+                               f"{type(e).__name__}: {str(e)[:300]}") from None
         _load_weights(net, *_sized(root, note, DIFFUSERS_WEIGHTS))
         sch_path, sch_sha, sch_size = _sized(root, note, SCHEDULE_NAME)
         sched = load_tensors(sch_path, sha256=sch_sha, max_bytes=sch_size)
@@ -433,6 +464,17 @@ def load_generator(folder: str | os.PathLike, *, model: nn.Module | None = None,
         except ValueError as e:
             raise StorageError(f"export {root}: {e}") from None
         wrapper.log_sigmas.copy_(ls)  # exactly the exported schedule (no exp/log round trip)
+        try:
+            t = float(wrapper.sigma_to_t(torch.tensor([note["sigma_init"]], dtype=torch.float64))[0])
+        except ValueError as e:
+            raise StorageError(f"export note {root / NOTE_NAME}: sigma_init does not fit the schedule: {e}") from None
+        scale = note["noise_scale"] / math.sqrt(1.0 + note["sigma_init"] ** 2)
+        for key, want in (("timestep", t), ("latent_scale", scale)):  # what a pipeline user reads must agree
+            got = d[key]
+            if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isclose(got, want, rel_tol=1e-9,
+                                                                                               abs_tol=1e-9):
+                raise StorageError(f"export note {root / NOTE_NAME}: diffusers.{key} is {got!r}, but sigma_init and "
+                                   f"noise_scale give {want!r}")
         denoiser = wrapper
     gen = OneStepGenerator(denoiser, note["sigma_init"], noise_scale=note["noise_scale"])
     return gen.to(device).eval().requires_grad_(False)

@@ -148,6 +148,37 @@ def _decode(obj: Any, tensors: Mapping[str, Tensor], where: str) -> Any:
     raise StorageError(f"{where}: malformed {tag} value {str(v)[:60]!r}")
 
 
+def _tensor_refs(obj: Any, out: set[str] | None = None) -> set[str]:
+    """Every ``{"__tensor__": key}`` reference in an encoded object (iteratively: no recursion limit)."""
+    out = set() if out is None else out
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            if set(o) == {"__tensor__"} and isinstance(o["__tensor__"], str):
+                out.add(o["__tensor__"])
+            else:
+                stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return out
+
+
+def _same_kind(saved: Any, own: Any) -> bool:
+    """Whether a decoded scheduler value has the kind of this scheduler's own value: numbers for numbers
+    (finite where its own is), a bool for a bool, lists of the same length, element by element, dicts
+    with the same keys; None, strings and callables' placeholders are taken as they are."""
+    if isinstance(own, bool) or isinstance(saved, bool):
+        return type(saved) is type(own) or own is None
+    if isinstance(own, (int, float)):
+        return isinstance(saved, (int, float)) and (math.isfinite(saved) or not math.isfinite(own))
+    if isinstance(own, (list, tuple)):
+        return isinstance(saved, (list, tuple)) and len(saved) == len(own) and all(map(_same_kind, saved, own))
+    if isinstance(own, dict):
+        return isinstance(saved, dict) and set(saved) == set(own) and all(_same_kind(saved[k], own[k]) for k in own)
+    return True
+
+
 def _json_bytes(obj: Any) -> bytes:
     """Deterministic JSON bytes (ASCII, no NaN). Keys keep their order, so that a restored dict
     iterates like the saved one; the library's own sections are built in a fixed order."""
@@ -610,7 +641,7 @@ def _read_pointer(folder: Path) -> tuple[Path, str]:
     if not isinstance(d, dict) or d.get("format") != POINTER_FORMAT or set(d) != keys:
         raise StorageError(f"state pointer {ptr} is not a disback state pointer "
                            f"(an object with exactly {sorted(keys)})")
-    if d["version"] != VERSION:
+    if type(d["version"]) is not int or d["version"] != VERSION:
         raise StorageError(f"state pointer {ptr} has version {str(d['version'])[:40]!r}; this library reads {VERSION}")
     name, step, sha = d["directory"], d["step"], d["manifest_sha256"]
     m = (_STEP_DIR.fullmatch(name) or _TMP_DIR.fullmatch(name)) if isinstance(name, str) else None
@@ -676,12 +707,17 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
         raise StorageError(f"manifest {path} fails the sha256 recorded in {LATEST}: it was modified or replaced")
     m = _parse_json(data, path)
     _want(isinstance(m, dict) and m.get("format") == FORMAT, path, f"not a {FORMAT} manifest")
-    _want(m.get("version") == VERSION, path,
+    _want(type(m.get("version")) is int and m.get("version") == VERSION, path,
           f"format version {str(m.get('version'))[:40]!r}; this library reads {VERSION}")
     for key, kind in (("step", int), ("world_size", int), ("files", dict), ("modules", dict), ("optimizers", dict),
                       ("schedulers", dict), ("generators", list), ("config", dict), ("config_hash", str)):
         _want(type(m.get(key)) is kind, path, f"{key!r} is missing or not a {kind.__name__}")
-    _want(0 <= m["step"] <= MAX_STEP and m["world_size"] >= 1, path, "step or world_size out of range")
+    _want(0 <= m["step"] <= MAX_STEP and 1 <= m["world_size"] <= len(m["files"]) // 2, path,
+          "step or world_size out of range (every rank has two RNG files in the file table)")
+    _want(all(isinstance(g, str) for g in m["generators"]) and len(set(m["generators"])) == len(m["generators"]),
+          path, "'generators' must be a list of distinct names")
+    _want(m.get("tensors_file") is None or isinstance(m["tensors_file"], str), path,
+          "'tensors_file' must be a file name or null")
     match = _STEP_DIR.fullmatch(step_dir.name) or _TMP_DIR.fullmatch(step_dir.name)
     _want(match is None or int(match.group(1)) == m["step"], path, f"step {m['step']} does not match its folder's name")
     _check_file_table(m, path)
@@ -808,9 +844,19 @@ def _check_optimizer(name: str, opt: torch.optim.Optimizer, sd: Any, params: Any
         if len(g["params"]) != len(og["params"]):
             raise StorageError(f"{where}: group {i} has {len(g['params'])} parameters in the state, "
                                f"{len(og['params'])} here")
+    if not isinstance(params, list) or not all(
+            isinstance(e, list) and len(e) == 2 and (e[0] is None or isinstance(e[0], str)) and isinstance(e[1], list)
+            and all(type(n) is int for n in e[1]) for e in params):
+        raise StorageError(f"{where}: the saved parameter list is not [[name, shape], ...]")
     ids = [p for g in groups for p in g["params"]]
     if len(set(ids)) != len(ids) or not set(sd["state"]) <= set(ids):
         raise StorageError(f"{where}: the saved state names parameters its groups do not hold")
+    shapes = dict(zip(ids, (e[1] for e in params))) if len(params) == len(ids) else {}
+    for pid, entry in sd["state"].items():
+        for key, t in (entry.items() if isinstance(entry, dict) else ()):
+            if isinstance(t, Tensor) and t.ndim > 0 and (list(t.shape) != shapes.get(pid) or not t.is_floating_point()):
+                raise StorageError(f"{where}: state {pid}.{key} is {t.dtype} {list(t.shape)}; a parameter's state "
+                                   f"tensor is a scalar or floating with its shape {shapes.get(pid)}")
     here = _optimizer_params(opt, names)
     if params != here:
         i = next((i for i, (a, b) in enumerate(zip(params, here)) if a != b), min(len(params), len(here)))
@@ -828,6 +874,10 @@ def _check_scheduler(name: str, sched: Any, sd: Any, strict: bool, path: Path) -
         diff = sorted(set(sd) ^ set(own))
         raise StorageError(f"{path}: scheduler {name!r} does not fit the state: key {diff[0]!r} is in only one of "
                            "the state and this scheduler")
+    odd = sorted(k for k in set(sd) & set(own) if not _same_kind(sd[k], own[k]))
+    if odd:
+        raise StorageError(f"{path}: scheduler {name!r}: {odd[0]!r} is {json.dumps(sd[odd[0]], default=str)[:60]} in "
+                           f"the state, which is not the kind of value this scheduler holds ({type(own[odd[0]]).__name__})")
 
 
 def _scratch_generator(state: Tensor, device: str, where: str) -> None:
@@ -847,6 +897,13 @@ class _RankRng:
             raise StorageError(f"RNG file {jfile} is not rank {rank}'s RNG state")
         if "torch.cpu" not in tensors:
             raise StorageError(f"RNG file {tfile} holds no torch CPU RNG state")
+        n_cuda, gens = info.get("cuda_devices"), info.get("generators")
+        want = {"torch.cpu", *(f"torch.cuda.{i}" for i in range(n_cuda if type(n_cuda) is int and 0 <= n_cuda <= 1024
+                                                                    else 0)),
+                *(f"generator.{g}" for g in (gens if isinstance(gens, dict) else {}))}
+        if set(tensors) != want:
+            odd = sorted(set(tensors) ^ want)[0]
+            raise StorageError(f"RNG file {tfile}: tensor {odd!r} is in only one of the file and {jfile.name}")
         self.cpu = tensors["torch.cpu"]
         _scratch_generator(self.cpu, "cpu", f"RNG file {tfile}: torch.cpu")
         n = info.get("cuda_devices")
@@ -914,6 +971,14 @@ class _RankRng:
             np.random.set_state(self.numpy)
 
 
+def _all_used(tensors: Mapping[str, Tensor], refs: set[str], path: Path) -> None:
+    """A tensor file holds exactly the tensors its manifest entry refers to (none ignored, none missing)."""
+    extra, missing = sorted(set(tensors) - refs), sorted(refs - set(tensors))
+    if extra or missing:
+        what = f"tensor {extra[0]!r} is referred to by nothing" if extra else f"tensor {missing[0]!r} is missing"
+        raise StorageError(f"state file {path}: {what}")
+
+
 def _load(path: Path, sha: str) -> dict[str, Tensor]:
     try:
         return load_tensors(path, sha256=sha)
@@ -977,10 +1042,14 @@ def load_state(folder: str | os.PathLike, *, modules: Mapping[str, nn.Module],
     for name, opt in optimizers.items():
         e = m["optimizers"][name]
         fname = e["file"]
-        sd = _decode(e.get("state_dict"), tensors_of(fname), f"{mpath}: optimizers[{name!r}]")
+        tensors = tensors_of(fname)
+        _all_used(tensors, _tensor_refs(e.get("state_dict")), step_dir / fname)
+        sd = _decode(e.get("state_dict"), tensors, f"{mpath}: optimizers[{name!r}]")
         _check_optimizer(name, opt, sd, e.get("params"), names, step_dir / fname)
         opt_states[name] = sd
     shared = tensors_of(m["tensors_file"]) if m.get("tensors_file") else {}
+    if m.get("tensors_file"):
+        _all_used(shared, _tensor_refs([m["schedulers"], m.get("extra")]), step_dir / m["tensors_file"])
     sched_states = {}
     for name, sched in schedulers.items():
         sched_states[name] = _decode(m["schedulers"][name], shared, f"{mpath}: schedulers[{name!r}]")

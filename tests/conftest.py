@@ -1,4 +1,7 @@
+import contextlib
 import math
+import signal
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -79,3 +82,25 @@ class CustomEDM(torch.nn.Module):
         h = self.conv0((c_in * x).to(self.conv0.weight.dtype))
         h = torch.nn.functional.silu(self.norm(h) + self.affine(emb.to(h.dtype))[:, :, None, None])
         return (c_skip * x + c_out * self.conv1(h).float()).to(x.dtype)
+
+
+class CaseTimeout(BaseException):
+    """Raised into a case that runs past its deadline (not an Exception: nothing may catch it)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Interrupt the block after ``seconds`` (SIGALRM; a no-op where it does not exist)."""
+    if not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def fire(signum, frame):
+        raise CaseTimeout()
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

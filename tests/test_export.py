@@ -190,8 +190,8 @@ def _edit_note(folder, fn, digest=True):
 
 @pytest.mark.parametrize("case,match", [
     ("flip-weights", "sha256"),
-    ("truncate-weights", "sha256"),
-    ("edit-config", "sha256"),
+    ("truncate-weights", "bytes, the note says"),
+    ("edit-config", "bytes, the note says|sha256"),
     ("sigma-nan", "sigma_init"),
     ("edited-keeping-the-digest", "digest"),
     ("sigma-string", "sigma_init"),

@@ -15,7 +15,6 @@ still load, and a short fault-injection run (SIGKILL during saves).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import json
@@ -23,14 +22,15 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
+
+from conftest import CaseTimeout, deadline as _deadline
 
 from disback_core import Batch, LoraSpec, StorageError, Trajectory, edm_mlp, freeze, make_generator, record_degradation
 from disback_core.adapters import DMD2
@@ -959,28 +959,6 @@ def _load(case: Case, folder: Path, teacher: torch.nn.Module) -> Any:
         read_tensor_header(p)
         return load_tensors(p)
     return Trajectory.load(folder, case.teacher() if case.teacher else teacher, **case.kwargs)
-
-
-class CaseTimeout(BaseException):
-    """Raised into a case that runs past its deadline (not an Exception: nothing may catch it)."""
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    """Interrupt the block after ``seconds`` (SIGALRM; a no-op where it does not exist)."""
-    if not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def fire(signum, frame):
-        raise CaseTimeout()
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def run_case(case: Case, pristine: Path, work: Path, teacher: torch.nn.Module, saved: Trajectory) -> str | None:
