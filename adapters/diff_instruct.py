@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from disback_core.checks import check_number
 from disback_core.denoisers import check_sample, pad_dims
 from disback_core.losses import DSMLoss, check_finite, reduce_per_sample
-from disback_core.protocol import DSMFakeScore, LossDict
+from disback_core.protocol import DSMFakeScore, LossDict, check_roles
 from disback_core.sigmas import LogNormalSigma, SigmaSampler
 
 __all__ = ["DiffInstruct"]
@@ -32,10 +33,11 @@ class DiffInstruct(DSMFakeScore):
                  fake_sigma_sampler: SigmaSampler | None = None, critic_steps: int = 1):
         self.sigma_sampler = sigma_sampler or LogNormalSigma()
         self.dsm = DSMLoss(fake_sigma_sampler or LogNormalSigma(), sigma_data, reduction="sum")
-        self.critic_steps = critic_steps
+        self.critic_steps = int(check_number("critic_steps", critic_steps, low=1, integer=True))
 
     def generator_loss(self, x: Tensor, target: Any, fake: Any, cond: Any = None) -> LossDict:
         check_sample(x, "x")
+        check_roles(target, fake)
         sigma = self.sigma_sampler(x.shape[0], device=x.device)
         x_t = x.detach() + pad_dims(sigma, x) * torch.randn_like(x)
         with torch.no_grad():

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from disback_core.checks import check_number
 from disback_core.denoisers import check_sample, pad_dims
 from disback_core.gan import GANHead
 from disback_core.losses import (
@@ -31,7 +32,7 @@ from disback_core.losses import (
     gan_generator_loss,
     reduce_per_sample,
 )
-from disback_core.protocol import DSMFakeScore, LossDict
+from disback_core.protocol import DSMFakeScore, LossDict, check_roles
 from disback_core.sigmas import KarrasIndexSigma, SigmaSampler
 
 __all__ = ["DMD2"]
@@ -52,9 +53,9 @@ class DMD2(DSMFakeScore):
         self.sigma_sampler = sigma_sampler or KarrasIndexSigma(index_min=20, index_max=980)
         self.dsm = DSMLoss(fake_sigma_sampler or KarrasIndexSigma(), sigma_data, reduction="mean")
         self.gan_head = gan_head
-        self.gan_generator_weight = gan_generator_weight
-        self.gan_critic_weight = gan_critic_weight
-        self.critic_steps = critic_steps
+        self.gan_generator_weight = check_number("gan_generator_weight", gan_generator_weight, low=0.0)
+        self.gan_critic_weight = check_number("gan_critic_weight", gan_critic_weight, low=0.0)
+        self.critic_steps = int(check_number("critic_steps", critic_steps, low=1, integer=True))
 
     def distribution_matching_grad(self, x: Tensor, target: Any, fake: Any, cond: Any = None) -> tuple[Tensor, Tensor]:
         """The normalised DMD gradient wrt ``x`` (before the ``1/numel`` of the mse), no graph, and
@@ -71,6 +72,7 @@ class DMD2(DSMFakeScore):
 
     def generator_loss(self, x: Tensor, target: Any, fake: Any, cond: Any = None) -> LossDict:
         check_sample(x, "x")
+        check_roles(target, fake)
         grad, gap = self.distribution_matching_grad(x, target, fake, cond)
         dm = 0.5 * F.mse_loss(x, (x - grad).detach())
         out = {"loss": dm, "dm": dm.detach(), "score_gap": gap}

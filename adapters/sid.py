@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from disback_core.checks import check_number
 from disback_core.denoisers import check_sample, pad_dims
 from disback_core.losses import DSMLoss, abs_mean_normaliser, check_finite, reduce_per_sample
-from disback_core.protocol import DSMFakeScore, LossDict
+from disback_core.protocol import DSMFakeScore, LossDict, check_roles
 from disback_core.sigmas import KarrasContinuousSigma, LogNormalSigma, SigmaSampler
 
 __all__ = ["SiD"]
@@ -33,16 +34,17 @@ class SiD(DSMFakeScore):
                  sigma_data: float = 0.5, fake_sigma_sampler: SigmaSampler | None = None,
                  generator_loss_scale: float = 100.0, fake_loss_scale: float = 1.0,
                  normaliser_min: float = 1e-5, critic_steps: int = 1):
-        self.alpha = float(alpha)
+        self.alpha = check_number("alpha", alpha)
         self.sigma_sampler = sigma_sampler or KarrasContinuousSigma(u_max=0.8)
         self.dsm = DSMLoss(fake_sigma_sampler or LogNormalSigma(), sigma_data, reduction="sum")
-        self.generator_loss_scale = generator_loss_scale
-        self.fake_loss_scale = fake_loss_scale
-        self.normaliser_min = normaliser_min
-        self.critic_steps = critic_steps
+        self.generator_loss_scale = check_number("generator_loss_scale", generator_loss_scale, low=0.0, low_open=True)
+        self.fake_loss_scale = check_number("fake_loss_scale", fake_loss_scale, low=0.0, low_open=True)
+        self.normaliser_min = check_number("normaliser_min", normaliser_min, low=0.0)
+        self.critic_steps = int(check_number("critic_steps", critic_steps, low=1, integer=True))
 
     def generator_loss(self, x: Tensor, target: Any, fake: Any, cond: Any = None) -> LossDict:
         check_sample(x, "x")
+        check_roles(target, fake)
         sigma = self.sigma_sampler(x.shape[0], device=x.device)
         x_t = x + pad_dims(sigma, x) * torch.randn_like(x)
         f_r = target(x_t, sigma, cond)

@@ -77,7 +77,12 @@ def as_sigma(sigma: Any, x: Tensor, name: str = "sigma") -> Tensor:
     shape does not match the batch of ``x``.
     """
     batch = x.shape[0]
-    s = torch.as_tensor(sigma, device=x.device)
+    if isinstance(sigma, Tensor) and sigma.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (no data)")
+    try:
+        s = torch.as_tensor(sigma, device=x.device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be a number or a tensor of numbers, got {type(sigma).__name__}: {e}") from None
     if not s.is_floating_point():
         s = s.to(torch.float32)
     if s.ndim == 0:
@@ -453,6 +458,8 @@ class Unconditional(nn.Module):
 
 def trainable_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` with every parameter trainable, in train mode (e.g. the fake score)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module (the teacher), got {type(module).__name__}")
     m = copy.deepcopy(module)
     m.requires_grad_(True)
     m.train()

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .denoisers import check_sample, pad_dims
+from .checks import check_number, check_same_shape
+from .denoisers import as_sigma, check_sample, pad_dims
 from .sigmas import LogNormalSigma, SigmaSampler, edm_weight
 
 __all__ = [
@@ -54,7 +55,7 @@ class DSMLoss:
                  reduction: str = "sum", weight: Callable[[Tensor, float], Tensor] = edm_weight):
         reduce_per_sample(torch.zeros(1, 1), reduction)  # validates the name
         self.sigma_sampler = sigma_sampler or LogNormalSigma()
-        self.sigma_data = float(sigma_data)
+        self.sigma_data = check_number("sigma_data", sigma_data, low=0.0, low_open=True)
         self.reduction = reduction
         self.weight = weight
 
@@ -63,8 +64,10 @@ class DSMLoss:
         check_sample(x, "x")
         if sigma is None:
             sigma = self.sigma_sampler(x.shape[0], device=x.device)
+        sigma = as_sigma(sigma, x, "sigma")
         if noise is None:
             noise = torch.randn_like(x)
+        check_same_shape("x", x, "noise", noise)
         d = denoiser(x + pad_dims(sigma, x) * noise, sigma, cond)
         per = self.weight(sigma, self.sigma_data) * reduce_per_sample((d - x) ** 2, self.reduction)
         check_finite("DSM loss", x=x, denoiser_output=d)
@@ -76,6 +79,7 @@ def abs_mean_normaliser(x: Tensor, d_real: Tensor, min_value: float = 0.0) -> Te
 
     DMD2's gradient normaliser (Yin et al. 2024, Eq. 8 of DMD) and SiD's ``w`` (clamped at 1e-5).
     """
+    check_same_shape("x", x, "d_real", d_real)
     with torch.no_grad():
         w = (x - d_real).abs().flatten(1).mean(1)
         if min_value > 0:

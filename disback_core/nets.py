@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import check_number
 from .denoisers import EDMPrecond, _unet_cond_kwarg
 
 __all__ = ["MLPNet", "UNetNet", "edm_mlp", "edm_unet", "sinusoidal_embedding"]
@@ -55,6 +56,9 @@ class MLPNet(nn.Module):
     def __init__(self, dim: int = 2, width: int = 128, depth: int = 3, emb_dim: int = 64,
                  num_classes: int = 0, noise_scale: float = 250.0):
         super().__init__()
+        for name, v, low in (("dim", dim, 1), ("width", width, 1), ("depth", depth, 0), ("emb_dim", emb_dim, 2),
+                             ("num_classes", num_classes, 0)):
+            check_number(name, v, low=low, integer=True)
         self.dim, self.emb_dim, self.num_classes, self.noise_scale = dim, emb_dim, num_classes, noise_scale
         self.inp = nn.Linear(dim, width)
         self.emb = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

@@ -17,9 +17,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from .denoisers import check_denoiser
 from .losses import DSMLoss
 
-__all__ = ["ScoreDistiller", "LossDict", "DSMFakeScore"]
+__all__ = ["ScoreDistiller", "LossDict", "DSMFakeScore", "check_roles"]
 
 LossDict = dict[str, Tensor]
 
@@ -55,6 +56,12 @@ class ScoreDistiller(Protocol):
         """Called once after each generator update (``generator_step`` does it); DisBack moves its
         target here. A no-op for the base methods."""
         ...
+
+
+def check_roles(target: Any, fake: Any) -> None:
+    """A generator loss's ``target`` and ``fake`` must be denoisers ``D(x_t, sigma, cond)``."""
+    check_denoiser(target, "target")
+    check_denoiser(fake, "fake")
 
 
 class DSMFakeScore:

@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .checks import check_number
+
 __all__ = [
     "SigmaSampler",
     "LogNormalSigma",
@@ -57,7 +59,12 @@ class LogNormalSigma:
     p_mean: float = -1.2
     p_std: float = 1.2
 
+    def __post_init__(self):
+        check_number("p_mean", self.p_mean)
+        check_number("p_std", self.p_std, low=0.0, low_open=True)
+
     def __call__(self, n: int, device=None, generator=None) -> Tensor:
+        check_number("n", n, low=1, integer=True)
         z = torch.randn(n, generator=generator, device=device)
         return (z * self.p_std + self.p_mean).exp()
 
