@@ -37,6 +37,10 @@ __all__ = [
     "as_sigma",
     "pad_dims",
     "cat_cond",
+    "map_cond",
+    "flatten_cond",
+    "unflatten_cond",
+    "cond_rows",
     "PREDICTION_TYPES",
     "Unconditional",
     "check_denoiser",
@@ -123,6 +127,57 @@ def cat_cond(a: Any, b: Any) -> Any:
             raise ValueError(f"conditioning dicts have different keys: {sorted(a)} vs {sorted(b)}")
         return {k: cat_cond(a[k], b[k]) for k in a}
     raise TypeError(f"cannot batch conditionings of types {type(a).__name__} and {type(b).__name__}")
+
+
+def map_cond(fn: Any, cond: Any) -> Any:
+    """Apply ``fn`` to every tensor of a conditioning: a tensor, a (nested) dict of tensors (SDXL's
+    ``{"encoder_hidden_states": ..., "added_cond_kwargs": {"text_embeds": ..., "time_ids": ...}}``),
+    or ``None``."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return fn(cond)
+    if isinstance(cond, Mapping):
+        return {k: map_cond(fn, v) for k, v in cond.items()}
+    raise TypeError(f"a conditioning must be a tensor, a dict of tensors or None, got {type(cond).__name__}")
+
+
+def flatten_cond(cond: Any, prefix: str = "cond") -> dict[str, Tensor]:
+    """A conditioning as flat tensors: ``{prefix: t}`` for a tensor, ``{prefix.k1.k2: t}`` for dicts
+    (keys may not contain "."); :func:`unflatten_cond` inverts it."""
+    if cond is None:
+        return {}
+    if isinstance(cond, Tensor):
+        return {prefix: cond}
+    if not isinstance(cond, Mapping):
+        raise TypeError(f"a conditioning must be a tensor, a dict of tensors or None, got {type(cond).__name__}")
+    out: dict[str, Tensor] = {}
+    for k, v in cond.items():
+        if not isinstance(k, str) or not k or "." in k:
+            raise ValueError(f"conditioning key {k!r} must be a non-empty string without '.'")
+        out.update(flatten_cond(v, f"{prefix}.{k}"))
+    return out
+
+
+def unflatten_cond(tensors: Mapping[str, Tensor], prefix: str = "cond") -> Any:
+    """The conditioning :func:`flatten_cond` flattened (None if there is none)."""
+    if prefix in tensors:
+        return tensors[prefix]
+    out: dict[str, Any] = {}
+    for key in sorted(k for k in tensors if k.startswith(prefix + ".")):
+        node = out
+        *path, leaf = key[len(prefix) + 1:].split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = tensors[key]
+    return out or None
+
+
+def cond_rows(cond: Any) -> set[int]:
+    """The first-dimension sizes of a conditioning's tensors (0-d tensors count as 0)."""
+    rows: set[int] = set()
+    map_cond(lambda t: rows.add(int(t.shape[0]) if t.ndim else 0), cond)
+    return rows
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -348,12 +403,7 @@ class CFGDenoiser(nn.Module):
         self.uncond = uncond
 
     def _uncond_like(self, cond: Any) -> Any:
-        u = self.uncond
-        if isinstance(cond, Mapping):
-            if not isinstance(u, Mapping):
-                raise TypeError("cond is a dict, so uncond must be a dict with the same keys")
-            return {k: _broadcast_like(u[k], cond[k], f"uncond[{k!r}]") for k in cond}
-        return _broadcast_like(u, cond, "uncond")
+        return _uncond_like(self.uncond, cond, "uncond")
 
     def forward(self, x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
         check_sample(x, "x")
@@ -363,6 +413,16 @@ class CFGDenoiser(nn.Module):
         both = self.denoiser(torch.cat([x, x]), torch.cat([s, s]), cat_cond(self._uncond_like(cond), cond))
         d_u, d_c = both.chunk(2)
         return d_u + self.scale * (d_c - d_u)
+
+
+def _uncond_like(u: Any, cond: Any, name: str) -> Any:
+    """``u`` broadcast to ``cond``'s batch, key by key for (nested) dict conditionings."""
+    if isinstance(cond, Mapping):
+        if not isinstance(u, Mapping) or set(u) != set(cond):
+            raise TypeError(f"cond is a dict with keys {sorted(cond)}, so {name} must be a dict with the same keys, "
+                            f"got {sorted(u) if isinstance(u, Mapping) else type(u).__name__}")
+        return {k: _uncond_like(u[k], cond[k], f"{name}[{k!r}]") for k in cond}
+    return _broadcast_like(u, cond, name)
 
 
 def _broadcast_like(u: Any, c: Any, name: str) -> Tensor:

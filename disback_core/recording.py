@@ -33,7 +33,7 @@ from typing import Any, TypedDict
 import torch
 from torch import Tensor, nn
 
-from .denoisers import check_denoiser, freeze, pad_dims, takes_args
+from .denoisers import check_denoiser, cond_rows, freeze, map_cond, pad_dims, takes_args
 from .lora import LoraSpec, inject_lora, lora_parameters, lora_state, lora_targets, node_weight, remove_lora, svd_lora
 from .step import as_batch, call_generator
 from .storage import lowest_float_dtype, tensors_fingerprint
@@ -243,7 +243,7 @@ class DegradationRecorder:
         if self.probe is not None:
             x, sigma, cond = self.probe
             probe = Probe(x.detach().cpu(), torch.as_tensor(sigma).detach().cpu(),
-                          cond.detach().cpu() if isinstance(cond, Tensor) else None, self.outputs)
+                          map_cond(lambda t: t.detach().cpu(), cond), self.outputs)
         self._finished = Trajectory(self.teacher, self.nodes, kind="full" if self.mode == "full" else "lora",
                                     lora=self.spec, steps=self.node_steps, merge=self.merge, probe=probe, meta=info)
         return self._finished
@@ -288,9 +288,9 @@ def _probe(probe: Any, teacher: nn.Module) -> tuple[Tensor, Tensor, Any] | None:
     sigma = torch.as_tensor(sigma, device=x.device)
     if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
         raise ValueError(f"probe sigma must have shape [{x.shape[0]}] (one per sample), got {tuple(sigma.shape)}")
-    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != x.shape[0]):
-        raise ValueError(f"probe cond must be a tensor with {x.shape[0]} rows (one per sample), got "
-                         f"{tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__}")
+    if cond is not None and cond_rows(cond) != {x.shape[0]}:
+        raise ValueError(f"probe cond must be a tensor, or a dict of tensors, with {x.shape[0]} rows (one per "
+                         f"sample) in every tensor; got rows {sorted(cond_rows(cond))}")
     return x.detach(), sigma, cond
 
 
@@ -352,7 +352,7 @@ def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], met
         rec = DegradationRecorder(teacher, None, interval=interval, steps=steps, nodes=nodes, mode=mode, lora=lora,
                                   merge=merge, lr=lr, optimizer=optimizer, max_grad_norm=max_grad_norm)
         first = as_batch(sample())
-        cond = first.cond[:probe_size] if isinstance(first.cond, Tensor) else None
+        cond = map_cond(lambda t: t[:probe_size], first.cond)
         with torch.no_grad():
             x0 = call_generator(generator, first.z[:probe_size], cond)
         rec.set_probe(probe_inputs(x0, cond, **_sigma_range(teacher)))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .denoisers import freeze
+from .denoisers import freeze, map_cond
 from .lora import LoraSpec, check_node, inject_lora, load_lora_state, lora_template, node_layers, write_node_weight_
 from .storage import StorageError, atomic_write_bytes, fsync_dir, remove_files, tensors_fingerprint
 from .trajectory_files import (
@@ -372,7 +372,7 @@ def probe_error(module: Callable[..., Any], probe: Probe, k: int,
     """Max abs difference between ``module``'s output on the probe and node ``k``'s recorded one."""
     dev = next((p.device for p in getattr(module, "parameters", lambda: iter(()))()), probe.x.device)
     with torch.no_grad():
-        out = call(module, probe.x.to(dev), probe.sigma.to(dev), None if probe.cond is None else probe.cond.to(dev))
+        out = call(module, probe.x.to(dev), probe.sigma.to(dev), map_cond(lambda t: t.to(dev), probe.cond))
     err = (out.detach().float().cpu() - probe.outputs[k].float()).abs().max()
     return float(err) if torch.isfinite(err) else float("inf")
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .denoisers import flatten_cond, unflatten_cond
 from .lora import LoraSpec, lora_template
 from .storage import (
     MAX_JSON_BYTES,
@@ -68,7 +69,7 @@ class Probe:
 
     x: Tensor
     sigma: Tensor
-    cond: Tensor | None
+    cond: Any  # None, a tensor, or a (nested) dict of tensors (SDXL's added_cond_kwargs)
     outputs: list[Tensor]  # index k = node k (0 = teacher)
 
 
@@ -114,9 +115,7 @@ def _write_node(folder: Path, k: int, state: Mapping[str, Tensor], step: int) ->
 
 def _write_probe(folder: Path, probe: Probe) -> dict[str, str]:
     """Write the probe as ``probe-<first 16 hex of sha256>.safetensors``; returns its manifest entry."""
-    t = {"x": probe.x, "sigma": probe.sigma}
-    if probe.cond is not None:
-        t["cond"] = probe.cond
+    t = {"x": probe.x, "sigma": probe.sigma, **flatten_cond(probe.cond)}  # "cond" or "cond.<key>[.<key>]"
     t.update({f"out.{k}": o for k, o in enumerate(probe.outputs)})
     sha = tensors_sha256(t)
     name = f"probe-{sha[:16]}.safetensors"
@@ -351,18 +350,21 @@ def _load_probe(folder: Path, e: Mapping[str, Any], n_nodes: int) -> Probe:
     path = _member(folder, e["file"])
     t = load_tensors(path, sha256=e["sha256"])
     outs = [f"out.{k}" for k in range(n_nodes + 1)]
-    expected = {"x", "sigma", *outs} | ({"cond"} if "cond" in t else set())
+    conds = sorted(k for k in t if k == "cond" or (k.startswith("cond.") and all(k.split(".")[1:])))
+    if "cond" in conds and len(conds) > 1:
+        raise StorageError(f"{path}: probe holds both a tensor cond and dict cond entries {conds[1:3]}")
+    expected = {"x", "sigma", *outs, *conds}
     if set(t) != expected:
-        raise StorageError(f"{path}: probe must hold x, sigma, [cond] and out.0..out.{n_nodes}; missing "
+        raise StorageError(f"{path}: probe must hold x, sigma, [cond or cond.<key>] and out.0..out.{n_nodes}; missing "
                            f"{sorted(expected - set(t))[:3]}, unexpected {[u[:80] for u in sorted(set(t) - expected)[:3]]}")
     for k in ["x", "sigma", *outs]:
         if not t[k].is_floating_point():
             raise StorageError(f"{path}: probe tensor {k} has dtype {t[k].dtype}, expected a floating dtype")
     x = t["x"]
-    for k in ["sigma", "cond", *outs]:
+    for k in ["sigma", *conds, *outs]:
         v = t.get(k)
         if x.ndim == 0 or (v is not None and v.ndim > 0 and v.shape[0] != x.shape[0]):
             raise StorageError(f"{path}: probe tensor {k} does not have one row per sample of x {tuple(x.shape)}")
     if any(t[k].shape != t["out.0"].shape for k in outs):
         raise StorageError(f"{path}: probe outputs do not all have the shape {tuple(t['out.0'].shape)}")
-    return Probe(x, t["sigma"], t.get("cond"), [t[k] for k in outs])
+    return Probe(x, t["sigma"], unflatten_cond({k: t[k] for k in conds}), [t[k] for k in outs])

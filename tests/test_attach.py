@@ -214,7 +214,7 @@ def test_recorder_and_recording_refuse_or_accept_what_users_pass():
         DegradationRecorder(teacher, other, interval=2)
     with pytest.raises(ValueError, match=r"probe sigma must have shape \[4\]"):
         DegradationRecorder(teacher, interval=2, probe=(torch.randn(4, 2, 8, 8), torch.ones(3), None))
-    with pytest.raises(ValueError, match="probe cond must be a tensor with 4 rows"):
+    with pytest.raises(ValueError, match="probe cond must be a tensor, or a dict of tensors, with 4 rows"):
         DegradationRecorder(teacher, interval=2, probe=(torch.randn(4, 2, 8, 8), torch.ones(4), torch.ones(3)))
     rec = DegradationRecorder(teacher, interval=5)
     with pytest.raises(ValueError, match="no node recorded yet"):
