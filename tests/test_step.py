@@ -1,5 +1,7 @@
 """The training-step helpers: update counts, which parameters move, and an end-to-end distillation
 of a one-step generator on a 2D mixture for each adapter."""
+import copy
+
 import pytest
 import torch
 
@@ -75,3 +77,42 @@ def test_each_adapter_moves_a_one_step_generator_toward_the_data(method_cls):
         after = sliced_wasserstein(gen(z), data)
     assert before > 0.8  # the one-step output of an untrained network is far from the ring
     assert after < 0.4 * before, (before, after)
+
+
+def test_reuse_samples_runs_dmd2s_order_with_one_generator_forward_fewer():
+    """reuse_samples: generator update first, then the critic updates, the first on the generator
+    update's own samples (as computed before its optimizer step), as DMD2's train_one_step does."""
+    torch.manual_seed(0)
+    teacher = edm_mlp(2, width=16, depth=1).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+
+    def next_batch():
+        batches.append(Batch(torch.randn(8, 2, generator=g)))
+        return batches[-1]
+
+    for reuse in (False, True):
+        torch.manual_seed(1)
+        gen = OneStepGenerator(copy.deepcopy(teacher).requires_grad_(True), 80.0)
+        fake = copy.deepcopy(teacher).requires_grad_(True)
+        with torch.no_grad():  # a fake score unlike the teacher, so the generator moves
+            for p in fake.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        method = DMD2(sigma_data=0.5, critic_steps=3)
+        calls, critic_x, order = [0], [], []
+        gen.register_forward_hook(lambda m, a, o: calls.__setitem__(0, calls[0] + 1))
+        orig_fake_loss, orig_gen_loss = method.fake_score_loss, method.generator_loss
+        method.fake_score_loss = lambda x, *a, **k: (critic_x.append(x.clone()), order.append("c"),
+                                                     orig_fake_loss(x, *a, **k))[2]
+        method.generator_loss = lambda x, *a, **k: (order.append("g"), orig_gen_loss(x, *a, **k))[1]
+        batches.clear()
+        before = copy.deepcopy(gen)
+        train_step(method, gen, fake, teacher, torch.optim.SGD(gen.parameters(), 1e-2),
+                   torch.optim.SGD(fake.parameters(), 1e-2), next_batch, reuse_samples=reuse)
+        if not reuse:
+            assert order == ["c", "c", "c", "g"] and calls[0] == 4 and len(batches) == 4
+        else:
+            assert order == ["g", "c", "c", "c"] and calls[0] == 3 and len(batches) == 3
+            with torch.no_grad():  # the first critic update saw the generator's pre-update samples
+                assert torch.equal(critic_x[0], before(batches[0].z))
+                assert not torch.equal(critic_x[0], gen(batches[0].z))
