@@ -57,6 +57,7 @@ from .storage import (
     fsync_dir,
     is_sha256,
     load_tensors,
+    open_regular,
     parse_json,
     read_bytes,
     read_json,
@@ -383,16 +384,10 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
 def _sized(root: Path, note: Mapping[str, Any], name: str) -> tuple[Path, str, int]:
     """(path, sha256, size) of a listed file, which must be a regular file of exactly that size."""
     entry, path = note["files"][name], root / name
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise StorageError(f"export file {path} is missing") from None
-    except OSError as e:
-        raise StorageError(f"export file {path} cannot be read: {e.strerror or e}") from None
-    if os.path.islink(path) or not os.path.isfile(path):
-        raise StorageError(f"export file {path} is not a regular file (a symlink, folder or device)")
-    if st.st_size != entry["bytes"]:
-        raise StorageError(f"export file {path} is {st.st_size} bytes, the note says {entry['bytes']}: "
+    f, size = open_regular(path, "export file")  # no symlink, FIFO or device; never blocks
+    f.close()
+    if size != entry["bytes"]:
+        raise StorageError(f"export file {path} is {size} bytes, the note says {entry['bytes']}: "
                            "it was truncated, extended or replaced")
     return path, entry["sha256"], entry["bytes"]
 

@@ -45,6 +45,7 @@ __all__ = [
     "remove_files",
     "write_json",
     "read_bytes",
+    "open_regular",
     "read_json",
     "parse_json",
     "canonical_json",
@@ -199,6 +200,9 @@ def _open_regular(path: Path, what: str) -> tuple[io.FileIO, int]:
     except BaseException:
         os.close(fd)
         raise
+
+
+open_regular = _open_regular
 
 
 def _read_exact(f: io.RawIOBase, buf: memoryview, path: Path, what: str) -> None:

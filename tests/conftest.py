@@ -104,3 +104,31 @@ def deadline(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def crashing_at(k: int, targets, fn) -> bool:
+    """Run ``fn`` in a forked child that dies (``os._exit``: no cleanup runs, like SIGKILL) just before
+    its k-th call of any ``(object, attribute)`` in ``targets`` (the child's own copies: the parent is
+    untouched); returns whether ``fn`` completed first. The child never returns into the test session."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        calls = [0]
+
+        def crashing(f):
+            def g(*a, **kw):
+                calls[0] += 1
+                if calls[0] == k:
+                    os._exit(3)
+                return f(*a, **kw)
+            return g
+
+        try:
+            for obj, name in targets:
+                setattr(obj, name, crashing(getattr(obj, name)))
+            fn()
+        finally:
+            os._exit(0 if calls[0] < k else 4)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0

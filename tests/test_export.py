@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_unet2d, tiny_unet2d_condition
+from conftest import crashing_at, tiny_unet2d, tiny_unet2d_condition
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 
@@ -281,31 +281,16 @@ def _export_crashing_at(k: int, gen, folder: Path, exchange: bool) -> bool:
     k-th file-system operation; returns whether the export completed first."""
     missing = [n for n in _CRASH_POINTS if not hasattr(export_mod, n)]
     assert not missing, f"crash points {missing} are gone from disback_core.export: update _CRASH_POINTS"
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        calls = [0]
-
-        def crashing(f):
-            def g(*a, **kw):
-                calls[0] += 1
-                if calls[0] == k:
-                    os._exit(3)
-                return f(*a, **kw)
-            return g
-
-        try:  # whatever happens, the child never returns into the test session
-            for name in _CRASH_POINTS:
-                setattr(export_mod, name, crashing(getattr(export_mod, name)))
-            if not exchange:
-                export_mod._exchange = crashing(lambda a, b: False)
-            for name in ("rename", "replace"):
-                setattr(export_mod.os, name, crashing(getattr(export_mod.os, name)))
-            export_mod.shutil.rmtree = crashing(export_mod.shutil.rmtree)
-            export_generator(gen, folder)
-        finally:
-            os._exit(0 if calls[0] < k else 4)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+    if not exchange:  # the fallback switch: two renames (patched before the crash points wrap it)
+        real = export_mod._exchange
+        export_mod._exchange = lambda a, b: False
+    targets = [(export_mod, n) for n in _CRASH_POINTS] + [(export_mod.os, "rename"), (export_mod.os, "replace"),
+                                                           (export_mod.shutil, "rmtree")]
+    try:
+        return crashing_at(k, targets, lambda: export_generator(gen, folder))
+    finally:
+        if not exchange:
+            export_mod._exchange = real
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

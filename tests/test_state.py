@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import crashing_at
+
 from disback_core import state as st
 from disback_core.state import latest_state, list_states, load_state, save_state
 from disback_core.storage import StorageError
@@ -224,27 +226,8 @@ def _save_crashing_at(k: int, folder: Path, o: dict, step: int) -> bool:
     returns whether the save completed first."""
     missing = [name for name in _CRASH_POINTS if not hasattr(st, name)]
     assert not missing, f"crash points {missing} are gone from disback_core.state: update _CRASH_POINTS"
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        calls = [0]
-
-        def crashing(f):
-            def g(*a, **kw):
-                calls[0] += 1
-                if calls[0] == k:
-                    os._exit(3)
-                return f(*a, **kw)
-            return g
-
-        try:  # whatever happens, the child never returns into the test session
-            for name in _CRASH_POINTS:
-                setattr(st, name, crashing(getattr(st, name)))
-            st.os.rename = crashing(st.os.rename)  # the child's own os module: the parent is untouched
-            save_state(folder, step=step, **kw(o), config=CFG, keep=2)
-        finally:
-            os._exit(0 if calls[0] < k else 4)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+    targets = [(st, name) for name in _CRASH_POINTS] + [(st.os, "rename")]
+    return crashing_at(k, targets, lambda: save_state(folder, step=step, **kw(o), config=CFG, keep=2))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
