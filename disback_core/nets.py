@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .checks import check_number
 from .denoisers import EDMPrecond, _unet_cond_kwarg
 
-__all__ = ["MLPNet", "UNetNet", "edm_mlp", "edm_unet", "sinusoidal_embedding"]
+__all__ = ["MLPNet", "UNetNet", "edm_mlp", "edm_unet", "edm_unet_text", "sinusoidal_embedding"]
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -129,4 +129,25 @@ def edm_unet(sample_size: int = 8, channels: int = 1, num_classes: int = 0, sigm
         num_class_embeds=(num_classes + 1) if num_classes > 0 else None, **unet_kwargs,
     )
     # diffusers' __init__ shows type checkers its torch-less dummy UNet2DModel (not an nn.Module)
+    return EDMPrecond(UNetNet(unet), sigma_data=sigma_data)  # type: ignore[arg-type]
+
+
+def edm_unet_text(sample_size: int = 8, channels: int = 1, cross_attention_dim: int = 16, sigma_data: float = 0.5,
+                  block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
+                  norm_num_groups: int = 8, attention_head_dim: int = 4, **unet_kwargs: Any) -> EDMPrecond:
+    """An EDM-preconditioned diffusers ``UNet2DConditionModel``: text-like conditioning, a cond of
+    shape ``[batch, tokens, cross_attention_dim]`` read by cross-attention in the last down block and
+    the first up block (a small stand-in for a text-to-image UNet; random weights)."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(block_out_channels)
+    down = ["DownBlock2D"] * n
+    up = ["UpBlock2D"] * n
+    down[-1], up[0] = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+        down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=norm_num_groups,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim, **unet_kwargs,
+    )
     return EDMPrecond(UNetNet(unet), sigma_data=sigma_data)  # type: ignore[arg-type]

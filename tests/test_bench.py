@@ -47,6 +47,26 @@ def test_problems_score_the_data_itself_near_zero(cache):
     assert digits.evaluate(torch.zeros(540, 1, 8, 8))["fd"] > 100
 
 
+def test_text_conditional_digits_read_prompts_and_guide_with_the_empty_prompt(cache):
+    from disback_core import CFGDenoiser
+
+    text = Digits(text=True, cache_dir=cache, teacher_steps=10)
+    assert text.name == "digits-text" and type(text.teacher.net.unet).__name__ == "UNet2DConditionModel"
+    labels = text.y_train[:540]
+    prompts = text._encode(labels)
+    assert prompts.shape == (540, 4, 16) and torch.equal(text.labels_of(prompts), labels)
+    assert torch.equal(text.uncond(), torch.zeros(4, 16))  # the null class: the empty prompt
+    d = text.evaluate(text.x_train[:540], prompts)  # real images with their own prompts
+    assert d["label_accuracy"] > 0.97 and d["fd"] < 5
+    z, c = text.eval_inputs(20)
+    assert torch.equal(text.labels_of(c), torch.arange(20) % 10)
+    x, s = torch.randn(4, 1, 8, 8), torch.full((4,), 2.0)
+    with torch.no_grad():
+        u, cc = text.teacher(x, s, text.uncond().expand(4, 4, 16)), text.teacher(x, s, c[:4])
+        assert torch.allclose(CFGDenoiser(text.teacher, 3.0, text.uncond())(x, s, c[:4]), u + 3.0 * (cc - u), atol=1e-5)
+    assert Digits(conditional=True, cache_dir=cache, teacher_steps=10).uncond() == 10
+
+
 def _curve(label, seed, ys, seconds_per_it=1.0, offset=0.0):
     evals = [{"iteration": 10 * i, "seconds": offset + 10 * i * seconds_per_it, "metrics": {"m": y}} for i, y in enumerate(ys)]
     tail = evals[1:][-2:]

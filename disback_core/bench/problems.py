@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..analytic import GaussianMixtureDenoiser
 from ..denoisers import freeze
 from ..losses import DSMLoss
-from ..nets import edm_mlp, edm_unet
+from ..nets import edm_mlp, edm_unet, edm_unet_text
 from ..sampling import edm_sampler
 from ..sigmas import LogNormalSigma
 from ..step import Batch
@@ -36,7 +36,7 @@ from .metrics import class_coverage, energy_distance, frechet_distance, mode_sta
 __all__ = ["Problem", "Toy2D", "Digits", "get_problem", "PROBLEMS", "train_teacher"]
 
 log = logging.getLogger(__name__)
-PROBLEMS = ("toy2d", "digits", "digits-cond")
+PROBLEMS = ("toy2d", "digits", "digits-cond", "digits-text")
 
 
 def train_teacher(model: nn.Module, data_fn, steps: int, lr: float, dsm: DSMLoss, seed: int,
@@ -102,6 +102,10 @@ class Problem:
     eval_samples: int = 2000
 
     def cond(self, n: int, g: torch.Generator) -> Tensor | None:
+        return None
+
+    def uncond(self) -> Any:
+        """The unconditional input classifier-free guidance contrasts with, or None (no CFG possible)."""
         return None
 
     def batch(self, n: int, g: torch.Generator, with_real: bool = False) -> Batch:
@@ -205,22 +209,38 @@ class Toy2D(Problem):
 
 
 class Digits(Problem):
-    """scikit-learn's 8x8 digits in [-1, 1]; ``conditional`` draws class labels, otherwise the null label."""
+    """scikit-learn's 8x8 digits in [-1, 1]; ``conditional`` draws class labels, otherwise the null label.
+
+    ``text``: the text-conditional variant (``digits-text``): each class has a fixed random "prompt"
+    (``PROMPT_TOKENS x PROMPT_DIM`` states, seeded), the null class the empty prompt (zeros), and the
+    teacher is a ``UNet2DConditionModel`` reading them by cross-attention, as a text-to-image UNet
+    reads its encoder's states."""
 
     NULL = 10
+    PROMPT_TOKENS, PROMPT_DIM = 4, 16
 
     def __init__(self, conditional: bool = False, cache_dir=None, teacher_steps: int = 4000, seed: int = 0,
-                 eval_samples: int = 2000, progress: bool = False):
+                 eval_samples: int = 2000, progress: bool = False, text: bool = False):
         from .digits import digit_features, digits_classifier, load_digits_split
 
-        self.conditional = conditional
+        self.conditional = conditional or text
+        self.text = text
+        pg = torch.Generator().manual_seed(2024)
+        self.prompts = torch.cat([torch.randn(10, self.PROMPT_TOKENS, self.PROMPT_DIM, generator=pg),
+                                  torch.zeros(1, self.PROMPT_TOKENS, self.PROMPT_DIM)])
+
         self.x_train, self.y_train, self.x_test, self.y_test = load_digits_split()
         cfg: dict[str, Any] = {"block_out_channels": [16, 32, 32], "attention": True, "sigma_data": 0.5,
                                "steps": teacher_steps, "lr": 1e-3, "batch": 128, "label_dropout": 0.1,
                                "p_mean": -1.2, "p_std": 1.2, "seed": seed, "recipe": 1}
+        if text:
+            cfg["text"] = {"tokens": self.PROMPT_TOKENS, "dim": self.PROMPT_DIM, "prompt_seed": 2024}
 
         def build() -> nn.Module:
             torch.manual_seed(seed)
+            if text:
+                return edm_unet_text(8, 1, cross_attention_dim=self.PROMPT_DIM, sigma_data=cfg["sigma_data"],
+                                     block_out_channels=tuple(cfg["block_out_channels"]))
             return edm_unet(8, 1, num_classes=10, sigma_data=cfg["sigma_data"],
                             block_out_channels=tuple(cfg["block_out_channels"]), attention=cfg["attention"])
 
@@ -228,37 +248,52 @@ class Digits(Problem):
             idx = torch.randint(0, len(self.x_train), (cfg["batch"],), generator=g)
             y = self.y_train[idx].clone()
             y[torch.rand(cfg["batch"], generator=g) < cfg["label_dropout"]] = self.NULL
-            return self.x_train[idx], y
+            return self.x_train[idx], self._encode(y)
 
         def train(m: nn.Module) -> dict[str, Any]:
             dsm = DSMLoss(LogNormalSigma(cfg["p_mean"], cfg["p_std"]), cfg["sigma_data"], reduction="sum")
             return train_teacher(m, data, steps=cfg["steps"], lr=cfg["lr"], dsm=dsm, seed=seed, progress=progress)
 
-        teacher, info = cached_model("digits-teacher", cfg, build, train, cache_dir)
+        teacher, info = cached_model("digits-text-teacher" if text else "digits-teacher", cfg, build, train, cache_dir)
         self.classifier, clf_info = digits_classifier(cache_dir)
         info = {**info, "classifier_test_accuracy": clf_info["test_accuracy"]}
         self._features = digit_features
         self._ref_feats = digit_features(self.classifier, self.x_test)
-        name = "digits-cond" if conditional else "digits"
+        name = "digits-text" if text else "digits-cond" if conditional else "digits"
         super().__init__(name, freeze(teacher), cfg["sigma_data"], (1, 8, 8), "fd", info, eval_samples)
+
+    def uncond(self) -> Tensor:
+        """The null label, or the empty prompt (``text``)."""
+        return self.prompts[self.NULL] if self.text else torch.tensor(self.NULL)
+
+    def _encode(self, labels: Tensor) -> Tensor:
+        """The model's conditioning for class labels: the labels, or their prompts (``text``)."""
+        return self.prompts[labels] if self.text else labels
+
+    def labels_of(self, cond: Tensor) -> Tensor:
+        """Class labels of a conditioning (the nearest prompt for ``text``)."""
+        if not self.text:
+            return cond
+        d = (cond.flatten(1)[:, None, :] - self.prompts[:10].flatten(1)[None]).pow(2).sum(-1)
+        return d.argmin(1)
 
     def cond(self, n: int, g: torch.Generator) -> Tensor:
         if self.conditional:
-            return torch.randint(0, 10, (n,), generator=g)
+            return self._encode(torch.randint(0, 10, (n,), generator=g))
         return torch.full((n,), self.NULL, dtype=torch.long)
 
     def eval_inputs(self, n: int | None = None, seed: int = 12345) -> tuple[Tensor, Tensor]:
         n = n or self.eval_samples
         z = torch.randn(n, *self.sample_shape, generator=torch.Generator().manual_seed(seed))
-        c = torch.arange(n) % 10 if self.conditional else torch.full((n,), self.NULL, dtype=torch.long)
+        c = self._encode(torch.arange(n) % 10) if self.conditional else torch.full((n,), self.NULL, dtype=torch.long)
         return z, c
 
     def real(self, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = torch.randint(0, len(self.x_train), (n,), generator=g)
-        return self.x_train[idx], (self.y_train[idx] if self.conditional else torch.full((n,), self.NULL))
+        return self.x_train[idx], (self._encode(self.y_train[idx]) if self.conditional else torch.full((n,), self.NULL))
 
     def heldout_data(self) -> tuple[Tensor, Tensor]:
-        return self.x_train, self.y_train  # the metric's reference set is the test split
+        return self.x_train, self._encode(self.y_train)  # the metric's reference set is the test split
 
     @torch.no_grad()
     def evaluate(self, samples: Tensor, cond: Tensor | None = None) -> dict[str, float]:
@@ -271,7 +306,7 @@ class Digits(Problem):
         out = {"fd": frechet_distance(feats, self._ref_feats), "precision": pr["precision"], "recall": pr["recall"],
                "class_coverage": float(class_coverage(pred, 10)["coverage"])}
         if self.conditional and cond is not None:
-            out["label_accuracy"] = float((pred == cond.cpu()).double().mean())
+            out["label_accuracy"] = float((pred == self.labels_of(cond.cpu())).double().mean())
         return out
 
     def save_samples(self, samples: Tensor, path, title: str = "", cond: Tensor | None = None) -> None:
@@ -294,9 +329,9 @@ class Digits(Problem):
 
 
 def get_problem(name: str, cache_dir=None, **kwargs: Any) -> Problem:
-    """``toy2d``, ``digits`` (unconditional) or ``digits-cond``."""
+    """``toy2d``, ``digits`` (unconditional), ``digits-cond`` (class labels) or ``digits-text`` (prompts)."""
     if name == "toy2d":
         return Toy2D(cache_dir, **kwargs)
-    if name in ("digits", "digits-cond"):
-        return Digits(conditional=name == "digits-cond", cache_dir=cache_dir, **kwargs)
+    if name in ("digits", "digits-cond", "digits-text"):
+        return Digits(conditional=name == "digits-cond", text=name == "digits-text", cache_dir=cache_dir, **kwargs)
     raise ValueError(f"unknown problem {name!r}; choose one of {PROBLEMS}")
