@@ -5,6 +5,7 @@ as an argument, so DisBack can replace the teacher with a trajectory node.
 """
 from .diff_instruct import DiffInstruct
 from .dmd2 import DMD2
+from .gdd import GDD
 from .sid import SiD
 
-__all__ = ["DiffInstruct", "DMD2", "SiD"]
+__all__ = ["DiffInstruct", "DMD2", "GDD", "SiD"]

@@ -22,7 +22,17 @@ from .denoisers import (
 )
 from .export import export_generator, load_checkpoint, load_generator, read_export_note
 from .faults import DivergenceMonitor, NonFiniteGuard
+from .fewstep import (
+    DMD2_SDXL_TIMESTEPS,
+    MultiStepGenerator,
+    fewstep_sigmas,
+    make_fewstep_generator,
+    sample_fewstep,
+    timesteps_to_sigmas,
+)
+from .freezing import FreezeReport, apply_freezing, freeze_modules, gddi_frozen_modules
 from .gan import GANHead, capture_features
+from .guidance import default_final_sigma, distillation_pp_sample
 from .lora import LoraSpec, LoraTarget, lora_targets
 from .losses import DSMLoss, abs_mean_normaliser, check_finite, gan_discriminator_loss, gan_generator_loss, r1_penalty
 from .nets import MLPNet, UNetNet, edm_mlp, edm_unet
@@ -49,5 +59,8 @@ __all__ = [
     "Backtrack", "FixedInterval", "AdaptiveGap", "TeacherOnly", "NodeCursor", "score_gap",
     "attach", "Attachment", "Unconditional", "check_denoiser",
     "save_state", "load_state", "latest_state", "list_states", "NonFiniteGuard", "DivergenceMonitor",
+    "MultiStepGenerator", "make_fewstep_generator", "sample_fewstep", "fewstep_sigmas", "timesteps_to_sigmas",
+    "DMD2_SDXL_TIMESTEPS", "distillation_pp_sample", "default_final_sigma",
+    "FreezeReport", "apply_freezing", "freeze_modules", "gddi_frozen_modules",
     "timestep_generator", "export_generator", "load_generator", "read_export_note", "load_checkpoint",
 ]

@@ -7,6 +7,9 @@
   A variant is ``base``, ``disback``, or ``disback:key=value,...`` overriding DisBack settings
   (``nodes``, ``degradation_steps``, ``node_mode``, ``rank``, ``schedule``, ``share``,
   ``adaptive_ratio``, ``merge``), e.g. ``disback:share=0.3`` or ``disback:schedule=adaptive``.
+  ``--student-steps 1 2 4`` trains K-step students (DMD2's multi-step generator) per variant.
+- ``disback guide``: the trained students of bench folders with and without Distillation++
+  teacher guidance, the metric against network evaluations (:mod:`disback_core.bench.guide`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ PROBLEM_DEFAULTS: dict[str, _ProblemDefaults] = {
     "toy2d": {"iterations": 600, "batch": 256, "lr": 1e-4, "eval_every": 25, "degradation_steps": 500},
     "digits": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
     "digits-cond": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
+    "digits-text": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
 }
 DISBACK_FIELDS: dict[str, Callable[[str], Any]] = {
     "nodes": int, "degradation_steps": int, "node_mode": str, "rank": int, "schedule": str,
@@ -52,7 +56,8 @@ def _base_spec(args: argparse.Namespace, adapter: str):
     return RunSpec(label="base", problem=args.problem, adapter=adapter,
                    iterations=args.iterations or d["iterations"], batch=args.batch or d["batch"],
                    lr=args.lr or d["lr"], eval_every=args.eval_every or d["eval_every"],
-                   degradation_steps=args.degradation_steps or d["degradation_steps"])
+                   degradation_steps=args.degradation_steps or d["degradation_steps"], freeze=args.freeze,
+                   cfg_scale=args.cfg_scale)
 
 
 def parse_variant(base, text: str):
@@ -99,9 +104,12 @@ def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
     for adapter in args.adapter:
         base = _base_spec(args, adapter)
         specs = [parse_variant(base, v) for v in variants]
+        # K-step students (DMD2 Sec. 4.5): one spec per K; K = 1 keeps its label, so old results still --resume
+        specs = [dataclasses.replace(s, student_steps=k, label=s.label if k == 1 else f"{s.label}-{k}step")
+                 for k in args.student_steps for s in specs]
         folder = out / adapter if len(args.adapter) > 1 else out
         res = compare(specs, args.seeds, folder, command=command, progress=not args.no_progress, problem=problem,
-                      track=track, resume=args.resume)
+                      track=track, resume=args.resume, save_weights=args.save_weights)
         write_report(res, folder / "report.md", f"{title}: {args.problem}, {adapter}")
         results[adapter] = res
         print(f"\n{args.problem} / {adapter} ({len(args.seeds)} seeds, {base.iterations} generator iterations)")
@@ -142,6 +150,16 @@ def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-samples", type=int, help="samples per evaluation (default: toy2d 4000, digits 2000)")
     p.add_argument("--degradation-steps", type=int)
+    p.add_argument("--cfg-scale", type=float, default=0.0,
+                   help="teacher classifier-free guidance scale for conditional problems (0: none); every node "
+                        "of the path is guided alike")
+    p.add_argument("--student-steps", type=int, nargs="+", default=[1], metavar="K",
+                   help="train K-step students (DMD2's multi-step generator; sigmas: K points uniform on the "
+                        "Karras ramp from sigma_init, see disback_core.fewstep.fewstep_sigmas); several K: "
+                        "one run per K, labelled VARIANT-Kstep (default 1, the one-step generator)")
+    p.add_argument("--freeze", choices=["none", "gddi"], default="none",
+                   help="freeze part of the generator before training: gddi = GDD-I's rule (3x3 convs and attention "
+                        "output projections of every UNet block, disback_core.freezing); any adapter")
     p.add_argument("--cache-dir", help="teacher cache (default $DISBACK_CACHE or ~/.cache/disback)")
     p.add_argument("--teacher-steps", type=int, help="teacher training steps (default per problem; a quick check "
                    "may use fewer, the cache keys on it)")
@@ -152,6 +170,9 @@ def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse the runs of an earlier (complete or interrupted) results.json in --out whose "
                         "label, seed and settings match; run only the rest")
+    p.add_argument("--save-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="save each run's trained generator as generator-LABEL-seedS.safetensors in --out "
+                        "(what `disback guide` evaluates)")
     p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True,
                    help="store the command line in results.json")
 
@@ -167,20 +188,43 @@ def main(argv: list[str] | None = None) -> int:
     _common(b, ["dmd2"])
     b.add_argument("--variants", nargs="+", default=["base", "disback"])
     b.add_argument("--out", required=True)
+    gd = sub.add_parser("guide", help="evaluate the trained students of bench results with and without "
+                        "Distillation++ teacher guidance: metric vs network evaluations")
+    gd.add_argument("results", nargs="+", help="bench output folders (results.json + generator-*.safetensors)")
+    gd.add_argument("--guided-steps", type=int, nargs="+", default=[1, 2])
+    gd.add_argument("--lams", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    gd.add_argument("--final-sigmas", nargs="+", default=["default"], metavar="SIGMA",
+                    help="teacher noise levels when the last student step is guided; 'default': the Karras-ramp "
+                         "midpoint below the last student sigma (disback_core.guidance.default_final_sigma)")
+    gd.add_argument("--cache-dir")
+    gd.add_argument("--threads", type=int)
     r = sub.add_parser("report", help="recompute summary, curves and report.md from a results.json")
     r.add_argument("results", nargs="+", help="results.json files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command in ("demo", "bench") and args.cfg_scale:
+        from .bench.problems import CONDITIONAL
+
+        if args.problem not in CONDITIONAL:
+            parser.error(f"--cfg-scale needs a conditional problem ({', '.join(CONDITIONAL)}), not {args.problem}")
     if args.command == "demo":
         return _run(args, ["base", "disback"], "disback demo")
+    if args.command == "guide":
+        from .bench.guide import guide_main
+
+        finals = [None if v == "default" else float(v) for v in args.final_sigmas]
+        return guide_main(args.results, guided_steps=args.guided_steps, lams=args.lams, cache_dir=args.cache_dir,
+                          threads=args.threads, final_sigmas=finals)
     if args.command == "report":
         return _report(args.results)
     try:
         variants = args.variants
         base = _base_spec(args, args.adapter[0])
         for v in variants:
-            parse_variant(base, v)
+            if "gdd" in args.adapter and parse_variant(base, v).disback:
+                raise ValueError(f"variant {v!r}: DisBack does not apply to --adapter gdd (no target score, no DSM); "
+                                 "use --variants base")
     except ValueError as e:
         parser.error(str(e))
     return _run(args, variants, "disback bench")

@@ -113,6 +113,49 @@ def test_demo_runs_end_to_end_and_writes_every_file(tmp_path, cache, capsys, pro
     assert "| base |" in (out / "report.md").read_text()
 
 
+def test_bench_guides_the_teacher_and_every_node_with_cfg_scale(tmp_path, cache, monkeypatch):
+    """--cfg-scale: the base target is CFG(teacher); DisBack's is CFG(the node in use), both with the
+    problem's empty prompt as the unconditional input."""
+    from disback_core import CFGDenoiser
+    from disback_core.bench import runner
+
+    seen = []
+    real_step = runner.train_step
+
+    def spy(method, generator, fake, target, *a, **kw):
+        seen.append((getattr(method, "node", None), target))
+        return real_step(method, generator, fake, target, *a, **kw)
+
+    monkeypatch.setattr(runner, "train_step", spy)
+    out = tmp_path / "b"
+    rc = main(["bench", "--problem", "digits-text", "--cfg-scale", "2.5", "--iterations", "2", "--eval-every", "2",
+               "--seeds", "0", "--degradation-steps", "4", "--batch", "4", "--eval-samples", "40", "--out", str(out),
+               "--cache-dir", str(cache), "--teacher-steps", "10", "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert all(r["spec"]["cfg_scale"] == 2.5 for r in res["runs"]) and "label_accuracy" in res["runs"][0]["final"]
+    assert len(seen) == 4 and all(isinstance(t, CFGDenoiser) and t.scale == 2.5 for _, t in seen)
+    assert torch.equal(seen[0][1].uncond, torch.zeros(4, 16))
+    base_target, (node, dis_target) = seen[0][1], seen[2]
+    assert base_target.denoiser is not dis_target.denoiser and node == 4  # the switchable target, at node N-1
+    with pytest.raises(SystemExit):
+        main(["bench", "--problem", "toy2d", "--cfg-scale", "2", "--iterations", "1", "--out", str(tmp_path / "t"),
+              "--cache-dir", str(cache), "--teacher-steps", "300", "--seeds", "0", "--no-progress"])
+
+
+def test_a_diverging_run_is_reported(cache, monkeypatch):
+    from disback_core.bench.runner import RunSpec, run_one
+
+    toy = Toy2D(cache_dir=cache, teacher_steps=300)
+    values = iter([5.0, 1.0, 1.2, 30.0, 40.0])
+    monkeypatch.setattr(toy, "evaluate", lambda samples, cond=None: {"sw": next(values)})
+    r = run_one(toy, RunSpec(iterations=4, eval_every=1, batch=16), seed=0)
+    assert r["divergence"] is not None and r["divergence"].startswith("iteration 3: diverging: value 30")
+    calm = iter([5.0, 1.0, 1.2, 3.0, 4.0])
+    monkeypatch.setattr(toy, "evaluate", lambda samples, cond=None: {"sw": next(calm)})
+    assert run_one(toy, RunSpec(iterations=4, eval_every=1, batch=16), seed=0)["divergence"] is None
+
+
 def test_trackers_are_optional_and_named_when_missing(tmp_path, monkeypatch):
     import sys
     import types

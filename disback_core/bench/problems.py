@@ -37,6 +37,7 @@ __all__ = ["Problem", "Toy2D", "Digits", "get_problem", "PROBLEMS", "train_teach
 
 log = logging.getLogger(__name__)
 PROBLEMS = ("toy2d", "digits", "digits-cond", "digits-text")
+CONDITIONAL = ("digits-cond", "digits-text")  # the problems with an unconditional input (teacher CFG)
 
 
 def train_teacher(model: nn.Module, data_fn, steps: int, lr: float, dsm: DSMLoss, seed: int,

@@ -15,8 +15,11 @@ JSON schema (``results.json``, ``"schema": "disback-benchmark/1"``)::
        "teacher_multistep": {metric: value}, "teacher_onestep": {...}}},
      "runs": [{"label", "seed", "spec": {...}, "degradation_seconds", "switches": [[iteration, node]],
                "svd_output_error": [per node] or null (node_mode "svd" only: see record_degradation),
+               "student_sigmas": [the K-step student's sigmas; [sigma_init] for one step],
+               "divergence": null, or when the primary metric first rose above 10x its best so far (DivergenceMonitor),
                "evals": [{"iteration", "seconds", "cpu_seconds", "metrics": {metric: value}}],
-               "final": {metric: value}, "seconds_per_iteration", "cpu_seconds_per_iteration", "threads"}],
+               "final": {metric: value}, "seconds_per_iteration", "cpu_seconds_per_iteration", "threads",
+               "frozen_fraction", "frozen_params", "images_per_iteration": {"real", "generated"}}],
      "summary": {label: {"final": {metric: {"mean", "std", "min", "max", "per_seed"}},
                          "iterations_to_base_final", "ratio_iterations", "seconds_to_base_final",
                          "ratio_seconds", "cpu_seconds_to_base_final", "ratio_cpu_seconds",
@@ -47,11 +50,14 @@ from typing import Any
 import torch
 
 from ..backtracking import AdaptiveGap, Backtrack, FixedInterval
-from ..denoisers import make_generator, trainable_copy
+from ..denoisers import CFGDenoiser, make_generator, trainable_copy
+from ..faults import DivergenceMonitor
+from ..fewstep import MultiStepGenerator, fewstep_sigmas, make_fewstep_generator, sample_fewstep
+from ..freezing import apply_freezing
 from ..lora import LoraSpec
 from ..recording import record_degradation
 from ..step import train_step
-from ..storage import read_json, write_json
+from ..storage import read_json, save_tensors, write_json
 from .problems import Problem, get_problem
 
 __all__ = ["RunSpec", "ADAPTERS", "run_one", "compare", "summarise", "plot_curves"]
@@ -61,17 +67,20 @@ log = logging.getLogger(__name__)
 
 
 def _adapters() -> dict[str, dict[str, Any]]:
-    from ..adapters import DMD2, DiffInstruct, SiD
+    from ..adapters import DMD2, GDD, DiffInstruct, SiD
 
     # Paper settings per method: generator sigma_init and Adam betas / weight decay.
     return {
         "dmd2": {"cls": DMD2, "sigma_init": 80.0, "betas": (0.9, 0.999), "weight_decay": 0.01, "max_grad_norm": 10.0},
         "di": {"cls": DiffInstruct, "sigma_init": 1.0, "betas": (0.0, 0.999), "weight_decay": 0.0, "max_grad_norm": None},
         "sid": {"cls": SiD, "sigma_init": 2.5, "betas": (0.0, 0.999), "weight_decay": 0.0, "max_grad_norm": None},
+        # GDD: GAN only against real data; the discriminator takes the fake-score slot (make_fake)
+        "gdd": {"cls": GDD, "sigma_init": 80.0, "betas": (0.0, 0.99), "weight_decay": 0.0, "max_grad_norm": None,
+                "make_fake": lambda problem: GDD.discriminator_for(*problem.eval_inputs(64))},
     }
 
 
-ADAPTERS = ("dmd2", "di", "sid")
+ADAPTERS = ("dmd2", "di", "sid", "gdd")
 
 
 @dataclass
@@ -95,9 +104,22 @@ class RunSpec:
     share: float = 0.1  # fixed schedule: share of iterations spent on degraded targets
     adaptive_ratio: float = 0.5
     merge: bool = True
+    # K-step student (DMD2 Sec. 4.5; 1 = the one-step generator): sigmas = fewstep_sigmas(K, sigma_max=sigma_init),
+    # K points uniform on the Karras ramp, the analogue of DMD2's SDXL timesteps 999, 749, 499, 249
+    student_steps: int = 1
+    cfg_scale: float = 0.0  # teacher classifier-free guidance (0: none), at every node too (DMD2 guides the teacher only)
+    freeze: str = "none"  # generator freezing rule before the optimizer is built: "none" | "gddi" (freezing.py)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_DEFAULT_SPEC = RunSpec().to_json()
+
+
+def weights_name(label: str, seed: int) -> str:
+    """The file (in the results folder) holding a run's trained generator weights (safetensors)."""
+    return f"generator-{label}-seed{seed}.safetensors"
 
 
 def _optim(params, spec: RunSpec, a: dict[str, Any]) -> torch.optim.Optimizer:
@@ -109,6 +131,10 @@ def _optim(params, spec: RunSpec, a: dict[str, Any]) -> torch.optim.Optimizer:
 @torch.no_grad()
 def _generate(generator: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor | None, chunk: int = 1000) -> torch.Tensor:
     parts = range(0, z.shape[0], chunk)
+    if isinstance(generator, MultiStepGenerator):  # all K steps, with the same fresh noise at every evaluation
+        g = torch.Generator(device=z.device).manual_seed(4321)
+        return torch.cat([sample_fewstep(generator, z[i:i + chunk], None if cond is None else cond[i:i + chunk],
+                                         generator=g) for i in parts])
     return torch.cat([generator(z[i:i + chunk], None if cond is None else cond[i:i + chunk]) for i in parts])
 
 
@@ -122,11 +148,25 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     method = a["cls"](sigma_data=problem.sigma_data)
-    generator = make_generator(problem.teacher, sigma_init)
-    needs_real = getattr(method, "gan_head", None) is not None
+    student_sigmas = fewstep_sigmas(spec.student_steps, sigma_max=sigma_init)
+    generator: torch.nn.Module = (make_generator(problem.teacher, sigma_init) if spec.student_steps == 1 else
+                                  make_fewstep_generator(problem.teacher, student_sigmas,
+                                                         generator=torch.Generator().manual_seed(seed + 7919)))
+    if spec.disback and spec.adapter == "gdd":
+        raise ValueError("DisBack does not apply to gdd: GDD has no target score and no DSM to record or backtrack; "
+                         "use the 'base' variant")
+    freeze_report = apply_freezing(generator, spec.freeze)
+    needs_real = getattr(method, "needs_real", False) or getattr(method, "gan_head", None) is not None
     next_batch: Callable = lambda: problem.batch(spec.batch, g, with_real=needs_real)  # noqa: E731
     degradation_seconds, degradation_cpu, switches, svd_output_error = 0.0, 0.0, [], None
     target: Any = problem.teacher
+    guidance: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    if spec.cfg_scale:
+        uncond = problem.uncond()
+        if uncond is None:
+            raise ValueError(f"cfg_scale: problem {problem.name!r} has no unconditional input for guidance")
+        guidance = lambda t: CFGDenoiser(t, spec.cfg_scale, uncond)  # noqa: E731 - the teacher and every node
+        target = guidance(problem.teacher)
     if spec.disback:
         t0, c0 = time.perf_counter(), time.process_time()
         frozen_g0 = copy.deepcopy(generator).requires_grad_(False)
@@ -138,19 +178,19 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
         svd_output_error = traj.meta.get("svd_output_error")
         if spec.schedule == "fixed":
             schedule = FixedInterval.from_share(spec.iterations, traj.last, spec.share)
-            method = Backtrack(method, traj, schedule)
+            method = Backtrack(method, traj, schedule, guidance=guidance)
         elif spec.schedule == "adaptive":
-            method = Backtrack(method, traj, AdaptiveGap(ratio=spec.adaptive_ratio))
+            method = Backtrack(method, traj, AdaptiveGap(ratio=spec.adaptive_ratio), guidance=guidance)
         elif spec.schedule == "warm_start":
-            method = Backtrack(method, traj, FixedInterval(1), start=0)
+            method = Backtrack(method, traj, FixedInterval(1), start=0, guidance=guidance)
         else:
             raise ValueError(f"unknown schedule {spec.schedule!r}")
         fake = method.initial_fake()
         target = method.target
         degradation_seconds, degradation_cpu = time.perf_counter() - t0, time.process_time() - c0
     else:
-        fake = trainable_copy(problem.teacher)
-    g_opt = _optim(generator.parameters(), spec, a)
+        fake = a["make_fake"](problem) if "make_fake" in a else trainable_copy(problem.teacher)
+    g_opt = _optim([p for p in generator.parameters() if p.requires_grad], spec, a)
     f_opt = _optim([*fake.parameters(), *method.critic_parameters()], spec, a)
     z_eval, c_eval = problem.eval_inputs()
 
@@ -159,11 +199,18 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
                              "cpu_seconds": degradation_cpu + train_cpu,
                              "metrics": problem.evaluate(_generate(generator, z_eval, c_eval), c_eval)}
         log.info("%s seed %d it %d: %s", spec.label, seed, it, {k: round(v, 4) for k, v in e["metrics"].items()})
+        if monitor.update(e["metrics"][problem.primary]) and not divergence:
+            divergence.append(f"iteration {it}: {monitor.report}")
+            log.warning("%s seed %d: the generator is diverging (%s at iteration %d)", spec.label, seed,
+                        monitor.report, it)
         if track is not None:
             track(f"{spec.adapter}-{spec.label}-seed{seed}", it, {**e["metrics"], "cpu_seconds": e["cpu_seconds"]})
         return e
 
     train_seconds = train_cpu = 0.0
+    # a primary metric 10x above its best so far (or non-finite), after two evaluations, is reported
+    monitor = DivergenceMonitor(factor=10.0, warmup=2)
+    divergence: list[str] = []
     evals = [evaluate(0)]
     it_range = range(1, spec.iterations + 1)
     if progress:
@@ -187,7 +234,13 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
             "switches": switches, "svd_output_error": svd_output_error, "evals": evals, "final": final,
             "threads": torch.get_num_threads(),
             "seconds_per_iteration": train_seconds / spec.iterations,
-            "cpu_seconds_per_iteration": train_cpu / spec.iterations, "_samples": samples, "_cond": c_eval}
+            "cpu_seconds_per_iteration": train_cpu / spec.iterations, "_samples": samples, "_cond": c_eval,
+            "student_sigmas": list(student_sigmas), "divergence": divergence[0] if divergence else None,
+            "frozen_fraction": freeze_report.fraction, "frozen_params": freeze_report.frozen_params,
+            # per generator iteration: real images the critic consumed, generator samples drawn
+            "images_per_iteration": {"real": spec.batch * method.critic_steps if needs_real else 0,
+                                     "generated": spec.batch * (method.critic_steps + 1)},
+            "_weights": {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}}
 
 
 def _mean_curve(runs: list[dict[str, Any]], key: str, x: str) -> tuple[list[float], list[float]]:
@@ -308,13 +361,16 @@ def _stored_runs(path: Path, problem: str) -> dict[tuple[str, int], dict[str, An
 
 def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command: str = "",
             progress: bool = True, problem: Problem | None = None, cache_dir=None,
-            track: Callable[[str, int, dict[str, float]], None] | None = None, resume: bool = False
+            track: Callable[[str, int, dict[str, float]], None] | None = None, resume: bool = False,
+            save_weights: bool = True
             ) -> dict[str, Any]:
     """Run every spec for every seed on one problem; write results.json, curves and sample PNGs.
 
     ``results.json`` is rewritten after every run (with ``"partial": true`` until the end), so an
     interrupted benchmark loses at most one run. With ``resume``, runs stored there whose label,
-    seed and spec equal the requested ones are reused instead of rerun."""
+    seed and spec equal the requested ones are reused instead of rerun (a stored spec lacking a
+    newer RunSpec field is compared with that field's default). With ``save_weights``, each new
+    run's generator is saved as ``generator-LABEL-seedS.safetensors`` (for ``disback guide``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = {s.problem for s in specs}
@@ -332,12 +388,16 @@ def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command
         want = json.loads(json.dumps(spec.to_json()))
         for seed in seeds:
             old = stored.get((spec.label, seed))
-            if old is not None and old["spec"] == want:
+            # compare with defaults filled in: results stored before a RunSpec field existed still match
+            if old is not None and {**_DEFAULT_SPEC, **old["spec"]} == want:
                 log.info("%s seed %d: reusing the stored run", spec.label, seed)
                 runs.append(old)
                 continue
             r = run_one(problem, spec, seed, progress=progress, track=track)
             samples, cond = r.pop("_samples"), r.pop("_cond")
+            weights = r.pop("_weights")
+            if save_weights:  # for `disback guide`
+                save_tensors(out / weights_name(spec.label, seed), weights)
             if seed == seeds[0]:
                 problem.save_samples(samples, out / f"samples-{spec.label}.png",
                                      f"{spec.label}, seed {seed}, {spec.iterations} it", cond)

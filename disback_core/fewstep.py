@@ -1,0 +1,245 @@
+"""Few-step students: DMD2's multi-step generator and its sampler (Yin et al. 2024, Sec. 4.5).
+
+A K-step student is one network ``D`` run at a fixed, decreasing list of noise levels
+``sigmas[0] > ... > sigmas[K-1]``: ``x0 = D(sigmas[0] z)``, then ``x = x0 + sigmas[1] n``,
+``x0 = D(x, sigmas[1])`` and so on. One step (``K = 1``) is :class:`~disback_core.denoisers.
+OneStepGenerator` exactly.
+
+Training uses DMD2's *backward simulation* (Sec. 4.5): the generator's input at step ``k`` is
+made by the current generator itself, so training and inference see the same inputs (no
+train/test mismatch from noising real images). :class:`MultiStepGenerator` draws ``k`` per call,
+builds ``x_k`` without gradient and returns ``D(x_k, sigmas[k])`` with gradient, so it drops into
+:func:`~disback_core.step.train_step` (and :class:`~disback_core.backtracking.Backtrack`) as the
+``generator`` unchanged.
+
+DMD2's 4-step SDXL student uses the timesteps ``999, 749, 499, 249`` (uniform in ``t``, the last
+one not at 0); :func:`fewstep_sigmas` is the analogue on EDM's Karras ramp and
+:func:`timesteps_to_sigmas` maps a diffusers schedule's timesteps to sigmas.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .denoisers import DiffusersDenoiser, OneStepGenerator, check_sample, trainable_copy
+
+__all__ = [
+    "MultiStepGenerator",
+    "make_fewstep_generator",
+    "sample_fewstep",
+    "fewstep_sigmas",
+    "timesteps_to_sigmas",
+    "check_sigmas",
+    "DMD2_SDXL_TIMESTEPS",
+    "NOISE_MODES",
+]
+
+DMD2_SDXL_TIMESTEPS = (999, 749, 499, 249)
+NOISE_MODES = ("fresh", "deterministic")
+
+
+def check_sigmas(sigmas: Any, name: str = "sigmas") -> tuple[float, ...]:
+    """``sigmas`` as a tuple of floats: non-empty, finite, > 0 and strictly decreasing; else a
+    ``ValueError`` (or ``TypeError``) naming ``name``."""
+    if isinstance(sigmas, Tensor):
+        if sigmas.ndim > 1:
+            raise ValueError(f"{name} must be a 1-d list of noise levels, got shape {tuple(sigmas.shape)}")
+        values = [float(v) for v in sigmas.reshape(-1).tolist()]
+    elif isinstance(sigmas, (int, float)):
+        values = [float(sigmas)]
+    else:
+        try:
+            values = [float(v) for v in sigmas]
+        except TypeError as e:
+            raise TypeError(f"{name} must be a sequence of floats, got {type(sigmas).__name__}") from e
+    if not values:
+        raise ValueError(f"{name} must hold at least one noise level, got an empty list")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{name} must be finite and > 0, got {values}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be strictly decreasing (sigmas[0] the largest), got {values}")
+    return tuple(values)
+
+
+def check_noise_mode(noise: str, name: str = "noise") -> str:
+    if noise not in NOISE_MODES:
+        raise ValueError(f"{name} must be one of {NOISE_MODES}, got {noise!r}")
+    return noise
+
+
+def fewstep_sigmas(steps: int, *, sigma_max: float = 80.0, sigma_min: float = 0.002, rho: float = 7.0) -> tuple[float, ...]:
+    """The bench's K-step schedule: ``steps`` points uniform on the Karras ramp (Karras et al. 2022,
+    Eq. 5), from ``sigma_max`` down, without the end at ``sigma_min``.
+
+    ``sigma_i = (hi + (i / K) (lo - hi))^rho``, ``i = 0..K-1``, ``lo, hi = sigma_{min,max}^(1/rho)``:
+    the ramp analogue of DMD2's SDXL timesteps ``999, 749, 499, 249`` (``t_i = 999 - i * 1000 / K``).
+    ``steps = 1`` gives ``(sigma_max,)``, the one-step generator; for ``K = 4`` and the defaults,
+    ``(80, 17.5, 2.51, 0.170)``.
+    """
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return tuple(float(sigma_max) if i == 0 else (hi + i / steps * (lo - hi)) ** rho for i in range(steps))
+
+
+def timesteps_to_sigmas(denoiser: DiffusersDenoiser, timesteps: Sequence[float] | Tensor) -> tuple[float, ...]:
+    """A diffusers schedule's (decreasing) timesteps as VE sigmas, ``sigma_t = sqrt((1 - abar_t) / abar_t)``,
+    via :meth:`DiffusersDenoiser.t_to_sigma`; e.g. DMD2's SDXL ``(999, 749, 499, 249)``."""
+    if not isinstance(denoiser, DiffusersDenoiser):
+        raise TypeError(f"denoiser must be a DiffusersDenoiser (it holds the schedule), got {type(denoiser).__name__}")
+    t = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
+    if t.numel() == 0:
+        raise ValueError("timesteps must hold at least one timestep, got an empty list")
+    if (t < 0).any() or (t > len(denoiser.log_sigmas) - 1).any():
+        raise ValueError(f"timesteps must lie in [0, {len(denoiser.log_sigmas) - 1}], got {t.tolist()}")
+    return check_sigmas(denoiser.t_to_sigma(t), "timesteps (as sigmas)")
+
+
+def _sigma_batch(sigma: float, x: Tensor) -> Tensor:
+    # a [batch] float32 tensor, exactly as OneStepGenerator passes it (NVlabs' EDMPrecond needs a tensor)
+    return torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float32)
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class MultiStepGenerator(nn.Module):
+    """DMD2's multi-step generator, trained by backward simulation (Yin et al. 2024, Sec. 4.5).
+
+    ``forward(z, cond)`` (the training call): take a step index ``k`` (uniform over ``0..K-1``
+    from ``generator``, or the fixed ``step``), start from ``x = sigmas[0] z``, run the *current*
+    weights through steps ``0..k-1`` under ``torch.no_grad()`` (``x0 = D(x, s_i)``, ``x = x0 +
+    s_{i+1} n`` with fresh noise ``n``, as DMD2 does), and return ``D(x_k, s_k, cond)`` with
+    gradient. Gradients therefore flow only through the last call; the simulated input is
+    detached. With ``K = 1`` this is :class:`~disback_core.denoisers.OneStepGenerator` bit for bit.
+    For inference use :meth:`sample` (all K steps).
+
+    Args:
+        denoiser: the trainable ``D(x_t, sigma, cond)`` (a copy of the teacher).
+        sigmas: the K noise levels, strictly decreasing, e.g. :func:`fewstep_sigmas` or
+            :func:`timesteps_to_sigmas`.
+        generator: a ``torch.Generator`` for the step index and the simulation noise (seed it to
+            reproduce a run); default: torch's global RNG.
+        step: a fixed step index for every call (settable later: ``g.step = 2``); ``None`` draws.
+    """
+
+    def __init__(self, denoiser: nn.Module, sigmas: Sequence[float] | Tensor, *,
+                 generator: torch.Generator | None = None, step: int | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.sigmas = check_sigmas(sigmas, "sigmas")
+        self.generator = generator
+        self.step = step
+        self.last_step: int | None = None  # the step index of the latest call
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def sigma_init(self) -> float:
+        """The first (largest) sigma, as :attr:`OneStepGenerator.sigma_init`."""
+        return self.sigmas[0]
+
+    @property
+    def step(self) -> int | None:
+        return self._step
+
+    @step.setter
+    def step(self, value: int | None) -> None:
+        if value is not None and not (isinstance(value, int) and 0 <= value < len(self.sigmas)):
+            raise ValueError(f"step must be None or an int in [0, {len(self.sigmas) - 1}], got {value!r}")
+        self._step = value
+
+    def draw_step(self) -> int:
+        """The step index of the next training call."""
+        if self._step is not None:
+            return self._step
+        if len(self.sigmas) == 1:
+            return 0  # no draw: K = 1 leaves the RNG untouched, like OneStepGenerator
+        return int(torch.randint(len(self.sigmas), (1,), generator=self.generator))
+
+    @torch.no_grad()
+    def simulate(self, z: Tensor, cond: Any = None, step: int = 0) -> Tensor:
+        """Backward simulation: the (detached) input ``x_step`` the current weights lead to."""
+        x = self.sigmas[0] * z
+        for i in range(step):
+            x0 = self.denoiser(x, _sigma_batch(self.sigmas[i], x), cond)
+            x = x0 + self.sigmas[i + 1] * _randn_like(x0, self.generator)
+        return x
+
+    def forward(self, z: Tensor, cond: Any = None) -> Tensor:
+        check_sample(z, "z")
+        k = self.draw_step()
+        self.last_step = k
+        x = self.simulate(z, cond, k) if k > 0 else self.sigmas[0] * z
+        return self.denoiser(x, _sigma_batch(self.sigmas[k], x), cond)
+
+    def sample(self, z: Tensor, cond: Any = None, *, noise: str = "fresh",
+               generator: torch.Generator | None = None) -> Tensor:
+        """All K steps (:func:`sample_fewstep` with this generator's sigmas)."""
+        return sample_fewstep(self, z, cond, noise=noise, generator=generator)
+
+
+def make_fewstep_generator(teacher: nn.Module, sigmas: Sequence[float] | Tensor, *,
+                           generator: torch.Generator | None = None) -> MultiStepGenerator:
+    """A trainable :class:`MultiStepGenerator` from a deep copy of ``teacher`` (which is untouched)."""
+    return MultiStepGenerator(trainable_copy(teacher), sigmas, generator=generator)
+
+
+def unwrap_student(student: Any, sigmas: Any) -> tuple[Any, tuple[float, ...]]:
+    """The denoiser and sigmas of a student: a :class:`MultiStepGenerator` or
+    :class:`~disback_core.denoisers.OneStepGenerator` (their own sigmas unless ``sigmas`` is
+    given), or a plain denoiser with ``sigmas``."""
+    if isinstance(student, MultiStepGenerator):
+        return student.denoiser, student.sigmas if sigmas is None else check_sigmas(sigmas, "sigmas")
+    if isinstance(student, OneStepGenerator):
+        return student.denoiser, (student.sigma_init,) if sigmas is None else check_sigmas(sigmas, "sigmas")
+    if not callable(student):
+        raise TypeError(f"student must be a generator or a denoiser D(x_t, sigma, cond), got {type(student).__name__}")
+    if sigmas is None:
+        raise ValueError("sigmas is required when the student is a plain denoiser (not a MultiStepGenerator)")
+    return student, check_sigmas(sigmas, "sigmas")
+
+
+@torch.no_grad()
+def sample_fewstep(student: Any, z: Tensor, cond: Any = None, *, sigmas: Sequence[float] | Tensor | None = None,
+                   noise: str = "fresh", generator: torch.Generator | None = None,
+                   stats: dict[str, int] | None = None) -> Tensor:
+    """Run a K-step student: ``x = sigmas[0] z``; for each step ``x0 = D(x, s_i)``; then
+    ``x = x0 + s_{i+1} n`` with fresh noise (``noise="fresh"``, DMD2's sampler, Sec. 4.5) or the
+    deterministic DDIM-style update ``x = x0 + s_{i+1} (x - x0) / s_i`` (``"deterministic"``).
+    Returns the last ``x0``.
+
+    Args:
+        student: a :class:`MultiStepGenerator`, a ``OneStepGenerator`` or a denoiser.
+        sigmas: the student's noise levels (default: the generator's own).
+        generator: a ``torch.Generator`` for the fresh noise (default: the global RNG).
+        stats: a dict to which ``"student_evals"`` (network calls) is added.
+    """
+    check_sample(z, "z")
+    check_noise_mode(noise)
+    denoiser, sig = unwrap_student(student, sigmas)
+    x = sig[0] * z
+    x0 = x
+    for i, s in enumerate(sig):
+        x0 = denoiser(x, _sigma_batch(s, x), cond)
+        if i + 1 < len(sig):
+            x = _next_input(x, x0, s, sig[i + 1], noise, generator)
+    if stats is not None:
+        stats["student_evals"] = stats.get("student_evals", 0) + len(sig)
+    return x0
+
+
+def _next_input(x: Tensor, x0: Tensor, s: float, s_next: float, noise: str,
+                generator: torch.Generator | None, n: Tensor | None = None) -> Tensor:
+    if noise == "deterministic":
+        return x0 + s_next * ((x - x0) / s)
+    return x0 + s_next * (_randn_like(x0, generator) if n is None else n)
