@@ -24,6 +24,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check disback_core adapters
+	$(BIN)/ruff format --check disback_core adapters
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 

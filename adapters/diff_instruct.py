@@ -10,6 +10,7 @@ evaluated without gradient. The fake score is trained by EDM DSM (log-normal sig
 summed over pixels, averaged over the batch), one critic update per generator update.
 Paper optimiser: Adam, betas (0, 0.999), lr 1e-5 for both networks.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,8 +30,13 @@ __all__ = ["DiffInstruct"]
 class DiffInstruct(DSMFakeScore):
     """Diff-Instruct's IKL generator loss and EDM DSM critic; implements ``ScoreDistiller``."""
 
-    def __init__(self, sigma_sampler: SigmaSampler | None = None, sigma_data: float = 0.5,
-                 fake_sigma_sampler: SigmaSampler | None = None, critic_steps: int = 1):
+    def __init__(
+        self,
+        sigma_sampler: SigmaSampler | None = None,
+        sigma_data: float = 0.5,
+        fake_sigma_sampler: SigmaSampler | None = None,
+        critic_steps: int = 1,
+    ):
         self.sigma_sampler = sigma_sampler or LogNormalSigma()
         self.dsm = DSMLoss(fake_sigma_sampler or LogNormalSigma(), sigma_data, reduction="sum")
         self.critic_steps = int(check_number("critic_steps", critic_steps, low=1, integer=True))

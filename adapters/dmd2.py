@@ -13,6 +13,7 @@ softplus(-D(real)))`` on diffusion-GAN-noised inputs (weight 1e-2). The generato
 ``gan_generator_weight * softplus(-D(G(z)))`` (3e-3 on ImageNet). Two-time-scale rule: five
 critic updates per generator update. Paper optimiser: AdamW (0.9, 0.999), wd 0.01, grad clip 10.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -46,10 +47,16 @@ class DMD2(DSMFakeScore):
             ``None`` for DMD2 without GAN. With a head, :meth:`fake_score_loss` needs ``real``.
     """
 
-    def __init__(self, sigma_sampler: SigmaSampler | None = None, sigma_data: float = 0.5,
-                 fake_sigma_sampler: SigmaSampler | None = None, gan_head: GANHead | None = None,
-                 gan_generator_weight: float = 3e-3, gan_critic_weight: float = 1e-2,
-                 critic_steps: int = 5):
+    def __init__(
+        self,
+        sigma_sampler: SigmaSampler | None = None,
+        sigma_data: float = 0.5,
+        fake_sigma_sampler: SigmaSampler | None = None,
+        gan_head: GANHead | None = None,
+        gan_generator_weight: float = 3e-3,
+        gan_critic_weight: float = 1e-2,
+        critic_steps: int = 5,
+    ):
         self.sigma_sampler = sigma_sampler or KarrasIndexSigma(index_min=20, index_max=980)
         self.dsm = DSMLoss(fake_sigma_sampler or KarrasIndexSigma(), sigma_data, reduction="mean")
         self.gan_head = gan_head
@@ -82,15 +89,17 @@ class DMD2(DSMFakeScore):
             out["gan"] = g.detach()
         return out
 
-    def fake_score_loss(self, x: Tensor, fake: Any, cond: Any = None,
-                        real: Tensor | None = None, real_cond: Any = None) -> LossDict:
+    def fake_score_loss(
+        self, x: Tensor, fake: Any, cond: Any = None, real: Tensor | None = None, real_cond: Any = None
+    ) -> LossDict:
         out = super().fake_score_loss(x, fake, cond)
         if self.gan_head is not None:
             if real is None:
                 raise ValueError("DMD2 with a GAN head needs real data: pass real= (and real_cond= if conditional)")
             check_sample(real, "real")
-            d = gan_discriminator_loss(self.gan_head.logits(fake, real, real_cond),
-                                       self.gan_head.logits(fake, x.detach(), cond))
+            d = gan_discriminator_loss(
+                self.gan_head.logits(fake, real, real_cond), self.gan_head.logits(fake, x.detach(), cond)
+            )
             out["loss"] = out["loss"] + self.gan_critic_weight * d
             out["gan"] = d.detach()
         return out

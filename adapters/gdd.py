@@ -43,6 +43,7 @@ DisBack does not apply: it replaces the *target* score with recorded degraded no
 no target and no DSM (:meth:`GDD.dsm_loss` raises, so Degradation Recording fails clearly, and
 :meth:`GDD.generator_loss` rejects a trajectory target).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -73,8 +74,7 @@ class GDD:
 
     needs_real = True  # the runner draws real data for every batch
 
-    def __init__(self, *, gamma: float = 1e-4, r1_interval: int = 16, sigma_data: float = 0.5,
-                 critic_steps: int = 1):
+    def __init__(self, *, gamma: float = 1e-4, r1_interval: int = 16, sigma_data: float = 0.5, critic_steps: int = 1):
         if gamma < 0 or r1_interval < 0:
             raise ValueError(f"gamma and r1_interval must be >= 0, got {gamma} and {r1_interval}")
         self.gamma = float(gamma) * (float(sigma_data) / 0.5) ** 2
@@ -87,7 +87,11 @@ class GDD:
         """The default discriminator (:func:`~disback_core.discriminators.default_discriminator`) for
         samples like ``example_x``; integer ``example_cond`` labels make it a projection discriminator
         over ``max(label) + 1`` classes (pass every label that can occur, e.g. the evaluation labels)."""
-        n = int(example_cond.max()) + 1 if isinstance(example_cond, Tensor) and not example_cond.is_floating_point() else 0
+        n = (
+            int(example_cond.max()) + 1
+            if isinstance(example_cond, Tensor) and not example_cond.is_floating_point()
+            else 0
+        )
         return default_discriminator(example_x, num_classes=n, width=width)
 
     def r1_due(self, step: int | None = None) -> bool:
@@ -105,12 +109,15 @@ class GDD:
         loss = gan_generator_loss(logits)
         return {"loss": loss, "gan": loss.detach(), "logit_fake": logits.detach().mean()}
 
-    def fake_score_loss(self, x: Tensor, fake: Any, cond: Any = None,
-                        real: Tensor | None = None, real_cond: Any = None) -> LossDict:
+    def fake_score_loss(
+        self, x: Tensor, fake: Any, cond: Any = None, real: Tensor | None = None, real_cond: Any = None
+    ) -> LossDict:
         """D loss on detached ``x`` vs ``real``, plus the lazy R1 on ``real`` when due; one call = one D step."""
         if real is None:
-            raise ValueError("GDD's discriminator loss needs real data: pass real= (and real_cond= if conditional); "
-                             "with train_step, next_batch() must return Batch(z, cond, real=..., real_cond=...)")
+            raise ValueError(
+                "GDD's discriminator loss needs real data: pass real= (and real_cond= if conditional); "
+                "with train_step, next_batch() must return Batch(z, cond, real=..., real_cond=...)"
+            )
         check_sample(real, "real")
         self.d_steps += 1
         r1_now = self.r1_due(self.d_steps)
@@ -119,8 +126,12 @@ class GDD:
         logits_fake = fake(x.detach(), cond)
         check_finite("GDD discriminator loss", real_logits=logits_real, fake_logits=logits_fake)
         d = gan_discriminator_loss(logits_real, logits_fake)
-        out = {"loss": d, "gan": d.detach(), "logit_real": logits_real.detach().mean(),
-               "logit_fake": logits_fake.detach().mean()}
+        out = {
+            "loss": d,
+            "gan": d.detach(),
+            "logit_real": logits_real.detach().mean(),
+            "logit_fake": logits_fake.detach().mean(),
+        }
         if r1_now:
             r1 = r1_penalty(logits_real, real_in)
             out["loss"] = d + self.r1_interval * self.gamma / 2 * r1
@@ -128,8 +139,10 @@ class GDD:
         return out
 
     def dsm_loss(self, x: Tensor, fake: Any, cond: Any = None) -> Tensor:
-        raise NotImplementedError("GDD trains no score model: it has no DSM loss, so DisBack's Degradation "
-                                  "Recording (and Backtrack) do not apply to it")
+        raise NotImplementedError(
+            "GDD trains no score model: it has no DSM loss, so DisBack's Degradation "
+            "Recording (and Backtrack) do not apply to it"
+        )
 
     def critic_parameters(self) -> list[nn.Parameter]:
         return []  # the discriminator is the fake-score role: its optimizer holds its parameters
@@ -143,4 +156,3 @@ class GDD:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.d_steps = int(d["d_steps"])
-

@@ -11,6 +11,7 @@ with ``alpha = 1.2`` and ``scale = 100`` (the reference's generator loss scaling
 negative. Critic: EDM DSM, log-normal sigma, summed over pixels, averaged over the batch; one
 critic update per generator update. Paper optimiser: Adam (0, 0.999), lr 1e-5; sigma_init 2.5.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,10 +31,17 @@ __all__ = ["SiD"]
 class SiD(DSMFakeScore):
     """SiD's generator loss and EDM DSM critic; implements ``ScoreDistiller``."""
 
-    def __init__(self, alpha: float = 1.2, sigma_sampler: SigmaSampler | None = None,
-                 sigma_data: float = 0.5, fake_sigma_sampler: SigmaSampler | None = None,
-                 generator_loss_scale: float = 100.0, fake_loss_scale: float = 1.0,
-                 normaliser_min: float = 1e-5, critic_steps: int = 1):
+    def __init__(
+        self,
+        alpha: float = 1.2,
+        sigma_sampler: SigmaSampler | None = None,
+        sigma_data: float = 0.5,
+        fake_sigma_sampler: SigmaSampler | None = None,
+        generator_loss_scale: float = 100.0,
+        fake_loss_scale: float = 1.0,
+        normaliser_min: float = 1e-5,
+        critic_steps: int = 1,
+    ):
         self.alpha = check_number("alpha", alpha)
         self.sigma_sampler = sigma_sampler or KarrasContinuousSigma(u_max=0.8)
         self.dsm = DSMLoss(fake_sigma_sampler or LogNormalSigma(), sigma_data, reduction="sum")

@@ -1,4 +1,5 @@
 """Closed-form denoisers: exact teachers for tests and reference lines in benchmarks."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,7 +32,11 @@ class GaussianMixtureDenoiser(nn.Module):
             raise ValueError(f"means must have shape [components, dim], got {tuple(means.shape)}")
         k = means.shape[0]
         stds = torch.as_tensor(stds, dtype=torch.float64).expand(k).clone()
-        weights = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        weights = (
+            torch.full((k,), 1.0 / k, dtype=torch.float64)
+            if weights is None
+            else torch.as_tensor(weights, dtype=torch.float64)
+        )
         if (stds < 0).any() or (weights <= 0).any() or weights.shape != (k,):
             raise ValueError("stds must be >= 0 and weights > 0 with one value per component")
         self.register_buffer("means", means)

@@ -18,6 +18,7 @@ None of them takes a target argument, so :func:`attach` changes the module they 
 - ``requires_grad`` and train/eval mode of the user's modules are never changed nor relied on;
 - :meth:`Attachment.detach` restores the module exactly.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -58,9 +59,11 @@ def _prefix(module: nn.Module, trajectory: Trajectory) -> str:
         if {k: v.shape for k, v in sub.state_dict().items()} == shapes:
             return f"{name}." if name else ""
     first = trajectory.layers()[0]
-    raise ValueError(f"module ({type(module).__name__}) does not have the structure of the trajectory's teacher "
-                     f"({type(teacher).__name__}) or of any of its submodules: e.g. the trajectory sets {first!r}; "
-                     "pass the module the trajectory was recorded on, or prefix=")
+    raise ValueError(
+        f"module ({type(module).__name__}) does not have the structure of the trajectory's teacher "
+        f"({type(teacher).__name__}) or of any of its submodules: e.g. the trajectory sets {first!r}; "
+        "pass the module the trajectory was recorded on, or prefix="
+    )
 
 
 class Attachment:
@@ -70,10 +73,19 @@ class Attachment:
     ``switches`` (``(generator step, node)`` pairs), ``cursor`` (schedule state).
     """
 
-    def __init__(self, module: nn.Module, trajectory: Trajectory, schedule: Any = None, *,
-                 fake: nn.Module | None = None, start: int | None = None, prefix: str | None = None,
-                 call: Callable[..., Tensor] = call_module, check_weights: bool = True,
-                 originals_device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        module: nn.Module,
+        trajectory: Trajectory,
+        schedule: Any = None,
+        *,
+        fake: nn.Module | None = None,
+        start: int | None = None,
+        prefix: str | None = None,
+        call: Callable[..., Tensor] = call_module,
+        check_weights: bool = True,
+        originals_device: str | torch.device = "cpu",
+    ):
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"trajectory must be a Trajectory, got {type(trajectory).__name__}")
         if not isinstance(module, nn.Module):
@@ -84,10 +96,12 @@ class Attachment:
         live = _state(module)
         self._dst: dict[str, Tensor] = {}
         for name in trajectory.layers():
-            local = name[len(self.prefix):] if name.startswith(self.prefix) else None
+            local = name[len(self.prefix) :] if name.startswith(self.prefix) else None
             if local is None or local not in live:
-                raise ValueError(f"module ({type(module).__name__}) has no tensor {local or name!r} that the "
-                                 f"trajectory sets (as {name!r}); it does not fit this trajectory")
+                raise ValueError(
+                    f"module ({type(module).__name__}) has no tensor {local or name!r} that the "
+                    f"trajectory sets (as {name!r}); it does not fit this trajectory"
+                )
             t = live[local]
             if not t.is_floating_point():
                 raise TypeError(f"module tensor {local!r} has dtype {t.dtype}: a node's weights cannot be cast to it")
@@ -95,13 +109,17 @@ class Attachment:
         base = trajectory.base_tensors()
         for name, t in self._dst.items():
             if t.shape != base[name].shape:
-                raise ValueError(f"module tensor {name[len(self.prefix):]!r} has shape {tuple(t.shape)}, "
-                                 f"the trajectory's teacher has {tuple(base[name].shape)}")
+                raise ValueError(
+                    f"module tensor {name[len(self.prefix) :]!r} has shape {tuple(t.shape)}, "
+                    f"the trajectory's teacher has {tuple(base[name].shape)}"
+                )
         ids = {id(t) for t in self._dst.values()}
         for other in list(_LIVE):
             if ids & {id(t) for t in other._dst.values()}:
-                raise RuntimeError(f"{type(module).__name__} is already attached to a trajectory (at node "
-                                   f"{other.node}); call detach() on that attachment first")
+                raise RuntimeError(
+                    f"{type(module).__name__} is already attached to a trajectory (at node "
+                    f"{other.node}); call detach() on that attachment first"
+                )
         if check_weights:
             self._check_weights(live, base)
         self.originals = {n: t.detach().to(originals_device, copy=True) for n, t in self._dst.items()}
@@ -123,16 +141,20 @@ class Attachment:
         hold the same weights (compared in the module's dtype, so a bf16 copy of an fp32 teacher fits)."""
         traj = self.trajectory
         if tensors_fingerprint(base) != traj.base_fingerprint:
-            raise ValueError("the trajectory's teacher changed since the trajectory was recorded or loaded "
-                             "(fingerprint); a node would be applied to the wrong weights")
-        if all(id(live[n[len(self.prefix):]]) == id(base[n]) for n in self._dst):
+            raise ValueError(
+                "the trajectory's teacher changed since the trajectory was recorded or loaded "
+                "(fingerprint); a node would be applied to the wrong weights"
+            )
+        if all(id(live[n[len(self.prefix) :]]) == id(base[n]) for n in self._dst):
             return  # the module is (part of) the trajectory's teacher
         mine = {self.prefix + k: v for k, v in live.items()}
         theirs = {k: base[k] for k in mine if k in base}
         dtype = lowest_float_dtype(mine)
         if set(mine) != set(theirs) or tensors_fingerprint(mine, dtype) != tensors_fingerprint(theirs, dtype):
-            raise ValueError(f"module ({type(self.module).__name__}) does not hold the weights of the trajectory's "
-                             "teacher (fingerprint): its weights changed since recording, or it is another model")
+            raise ValueError(
+                f"module ({type(self.module).__name__}) does not hold the weights of the trajectory's "
+                "teacher (fingerprint): its weights changed since recording, or it is another model"
+            )
 
     # ------------------------------------------------------------------ moving along the path
 
@@ -178,8 +200,9 @@ class Attachment:
         # A module inside the trajectory's teacher (the UNet of a DiffusersDenoiser) is probed
         # through that teacher, which records the probe in its own convention.
         inside = any(m is self.module for m in self.trajectory.teacher.modules())
-        return probe_error(self.trajectory.teacher if inside else self.module, self.trajectory.probe, self.node,
-                           self.call)
+        return probe_error(
+            self.trajectory.teacher if inside else self.module, self.trajectory.probe, self.node, self.call
+        )
 
     def detach(self) -> None:
         """Restore the module's original weights exactly and release it (a second call does nothing)."""
@@ -209,9 +232,18 @@ class Attachment:
         self._write(self.cursor.node)
 
 
-def attach(module: nn.Module, trajectory: Trajectory, schedule: Any = None, *, fake: nn.Module | None = None,
-           start: int | None = None, prefix: str | None = None, call: Callable[..., Tensor] = call_module,
-           check_weights: bool = True, originals_device: str | torch.device = "cpu") -> Attachment:
+def attach(
+    module: nn.Module,
+    trajectory: Trajectory,
+    schedule: Any = None,
+    *,
+    fake: nn.Module | None = None,
+    start: int | None = None,
+    prefix: str | None = None,
+    call: Callable[..., Tensor] = call_module,
+    check_weights: bool = True,
+    originals_device: str | torch.device = "cpu",
+) -> Attachment:
     """Attach ``trajectory`` to ``module`` (the teacher your loop calls) in place, at node ``start``.
 
     Args:
@@ -228,5 +260,14 @@ def attach(module: nn.Module, trajectory: Trajectory, schedule: Any = None, *, f
         check_weights: refuse a module whose weights are not the trajectory's teacher's.
         originals_device: where the copy of the original weights is kept (CPU by default).
     """
-    return Attachment(module, trajectory, schedule, fake=fake, start=start, prefix=prefix, call=call,
-                      check_weights=check_weights, originals_device=originals_device)
+    return Attachment(
+        module,
+        trajectory,
+        schedule,
+        fake=fake,
+        start=start,
+        prefix=prefix,
+        call=call,
+        check_weights=check_weights,
+        originals_device=originals_device,
+    )

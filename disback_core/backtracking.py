@@ -8,6 +8,7 @@ teacher whenever the schedule (:mod:`disback_core.schedules`) says so; the last 
 teacher, kept to the end. For a loop whose losses call its own teacher module directly, use
 :func:`disback_core.attach.attach` instead.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -41,13 +42,22 @@ class Backtrack:
         start: the first target node (default N-1; ``0`` gives the fake-score warm start alone).
     """
 
-    def __init__(self, method: ScoreDistiller, trajectory: Trajectory, schedule: Any, *,
-                 guidance: Callable[[nn.Module], nn.Module] | None = None, start: int | None = None,
-                 stat_key: str = "score_gap"):
+    def __init__(
+        self,
+        method: ScoreDistiller,
+        trajectory: Trajectory,
+        schedule: Any,
+        *,
+        guidance: Callable[[nn.Module], nn.Module] | None = None,
+        start: int | None = None,
+        stat_key: str = "score_gap",
+    ):
         missing = [m for m in _METHOD if not callable(getattr(method, m, None))]
         if missing:
-            raise TypeError(f"method must be a ScoreDistiller (DMD2, DiffInstruct, SiD, ...); {type(method).__name__} "
-                            f"lacks {missing}. For a loop with its own loss code use disback_core.attach(...)")
+            raise TypeError(
+                f"method must be a ScoreDistiller (DMD2, DiffInstruct, SiD, ...); {type(method).__name__} "
+                f"lacks {missing}. For a loop with its own loss code use disback_core.attach(...)"
+            )
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"trajectory must be a Trajectory, got {type(trajectory).__name__}")
         check_denoiser(trajectory.teacher, "trajectory.teacher")
@@ -95,15 +105,18 @@ class Backtrack:
     # ---------------------------------------------------------------- ScoreDistiller
     def generator_loss(self, x: Tensor, target: Any, fake: Any, cond: Any = None) -> LossDict:
         if target is not None and target is not self.target:
-            raise ValueError("Backtrack supplies the target itself: pass backtrack.target (or None) as target, "
-                             "not the teacher; otherwise the trajectory would be silently ignored")
+            raise ValueError(
+                "Backtrack supplies the target itself: pass backtrack.target (or None) as target, "
+                "not the teacher; otherwise the trajectory would be silently ignored"
+            )
         out = self.method.generator_loss(x, self.target, fake, cond)
         if self.stat_key in out:
             self.cursor.stat = float(out[self.stat_key].detach())
         return out
 
-    def fake_score_loss(self, x: Tensor, fake: Any, cond: Any = None, real: Tensor | None = None,
-                        real_cond: Any = None) -> LossDict:
+    def fake_score_loss(
+        self, x: Tensor, fake: Any, cond: Any = None, real: Tensor | None = None, real_cond: Any = None
+    ) -> LossDict:
         return self.method.fake_score_loss(x, fake, cond, real=real, real_cond=real_cond)
 
     def dsm_loss(self, x: Tensor, fake: Any, cond: Any = None) -> Tensor:

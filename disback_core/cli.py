@@ -11,6 +11,7 @@
 - ``disback guide``: the trained students of bench folders with and without Distillation++
   teacher guidance, the metric against network evaluations (:mod:`disback_core.bench.guide`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,19 +46,33 @@ PROBLEM_DEFAULTS: dict[str, _ProblemDefaults] = {
     "digits-text": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
 }
 DISBACK_FIELDS: dict[str, Callable[[str], Any]] = {
-    "nodes": int, "degradation_steps": int, "node_mode": str, "rank": int, "schedule": str,
-    "share": float, "adaptive_ratio": float, "merge": lambda v: v.lower() in ("1", "true", "yes")}
+    "nodes": int,
+    "degradation_steps": int,
+    "node_mode": str,
+    "rank": int,
+    "schedule": str,
+    "share": float,
+    "adaptive_ratio": float,
+    "merge": lambda v: v.lower() in ("1", "true", "yes"),
+}
 
 
 def _base_spec(args: argparse.Namespace, adapter: str):
     from .bench.runner import RunSpec
 
     d = PROBLEM_DEFAULTS[args.problem]
-    return RunSpec(label="base", problem=args.problem, adapter=adapter,
-                   iterations=args.iterations or d["iterations"], batch=args.batch or d["batch"],
-                   lr=args.lr or d["lr"], eval_every=args.eval_every or d["eval_every"],
-                   degradation_steps=args.degradation_steps or d["degradation_steps"], freeze=args.freeze,
-                   cfg_scale=args.cfg_scale)
+    return RunSpec(
+        label="base",
+        problem=args.problem,
+        adapter=adapter,
+        iterations=args.iterations or d["iterations"],
+        batch=args.batch or d["batch"],
+        lr=args.lr or d["lr"],
+        eval_every=args.eval_every or d["eval_every"],
+        degradation_steps=args.degradation_steps or d["degradation_steps"],
+        freeze=args.freeze,
+        cfg_scale=args.cfg_scale,
+    )
 
 
 def parse_variant(base, text: str):
@@ -69,13 +84,14 @@ def parse_variant(base, text: str):
     if not text.startswith("disback:"):
         raise ValueError(f"variant {text!r}: expected 'base', 'disback' or 'disback:key=value,...'")
     changes = {}
-    for item in text[len("disback:"):].split(","):
+    for item in text[len("disback:") :].split(","):
         key, _, value = item.partition("=")
         if key not in DISBACK_FIELDS or not value:
             raise ValueError(f"variant {text!r}: unknown or empty setting {key!r}; known: {sorted(DISBACK_FIELDS)}")
         changes[key] = DISBACK_FIELDS[key](value)
-    return dataclasses.replace(base, label=text.replace("disback:", "disback-").replace(",", "-").replace("=", ""),
-                               disback=True, **changes)
+    return dataclasses.replace(
+        base, label=text.replace("disback:", "disback-").replace(",", "-").replace("=", ""), disback=True, **changes
+    )
 
 
 def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
@@ -105,11 +121,23 @@ def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
         base = _base_spec(args, adapter)
         specs = [parse_variant(base, v) for v in variants]
         # K-step students (DMD2 Sec. 4.5): one spec per K; K = 1 keeps its label, so old results still --resume
-        specs = [dataclasses.replace(s, student_steps=k, label=s.label if k == 1 else f"{s.label}-{k}step")
-                 for k in args.student_steps for s in specs]
+        specs = [
+            dataclasses.replace(s, student_steps=k, label=s.label if k == 1 else f"{s.label}-{k}step")
+            for k in args.student_steps
+            for s in specs
+        ]
         folder = out / adapter if len(args.adapter) > 1 else out
-        res = compare(specs, args.seeds, folder, command=command, progress=not args.no_progress, problem=problem,
-                      track=track, resume=args.resume, save_weights=args.save_weights)
+        res = compare(
+            specs,
+            args.seeds,
+            folder,
+            command=command,
+            progress=not args.no_progress,
+            problem=problem,
+            track=track,
+            resume=args.resume,
+            save_weights=args.save_weights,
+        )
         write_report(res, folder / "report.md", f"{title}: {args.problem}, {adapter}")
         results[adapter] = res
         print(f"\n{args.problem} / {adapter} ({len(args.seeds)} seeds, {base.iterations} generator iterations)")
@@ -150,35 +178,69 @@ def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-samples", type=int, help="samples per evaluation (default: toy2d 4000, digits 2000)")
     p.add_argument("--degradation-steps", type=int)
-    p.add_argument("--cfg-scale", type=float, default=0.0,
-                   help="teacher classifier-free guidance scale for conditional problems (0: none); every node "
-                        "of the path is guided alike")
-    p.add_argument("--student-steps", type=int, nargs="+", default=[1], metavar="K",
-                   help="train K-step students (DMD2's multi-step generator; sigmas: K points uniform on the "
-                        "Karras ramp from sigma_init, see disback_core.fewstep.fewstep_sigmas); several K: "
-                        "one run per K, labelled VARIANT-Kstep (default 1, the one-step generator)")
-    p.add_argument("--freeze", choices=["none", "gddi"], default="none",
-                   help="freeze part of the generator before training: gddi = GDD-I's rule (3x3 convs and attention "
-                        "output projections of every UNet block, disback_core.freezing); any adapter")
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=0.0,
+        help="teacher classifier-free guidance scale for conditional problems (0: none); every node "
+        "of the path is guided alike",
+    )
+    p.add_argument(
+        "--student-steps",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="K",
+        help="train K-step students (DMD2's multi-step generator; sigmas: K points uniform on the "
+        "Karras ramp from sigma_init, see disback_core.fewstep.fewstep_sigmas); several K: "
+        "one run per K, labelled VARIANT-Kstep (default 1, the one-step generator)",
+    )
+    p.add_argument(
+        "--freeze",
+        choices=["none", "gddi"],
+        default="none",
+        help="freeze part of the generator before training: gddi = GDD-I's rule (3x3 convs and attention "
+        "output projections of every UNet block, disback_core.freezing); any adapter",
+    )
     p.add_argument("--cache-dir", help="teacher cache (default $DISBACK_CACHE or ~/.cache/disback)")
-    p.add_argument("--teacher-steps", type=int, help="teacher training steps (default per problem; a quick check "
-                   "may use fewer, the cache keys on it)")
+    p.add_argument(
+        "--teacher-steps",
+        type=int,
+        help="teacher training steps (default per problem; a quick check may use fewer, the cache keys on it)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--tracker", choices=["none", "tensorboard", "wandb"], default="none",
-                   help="also send curves to TensorBoard or wandb (must be installed; never required)")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the runs of an earlier (complete or interrupted) results.json in --out whose "
-                        "label, seed and settings match; run only the rest")
-    p.add_argument("--save-weights", action=argparse.BooleanOptionalAction, default=True,
-                   help="save each run's trained generator as generator-LABEL-seedS.safetensors in --out "
-                        "(what `disback guide` evaluates)")
-    p.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True,
-                   help="store the command line in results.json")
+    p.add_argument(
+        "--tracker",
+        choices=["none", "tensorboard", "wandb"],
+        default="none",
+        help="also send curves to TensorBoard or wandb (must be installed; never required)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs of an earlier (complete or interrupted) results.json in --out whose "
+        "label, seed and settings match; run only the rest",
+    )
+    p.add_argument(
+        "--save-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="save each run's trained generator as generator-LABEL-seedS.safetensors in --out "
+        "(what `disback guide` evaluates)",
+    )
+    p.add_argument(
+        "--record-command",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store the command line in results.json",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="disback", description="Distribution Backtracking for one-step diffusion distillation")
+    parser = argparse.ArgumentParser(
+        prog="disback", description="Distribution Backtracking for one-step diffusion distillation"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="the main job: base method vs DisBack on a built-in problem")
@@ -188,21 +250,32 @@ def main(argv: list[str] | None = None) -> int:
     _common(b, ["dmd2"])
     b.add_argument("--variants", nargs="+", default=["base", "disback"])
     b.add_argument("--out", required=True)
-    gd = sub.add_parser("guide", help="evaluate the trained students of bench results with and without "
-                        "Distillation++ teacher guidance: metric vs network evaluations")
+    gd = sub.add_parser(
+        "guide",
+        help="evaluate the trained students of bench results with and without "
+        "Distillation++ teacher guidance: metric vs network evaluations",
+    )
     gd.add_argument("results", nargs="+", help="bench output folders (results.json + generator-*.safetensors)")
     gd.add_argument("--guided-steps", type=int, nargs="+", default=[1, 2])
     gd.add_argument("--lams", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    gd.add_argument("--final-sigmas", nargs="+", default=["default"], metavar="SIGMA",
-                    help="teacher noise levels when the last student step is guided; 'default': the Karras-ramp "
-                         "midpoint below the last student sigma (disback_core.guidance.default_final_sigma)")
+    gd.add_argument(
+        "--final-sigmas",
+        nargs="+",
+        default=["default"],
+        metavar="SIGMA",
+        help="teacher noise levels when the last student step is guided; 'default': the Karras-ramp "
+        "midpoint below the last student sigma (disback_core.guidance.default_final_sigma)",
+    )
     gd.add_argument("--cache-dir")
     gd.add_argument("--threads", type=int)
     r = sub.add_parser("report", help="recompute summary, curves and report.md from a results.json")
     r.add_argument("results", nargs="+", help="results.json files")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if args.command in ("demo", "bench") and args.cfg_scale:
         from .bench.problems import CONDITIONAL
 
@@ -214,8 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.guide import guide_main
 
         finals = [None if v == "default" else float(v) for v in args.final_sigmas]
-        return guide_main(args.results, guided_steps=args.guided_steps, lams=args.lams, cache_dir=args.cache_dir,
-                          threads=args.threads, final_sigmas=finals)
+        return guide_main(
+            args.results,
+            guided_steps=args.guided_steps,
+            lams=args.lams,
+            cache_dir=args.cache_dir,
+            threads=args.threads,
+            final_sigmas=finals,
+        )
     if args.command == "report":
         return _report(args.results)
     try:
@@ -223,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         base = _base_spec(args, args.adapter[0])
         for v in variants:
             if "gdd" in args.adapter and parse_variant(base, v).disback:
-                raise ValueError(f"variant {v!r}: DisBack does not apply to --adapter gdd (no target score, no DSM); "
-                                 "use --variants base")
+                raise ValueError(
+                    f"variant {v!r}: DisBack does not apply to --adapter gdd (no target score, no DSM); "
+                    "use --variants base"
+                )
     except ValueError as e:
         parser.error(str(e))
     return _run(args, variants, "disback bench")

@@ -12,6 +12,7 @@ parametrisations to it without copying the models:
 - :class:`OneStepGenerator`: ``G(z) = D(sigma_init * z, sigma_init)``, a one-step generator made
   from a copy of the teacher.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,9 +69,7 @@ def check_sample(x: Any, name: str = "x") -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.ndim < 2:
-        raise ValueError(
-            f"{name} must have shape [batch, ...] with at least 2 dimensions, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} must have shape [batch, ...] with at least 2 dimensions, got shape {tuple(x.shape)}")
     return x
 
 
@@ -95,8 +94,7 @@ def as_sigma(sigma: Any, x: Tensor, name: str = "sigma") -> Tensor:
         # Accept [B, 1, 1, ...] as produced by EDM-style code.
         if s.shape[0] != batch or any(d != 1 for d in s.shape[1:]):
             raise ValueError(
-                f"{name} must be a scalar or have shape [{batch}] (or [{batch}, 1, ...]), "
-                f"got shape {tuple(s.shape)}"
+                f"{name} must be a scalar or have shape [{batch}] (or [{batch}, 1, ...]), got shape {tuple(s.shape)}"
             )
         s = s.reshape(batch)
     elif s.shape[0] != batch:
@@ -166,7 +164,7 @@ def unflatten_cond(tensors: Mapping[str, Tensor], prefix: str = "cond") -> Any:
     out: dict[str, Any] = {}
     for key in sorted(k for k in tensors if k.startswith(prefix + ".")):
         node = out
-        *path, leaf = key[len(prefix) + 1:].split(".")
+        *path, leaf = key[len(prefix) + 1 :].split(".")
         for p in path:
             node = node.setdefault(p, {})
         node[leaf] = tensors[key]
@@ -296,9 +294,7 @@ class DiffusersDenoiser(nn.Module):
         if prediction_type is None and scheduler is not None:
             prediction_type = getattr(getattr(scheduler, "config", None), "prediction_type", None)
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be declared as one of {PREDICTION_TYPES}, got {prediction_type!r}"
-            )
+            raise ValueError(f"prediction_type must be declared as one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if timestep not in ("interp", "nearest"):
             raise ValueError(f"timestep must be 'interp' or 'nearest', got {timestep!r}")
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
@@ -419,8 +415,10 @@ def _uncond_like(u: Any, cond: Any, name: str) -> Any:
     """``u`` broadcast to ``cond``'s batch, key by key for (nested) dict conditionings."""
     if isinstance(cond, Mapping):
         if not isinstance(u, Mapping) or set(u) != set(cond):
-            raise TypeError(f"cond is a dict with keys {sorted(cond)}, so {name} must be a dict with the same keys, "
-                            f"got {sorted(u) if isinstance(u, Mapping) else type(u).__name__}")
+            raise TypeError(
+                f"cond is a dict with keys {sorted(cond)}, so {name} must be a dict with the same keys, "
+                f"got {sorted(u) if isinstance(u, Mapping) else type(u).__name__}"
+            )
         return {k: _uncond_like(u[k], cond[k], f"{name}[{k!r}]") for k in cond}
     return _broadcast_like(u, cond, name)
 
@@ -461,8 +459,14 @@ class OneStepGenerator(nn.Module):
         return self.denoiser(self.noise_scale * z, sigma, cond)
 
 
-def timestep_generator(model: nn.Module, timestep: float, alphas_cumprod: Tensor | None = None,
-                       prediction_type: str | None = None, *, scheduler: Any = None) -> OneStepGenerator:
+def timestep_generator(
+    model: nn.Module,
+    timestep: float,
+    alphas_cumprod: Tensor | None = None,
+    prediction_type: str | None = None,
+    *,
+    scheduler: Any = None,
+) -> OneStepGenerator:
     """A diffusers model used DMD2-style as a one-step generator: ``unet(z, timestep)`` on raw noise
     ``z`` at one fixed timestep, its x0 the sample (DMD2's and DisBack's SDXL generators: 399; DMD2's
     SD-1.5: 999). In the library's convention that is ``D(sqrt(1 + sigma^2) z, sigma)`` with
@@ -496,8 +500,10 @@ def check_denoiser(net: Any, name: str) -> Any:
         raise TypeError(f"{name} must be a denoiser called as D(x_t, sigma, cond) -> x0, got {type(net).__name__}")
     if not takes_args(net, 3):
         if takes_args(net, 2):
-            raise TypeError(f"{name} ({type(net).__name__}) takes (x, sigma) but the library calls D(x_t, sigma, cond); "
-                            f"wrap it: disback_core.Unconditional({name})")
+            raise TypeError(
+                f"{name} ({type(net).__name__}) takes (x, sigma) but the library calls D(x_t, sigma, cond); "
+                f"wrap it: disback_core.Unconditional({name})"
+            )
         raise TypeError(f"{name} ({type(net).__name__}) cannot be called as D(x_t, sigma, cond) -> x0")
     return net
 
@@ -529,4 +535,3 @@ def trainable_copy(module: nn.Module) -> nn.Module:
 def make_generator(teacher: nn.Module, sigma_init: float) -> OneStepGenerator:
     """A trainable :class:`OneStepGenerator` from a deep copy of ``teacher`` (which is untouched)."""
     return OneStepGenerator(trainable_copy(teacher), sigma_init)
-

@@ -15,6 +15,7 @@ A discriminator is any module called as ``D(x, cond=None) -> logits`` of shape `
 All of them optionally take integer class labels (projection discriminator, Miyato & Koyama
 2018: ``logit += <embed(y), pooled features>``).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,13 @@ from .denoisers import check_sample, pad_dims
 from .gan import GANHead, capture_features
 from .sigmas import SigmaSampler
 
-__all__ = ["minibatch_std", "MultiScaleDiscriminator", "MLPDiscriminator", "TeacherFeatureDiscriminator", "default_discriminator"]
+__all__ = [
+    "minibatch_std",
+    "MultiScaleDiscriminator",
+    "MLPDiscriminator",
+    "TeacherFeatureDiscriminator",
+    "default_discriminator",
+]
 
 
 def _labels(cond: Any, batch: int, num_classes: int, owner: str) -> Tensor | None:
@@ -37,8 +44,10 @@ def _labels(cond: Any, batch: int, num_classes: int, owner: str) -> Tensor | Non
     if num_classes == 0:
         return None
     if not isinstance(cond, Tensor) or cond.is_floating_point() or cond.shape != (batch,):
-        raise ValueError(f"{owner} with num_classes={num_classes} needs integer class labels of shape [{batch}] as cond, "
-                         f"got {type(cond).__name__ if not isinstance(cond, Tensor) else tuple(cond.shape)}")
+        raise ValueError(
+            f"{owner} with num_classes={num_classes} needs integer class labels of shape [{batch}] as cond, "
+            f"got {type(cond).__name__ if not isinstance(cond, Tensor) else tuple(cond.shape)}"
+        )
     return cond.long()
 
 
@@ -87,8 +96,16 @@ class MultiScaleDiscriminator(nn.Module):
     ``mbstd_group``: group size of the minibatch-std channel (:func:`minibatch_std`; 0 = none).
     """
 
-    def __init__(self, channels: int, size: int, *, width: int = 32, min_size: int = 4, num_classes: int = 0,
-                 mbstd_group: int = 4):
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        *,
+        width: int = 32,
+        min_size: int = 4,
+        num_classes: int = 0,
+        mbstd_group: int = 4,
+    ):
         super().__init__()
         if size < min_size:
             raise ValueError(f"image side {size} is below min_size {min_size}")
@@ -108,7 +125,7 @@ class MultiScaleDiscriminator(nn.Module):
         y = _labels(cond, x.shape[0], self.num_classes, type(self).__name__)
         out = []
         for i, scale in enumerate(self.scales):
-            logits, feats = scale(F.avg_pool2d(x, 2 ** i) if i else x)
+            logits, feats = scale(F.avg_pool2d(x, 2**i) if i else x)
             if y is not None and self.embed is not None:
                 logits = logits + (self.embed[i](y) * feats).sum(1, keepdim=True)
             out.append(logits)
@@ -160,8 +177,16 @@ class TeacherFeatureDiscriminator(nn.Module):
         return self._teacher[0]
 
     @classmethod
-    def build(cls, teacher: nn.Module, feature_module: str, example_x: Tensor, cond: Any = None, *,
-              sigma_sampler: SigmaSampler | None = None, hidden: int | None = None) -> TeacherFeatureDiscriminator:
+    def build(
+        cls,
+        teacher: nn.Module,
+        feature_module: str,
+        example_x: Tensor,
+        cond: Any = None,
+        *,
+        sigma_sampler: SigmaSampler | None = None,
+        hidden: int | None = None,
+    ) -> TeacherFeatureDiscriminator:
         """Probe the features of ``feature_module`` on ``example_x`` and build a matching head."""
         return cls(teacher, GANHead.build(teacher, feature_module, example_x, cond, sigma_sampler, hidden))
 
@@ -181,8 +206,11 @@ def default_discriminator(example_x: Tensor, *, num_classes: int = 0, width: int
     :class:`MLPDiscriminator` for vectors ``[B, D]`` (width 128)."""
     check_sample(example_x, "example_x")
     if example_x.ndim == 4:
-        return MultiScaleDiscriminator(example_x.shape[1], min(example_x.shape[2:]), width=width or 32,
-                                       num_classes=num_classes).to(example_x.device)
+        return MultiScaleDiscriminator(
+            example_x.shape[1], min(example_x.shape[2:]), width=width or 32, num_classes=num_classes
+        ).to(example_x.device)
     if example_x.ndim == 2:
         return MLPDiscriminator(example_x.shape[1], width=width or 128, num_classes=num_classes).to(example_x.device)
-    raise ValueError(f"no default discriminator for samples of shape {tuple(example_x.shape)}; pass your own D(x, cond)")
+    raise ValueError(
+        f"no default discriminator for samples of shape {tuple(example_x.shape)}; pass your own D(x, cond)"
+    )

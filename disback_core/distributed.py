@@ -18,6 +18,7 @@ care is only what DDP does not do by itself:
 
 Every function is a no-op pass-through when ``torch.distributed`` is not initialised.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,19 @@ from torch import Tensor, nn
 from .storage import sha256_file, tensors_fingerprint
 from .trajectory import Trajectory
 
-__all__ = ["is_distributed", "rank", "world_size", "barrier", "allreduce_grads", "share_trajectory",
-           "check_same_on_all_ranks", "gather_strings", "full_state_to", "full_state_from", "any_rank"]
+__all__ = [
+    "is_distributed",
+    "rank",
+    "world_size",
+    "barrier",
+    "allreduce_grads",
+    "share_trajectory",
+    "check_same_on_all_ranks",
+    "gather_strings",
+    "full_state_to",
+    "full_state_from",
+    "any_rank",
+]
 
 
 def is_distributed() -> bool:
@@ -88,8 +100,9 @@ def allreduce_grads(params: Iterable[nn.Parameter]) -> None:
         p.grad.div_(n)
 
 
-def share_trajectory(trajectory: Trajectory | None, folder: str | os.PathLike, teacher: nn.Module, *,
-                     merge: bool = True) -> Trajectory:
+def share_trajectory(
+    trajectory: Trajectory | None, folder: str | os.PathLike, teacher: nn.Module, *, merge: bool = True
+) -> Trajectory:
     """Rank 0 saves ``trajectory`` to ``folder``; after a barrier every rank loads it onto its own
     ``teacher`` (verified: hashes, fingerprint) and all ranks must agree on the manifest's sha256
     and on the teacher's fingerprint, else ``RuntimeError`` naming the ranks that differ."""
@@ -104,8 +117,10 @@ def share_trajectory(trajectory: Trajectory | None, folder: str | os.PathLike, t
     everyone = gather_strings(mine)
     differ = [r for r, s in enumerate(everyone) if s != everyone[0]]
     if differ:
-        raise RuntimeError(f"ranks {differ} hold another trajectory or teacher than rank 0 "
-                           f"(manifest sha256 | teacher fingerprint): {everyone}")
+        raise RuntimeError(
+            f"ranks {differ} hold another trajectory or teacher than rank 0 "
+            f"(manifest sha256 | teacher fingerprint): {everyone}"
+        )
     return loaded
 
 
@@ -124,8 +139,12 @@ def _full_options():
     return StateDictOptions(full_state_dict=True)
 
 
-def full_state_to(mirror: nn.Module, sharded: nn.Module, mirror_optimizer: torch.optim.Optimizer | None = None,
-                  optimizer: torch.optim.Optimizer | None = None) -> None:
+def full_state_to(
+    mirror: nn.Module,
+    sharded: nn.Module,
+    mirror_optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
     """Copy the full weights (and optimizer state) of an FSDP2 ``sharded`` module into ``mirror``,
     a plain copy of the same architecture (and ``mirror_optimizer``, the same optimizer class over
     it). Collective: every rank calls it."""
@@ -146,8 +165,12 @@ def full_state_to(mirror: nn.Module, sharded: nn.Module, mirror_optimizer: torch
         set_optimizer_state_dict(mirror, mirror_optimizer, osd, options=full)
 
 
-def full_state_from(mirror: nn.Module, sharded: nn.Module, mirror_optimizer: torch.optim.Optimizer | None = None,
-                    optimizer: torch.optim.Optimizer | None = None) -> None:
+def full_state_from(
+    mirror: nn.Module,
+    sharded: nn.Module,
+    mirror_optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
     """The reverse of :func:`full_state_to`: shard ``mirror``'s weights (and optimizer state) back
     into ``sharded`` (and ``optimizer``). Collective."""
     from torch.distributed.checkpoint.state_dict import (

@@ -32,6 +32,7 @@ previous complete export at ``.<name>.<random>.previous``, which :func:`load_gen
 (and the next export puts back first). No pickle: :func:`load_checkpoint` reads a legacy ``.bin``
 with ``torch.load(weights_only=True)`` only.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -102,14 +103,22 @@ def _is_diffusers_model(m: Any) -> bool:
     return isinstance(m, ModelMixin)
 
 
-def _describe(generator: Any, *, timestep: float | None, scheduler: Any, alphas_cumprod: Tensor | None,
-              prediction_type: str | None) -> tuple[nn.Module, dict[str, Any], DiffusersDenoiser | None]:
+def _describe(
+    generator: Any,
+    *,
+    timestep: float | None,
+    scheduler: Any,
+    alphas_cumprod: Tensor | None,
+    prediction_type: str | None,
+) -> tuple[nn.Module, dict[str, Any], DiffusersDenoiser | None]:
     """(model to save, sampling fields of the note, the diffusers wrapper or None)."""
     g = _unwrap(generator)
     if isinstance(g, OneStepGenerator):
         if timestep is not None or scheduler is not None or alphas_cumprod is not None:
-            raise ValueError("timestep, scheduler and alphas_cumprod are for a raw diffusers model; "
-                             "a OneStepGenerator already carries its sigma_init and schedule")
+            raise ValueError(
+                "timestep, scheduler and alphas_cumprod are for a raw diffusers model; "
+                "a OneStepGenerator already carries its sigma_init and schedule"
+            )
         d = _unwrap(g.denoiser)
         sampling = {"sigma_init": g.sigma_init, "noise_scale": g.noise_scale}
         if isinstance(d, DiffusersDenoiser) and _is_diffusers_model(_unwrap(d.model)):
@@ -117,8 +126,10 @@ def _describe(generator: Any, *, timestep: float | None, scheduler: Any, alphas_
         return d, sampling, None
     if _is_diffusers_model(g):
         if timestep is None:
-            raise ValueError(f"generator is a raw {type(g).__name__}: pass timestep= (the fixed timestep it is "
-                             "trained at, e.g. 399 or 999) and scheduler= (or alphas_cumprod= and prediction_type=)")
+            raise ValueError(
+                f"generator is a raw {type(g).__name__}: pass timestep= (the fixed timestep it is "
+                "trained at, e.g. 399 or 999) and scheduler= (or alphas_cumprod= and prediction_type=)"
+            )
         tg = timestep_generator(g, timestep, alphas_cumprod, prediction_type, scheduler=scheduler)
         return g, {"sigma_init": tg.sigma_init, "noise_scale": tg.noise_scale}, cast(DiffusersDenoiser, tg.denoiser)
     raise TypeError(f"generator must be a OneStepGenerator or a diffusers model, got {type(generator).__name__}")
@@ -153,8 +164,11 @@ def _is_ours(folder: Path) -> bool:
 def _siblings(folder: Path, suffix: str) -> list[Path]:
     prefix = f".{folder.name}."
     try:
-        return sorted(p for p in folder.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(suffix)
-                      and p.is_dir() and not p.is_symlink())
+        return sorted(
+            p
+            for p in folder.parent.iterdir()
+            if p.name.startswith(prefix) and p.name.endswith(suffix) and p.is_dir() and not p.is_symlink()
+        )
     except FileNotFoundError:
         return []
 
@@ -206,10 +220,17 @@ def _switch(new: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_generator(generator: nn.Module, folder: str | os.PathLike, *, timestep: float | None = None,
-                     scheduler: Any = None, alphas_cumprod: Tensor | None = None,
-                     prediction_type: str | None = None, dtype: torch.dtype | None = None,
-                     metadata: Mapping[str, Any] | None = None) -> Path:
+def export_generator(
+    generator: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    timestep: float | None = None,
+    scheduler: Any = None,
+    alphas_cumprod: Tensor | None = None,
+    prediction_type: str | None = None,
+    dtype: torch.dtype | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``generator`` as a model folder (layout in the module docstring); returns the folder.
 
     Args:
@@ -231,17 +252,29 @@ def export_generator(generator: nn.Module, folder: str | os.PathLike, *, timeste
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise FileExistsError(f"export folder {folder} exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not _is_ours(folder):
-        raise FileExistsError(f"export folder {folder} exists, is not empty and holds no {NOTE_NAME}: "
-                              "it is not an export of this library; choose another folder")
-    model, sampling, wrapper = _describe(generator, timestep=timestep, scheduler=scheduler,
-                                         alphas_cumprod=alphas_cumprod, prediction_type=prediction_type)
+        raise FileExistsError(
+            f"export folder {folder} exists, is not empty and holds no {NOTE_NAME}: "
+            "it is not an export of this library; choose another folder"
+        )
+    model, sampling, wrapper = _describe(
+        generator,
+        timestep=timestep,
+        scheduler=scheduler,
+        alphas_cumprod=alphas_cumprod,
+        prediction_type=prediction_type,
+    )
     state = merged_state_dict(model)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    note: dict[str, Any] = {"format": FORMAT, "version": VERSION, "class": type(model).__name__,
-                            "sigma_init": sampling["sigma_init"], "noise_scale": sampling["noise_scale"],
-                            "metadata": meta}
+    note: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "class": type(model).__name__,
+        "sigma_init": sampling["sigma_init"],
+        "noise_scale": sampling["noise_scale"],
+        "metadata": meta,
+    }
     files: dict[str, dict[str, Any]] = {}
     folder.parent.mkdir(parents=True, exist_ok=True)
     new = folder.parent / f".{folder.name}.{secrets.token_hex(8)}{_PARTIAL}"
@@ -257,10 +290,15 @@ def export_generator(generator: nn.Module, folder: str | os.PathLike, *, timeste
             note["diffusers"] = {
                 "timestep": float(wrapper.sigma_to_t(sigma)[0]),
                 "latent_scale": sampling["noise_scale"] / math.sqrt(1.0 + sampling["sigma_init"] ** 2),
-                "prediction_type": wrapper.prediction_type, "timestep_mode": wrapper.timestep,
-                "clamp": wrapper.clamp, "cond_kwarg": wrapper.cond_kwarg}
-            for name, tensors, md in ((DIFFUSERS_WEIGHTS, state, {"format": "pt"}),
-                                      (SCHEDULE_NAME, {"log_sigmas": wrapper.log_sigmas.detach().cpu()}, None)):
+                "prediction_type": wrapper.prediction_type,
+                "timestep_mode": wrapper.timestep,
+                "clamp": wrapper.clamp,
+                "cond_kwarg": wrapper.cond_kwarg,
+            }
+            for name, tensors, md in (
+                (DIFFUSERS_WEIGHTS, state, {"format": "pt"}),
+                (SCHEDULE_NAME, {"log_sigmas": wrapper.log_sigmas.detach().cpu()}, None),
+            ):
                 sha = save_tensors(new / name, tensors, md, sync_dir=False)
                 files[name] = _file_entry(sha, (new / name).stat().st_size)
         else:
@@ -288,12 +326,18 @@ def _check_template(model: nn.Module, state: Mapping[str, Tensor], source: str) 
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-    kinds = sorted(k for k in set(want) & set(got) if ref[k].is_floating_point() != state[k].is_floating_point()
-                   or (not ref[k].is_floating_point() and ref[k].dtype != state[k].dtype))
+    kinds = sorted(
+        k
+        for k in set(want) & set(got)
+        if ref[k].is_floating_point() != state[k].is_floating_point()
+        or (not ref[k].is_floating_point() and ref[k].dtype != state[k].dtype)
+    )
     if kinds:
         k = kinds[0]
-        raise StorageError(f"{source}: {len(kinds)} tensors have the wrong dtype (e.g. {k}: {state[k].dtype} in the "
-                           f"file, {ref[k].dtype} in {type(model).__name__})")
+        raise StorageError(
+            f"{source}: {len(kinds)} tensors have the wrong dtype (e.g. {k}: {state[k].dtype} in the "
+            f"file, {ref[k].dtype} in {type(model).__name__})"
+        )
     if missing or extra or bad:
         parts = []
         if missing:
@@ -301,7 +345,9 @@ def _check_template(model: nn.Module, state: Mapping[str, Tensor], source: str) 
         if extra:
             parts.append(f"{len(extra)} unexpected keys (e.g. {extra[:3]})")
         if bad:
-            parts.append(f"{len(bad)} shapes differ (e.g. {bad[0]}: {got[bad[0]]} in the file, {want[bad[0]]} in the model)")
+            parts.append(
+                f"{len(bad)} shapes differ (e.g. {bad[0]}: {got[bad[0]]} in the file, {want[bad[0]]} in the model)"
+            )
         raise StorageError(f"{source}: the weights do not fit {type(model).__name__}: " + "; ".join(parts))
 
 
@@ -352,8 +398,11 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
     if note["digest"] != body_digest(note):
         raise StorageError(f"export note {path}: its digest does not match its fields: it was edited")
     kind = note["kind"]
-    expected = {"diffusers": {CONFIG_NAME, DIFFUSERS_WEIGHTS, SCHEDULE_NAME}, "module": {MODULE_WEIGHTS}}.get(kind) \
-        if isinstance(kind, str) else None
+    expected = (
+        {"diffusers": {CONFIG_NAME, DIFFUSERS_WEIGHTS, SCHEDULE_NAME}, "module": {MODULE_WEIGHTS}}.get(kind)
+        if isinstance(kind, str)
+        else None
+    )
     if expected is None:
         raise StorageError(f"export note {path}: kind {kind!r} is not 'diffusers' or 'module'")
     if not isinstance(note["class"], str) or not note["class"].isidentifier():
@@ -366,15 +415,25 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
     if not isinstance(files, dict) or set(files) != expected:
         raise StorageError(f"export note {path}: files must be exactly {sorted(expected)}")
     for name, entry in files.items():
-        if (not isinstance(entry, dict) or set(entry) != {"sha256", "bytes"} or not is_sha256(entry["sha256"])
-                or isinstance(entry["bytes"], bool) or not isinstance(entry["bytes"], int) or entry["bytes"] < 0):
+        if (
+            not isinstance(entry, dict)
+            or set(entry) != {"sha256", "bytes"}
+            or not is_sha256(entry["sha256"])
+            or isinstance(entry["bytes"], bool)
+            or not isinstance(entry["bytes"], int)
+            or entry["bytes"] < 0
+        ):
             raise StorageError(f"export note {path}: files[{name!r}] must be {{sha256: 64 hex, bytes: int >= 0}}")
     if kind == "diffusers":
         d = note.get("diffusers")
         if not isinstance(d, dict) or set(d) != _DIFFUSERS_KEYS:
             raise StorageError(f"export note {path}: diffusers must hold exactly {sorted(_DIFFUSERS_KEYS)}")
-        if d["timestep_mode"] not in ("interp", "nearest") or not isinstance(d["clamp"], bool) \
-                or not isinstance(d["cond_kwarg"], str) or not isinstance(d["prediction_type"], str):
+        if (
+            d["timestep_mode"] not in ("interp", "nearest")
+            or not isinstance(d["clamp"], bool)
+            or not isinstance(d["cond_kwarg"], str)
+            or not isinstance(d["prediction_type"], str)
+        ):
             raise StorageError(f"export note {path}: diffusers fields have wrong types or values")
     elif "diffusers" in note:
         raise StorageError(f"export note {path}: a 'module' export has no diffusers field")
@@ -387,8 +446,10 @@ def _sized(root: Path, note: Mapping[str, Any], name: str) -> tuple[Path, str, i
     f, size = open_regular(path, "export file")  # no symlink, FIFO or device; never blocks
     f.close()
     if size != entry["bytes"]:
-        raise StorageError(f"export file {path} is {size} bytes, the note says {entry['bytes']}: "
-                           "it was truncated, extended or replaced")
+        raise StorageError(
+            f"export file {path} is {size} bytes, the note says {entry['bytes']}: "
+            "it was truncated, extended or replaced"
+        )
     return path, entry["sha256"], entry["bytes"]
 
 
@@ -404,13 +465,16 @@ def _load_weights(model: nn.Module, path: Path, sha: str, size: int) -> None:
     now = model.state_dict()
     cast = sorted(k for k, v in state.items() if v.dtype != now[k].dtype)
     if cast:  # mixed precisions in the file that the model does not have: never cast silently
-        raise StorageError(f"weights {path}: {len(cast)} tensors differ in dtype from the model after loading "
-                           f"(e.g. {cast[0]}: {state[cast[0]].dtype} vs {now[cast[0]].dtype})")
+        raise StorageError(
+            f"weights {path}: {len(cast)} tensors differ in dtype from the model after loading "
+            f"(e.g. {cast[0]}: {state[cast[0]].dtype} vs {now[cast[0]].dtype})"
+        )
     model.load_state_dict(state, strict=True)
 
 
-def load_generator(folder: str | os.PathLike, *, model: nn.Module | None = None,
-                   device: str | torch.device = "cpu") -> OneStepGenerator:
+def load_generator(
+    folder: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu"
+) -> OneStepGenerator:
     """Load an export as a :class:`OneStepGenerator` (eval mode, no gradients).
 
     A diffusers export builds its model from ``config.json`` (the class must be a diffusers model
@@ -421,14 +485,17 @@ def load_generator(folder: str | os.PathLike, *, model: nn.Module | None = None,
     root, note = _read_note(Path(folder))
     if note["kind"] == "module":
         if model is None:
-            raise ValueError(f"export {folder} holds a {note['class']} (kind 'module'): pass model=, a module of "
-                             "that architecture to load the weights into")
+            raise ValueError(
+                f"export {folder} holds a {note['class']} (kind 'module'): pass model=, a module of "
+                "that architecture to load the weights into"
+            )
         _load_weights(model, *_sized(root, note, MODULE_WEIGHTS))
         denoiser: nn.Module = model
     else:
         if model is not None:
-            raise ValueError(f"export {folder} is a diffusers folder; its model is built from {CONFIG_NAME}, "
-                             "do not pass model=")
+            raise ValueError(
+                f"export {folder} is a diffusers folder; its model is built from {CONFIG_NAME}, do not pass model="
+            )
         import diffusers
 
         cfg_path, cfg_sha, cfg_size = _sized(root, note, CONFIG_NAME)
@@ -444,8 +511,9 @@ def load_generator(folder: str | os.PathLike, *, model: nn.Module | None = None,
         try:
             net = cls.from_config(config)
         except Exception as e:  # diffusers' own checks of a config (group counts, block types, ...)
-            raise StorageError(f"model config {cfg_path}: {note['class']} cannot be built from it: "
-                               f"{type(e).__name__}: {str(e)[:300]}") from None
+            raise StorageError(
+                f"model config {cfg_path}: {note['class']} cannot be built from it: {type(e).__name__}: {str(e)[:300]}"
+            ) from None
         _load_weights(net, *_sized(root, note, DIFFUSERS_WEIGHTS))
         sch_path, sch_sha, sch_size = _sized(root, note, SCHEDULE_NAME)
         sched = load_tensors(sch_path, sha256=sch_sha, max_bytes=sch_size)
@@ -454,8 +522,14 @@ def load_generator(folder: str | os.PathLike, *, model: nn.Module | None = None,
             raise StorageError(f"schedule {sch_path}: must hold one float64 vector 'log_sigmas' of >= 2 values")
         d = note["diffusers"]
         try:
-            wrapper = DiffusersDenoiser(net, 1.0 / (1.0 + (2 * ls).exp()), d["prediction_type"],
-                                        timestep=d["timestep_mode"], clamp=d["clamp"], cond_kwarg=d["cond_kwarg"])
+            wrapper = DiffusersDenoiser(
+                net,
+                1.0 / (1.0 + (2 * ls).exp()),
+                d["prediction_type"],
+                timestep=d["timestep_mode"],
+                clamp=d["clamp"],
+                cond_kwarg=d["cond_kwarg"],
+            )
         except ValueError as e:
             raise StorageError(f"export {root}: {e}") from None
         wrapper.log_sigmas.copy_(ls)  # exactly the exported schedule (no exp/log round trip)
@@ -466,10 +540,15 @@ def load_generator(folder: str | os.PathLike, *, model: nn.Module | None = None,
         scale = note["noise_scale"] / math.sqrt(1.0 + note["sigma_init"] ** 2)
         for key, want in (("timestep", t), ("latent_scale", scale)):  # what a pipeline user reads must agree
             got = d[key]
-            if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isclose(got, want, rel_tol=1e-9,
-                                                                                               abs_tol=1e-9):
-                raise StorageError(f"export note {root / NOTE_NAME}: diffusers.{key} is {got!r}, but sigma_init and "
-                                   f"noise_scale give {want!r}")
+            if (
+                isinstance(got, bool)
+                or not isinstance(got, (int, float))
+                or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
+            ):
+                raise StorageError(
+                    f"export note {root / NOTE_NAME}: diffusers.{key} is {got!r}, but sigma_init and "
+                    f"noise_scale give {want!r}"
+                )
         denoiser = wrapper
     gen = OneStepGenerator(denoiser, note["sigma_init"], noise_scale=note["noise_scale"])
     return gen.to(device).eval().requires_grad_(False)
@@ -494,12 +573,16 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, key_prefix: st
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError for anything but tensors and containers, or a torn file
             raise StorageError(f"checkpoint {path} cannot be read as a weights-only state dict: {e}") from None
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+        ):
             raise StorageError(f"checkpoint {path} is not a flat state dict of tensors")
     else:
-        raise StorageError(f"checkpoint {path}: unknown file type {suffix!r} (expected .safetensors, .bin, .pt or .pth)")
+        raise StorageError(
+            f"checkpoint {path}: unknown file type {suffix!r} (expected .safetensors, .bin, .pt or .pth)"
+        )
     if key_prefix:
-        state = {k[len(key_prefix):] if k.startswith(key_prefix) else k: v for k, v in state.items()}
+        state = {k[len(key_prefix) :] if k.startswith(key_prefix) else k: v for k, v in state.items()}
     _check_template(model, state, str(path))
     with torch.no_grad():
         for k, v in model.state_dict().items():

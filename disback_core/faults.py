@@ -10,6 +10,7 @@
 - :class:`DivergenceMonitor`: flags a metric (a loss, an evaluation) that grows past ``factor``
   times the best value seen after ``warmup`` observations.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,9 +70,11 @@ class NonFiniteGuard:
         if self.policy == "raise":
             raise FloatingPointError(f"non-finite {self.last_reason} (policy 'raise')")
         if self.consecutive >= self.max_consecutive:
-            raise FloatingPointError(f"{self.consecutive} updates in a row were non-finite (last: {self.last_reason}); "
-                                     f"stopping instead of training on garbage ({self.skipped} skipped in all). "
-                                     "Resume from the last good state with a lower learning rate or more clipping")
+            raise FloatingPointError(
+                f"{self.consecutive} updates in a row were non-finite (last: {self.last_reason}); "
+                f"stopping instead of training on garbage ({self.skipped} skipped in all). "
+                "Resume from the last good state with a lower learning rate or more clipping"
+            )
         return False
 
     def state_dict(self) -> dict[str, int | str]:
@@ -103,8 +106,10 @@ class DivergenceMonitor:
         v = abs(float(value))
         if self.seen > self.warmup and not self.diverged and (not math.isfinite(v) or v > self.factor * self.best):
             self.diverged = True
-            self.report = (f"diverging: value {value:.4g} at observation {self.seen} is more than {self.factor:g}x "
-                           f"the best {self.best:.4g}")
+            self.report = (
+                f"diverging: value {value:.4g} at observation {self.seen} is more than {self.factor:g}x "
+                f"the best {self.best:.4g}"
+            )
         if math.isfinite(v):
             self.best = min(self.best, v)
         return self.diverged

@@ -16,6 +16,7 @@ DMD2's 4-step SDXL student uses the timesteps ``999, 749, 499, 249`` (uniform in
 one not at 0); :func:`fewstep_sigmas` is the analogue on EDM's Karras ramp and
 :func:`timesteps_to_sigmas` maps a diffusers schedule's timesteps to sigmas.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,9 @@ def check_noise_mode(noise: str, name: str = "noise") -> str:
     return noise
 
 
-def fewstep_sigmas(steps: int, *, sigma_max: float = 80.0, sigma_min: float = 0.002, rho: float = 7.0) -> tuple[float, ...]:
+def fewstep_sigmas(
+    steps: int, *, sigma_max: float = 80.0, sigma_min: float = 0.002, rho: float = 7.0
+) -> tuple[float, ...]:
     """The bench's K-step schedule: ``steps`` points uniform on the Karras ramp (Karras et al. 2022,
     Eq. 5), from ``sigma_max`` down, without the end at ``sigma_min``.
 
@@ -130,8 +133,14 @@ class MultiStepGenerator(nn.Module):
         step: a fixed step index for every call (settable later: ``g.step = 2``); ``None`` draws.
     """
 
-    def __init__(self, denoiser: nn.Module, sigmas: Sequence[float] | Tensor, *,
-                 generator: torch.Generator | None = None, step: int | None = None):
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        sigmas: Sequence[float] | Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        step: int | None = None,
+    ):
         super().__init__()
         self.denoiser = denoiser
         self.sigmas = check_sigmas(sigmas, "sigmas")
@@ -182,14 +191,16 @@ class MultiStepGenerator(nn.Module):
         x = self.simulate(z, cond, k) if k > 0 else self.sigmas[0] * z
         return self.denoiser(x, _sigma_batch(self.sigmas[k], x), cond)
 
-    def sample(self, z: Tensor, cond: Any = None, *, noise: str = "fresh",
-               generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, z: Tensor, cond: Any = None, *, noise: str = "fresh", generator: torch.Generator | None = None
+    ) -> Tensor:
         """All K steps (:func:`sample_fewstep` with this generator's sigmas)."""
         return sample_fewstep(self, z, cond, noise=noise, generator=generator)
 
 
-def make_fewstep_generator(teacher: nn.Module, sigmas: Sequence[float] | Tensor, *,
-                           generator: torch.Generator | None = None) -> MultiStepGenerator:
+def make_fewstep_generator(
+    teacher: nn.Module, sigmas: Sequence[float] | Tensor, *, generator: torch.Generator | None = None
+) -> MultiStepGenerator:
     """A trainable :class:`MultiStepGenerator` from a deep copy of ``teacher`` (which is untouched)."""
     return MultiStepGenerator(trainable_copy(teacher), sigmas, generator=generator)
 
@@ -210,9 +221,16 @@ def unwrap_student(student: Any, sigmas: Any) -> tuple[Any, tuple[float, ...]]:
 
 
 @torch.no_grad()
-def sample_fewstep(student: Any, z: Tensor, cond: Any = None, *, sigmas: Sequence[float] | Tensor | None = None,
-                   noise: str = "fresh", generator: torch.Generator | None = None,
-                   stats: dict[str, int] | None = None) -> Tensor:
+def sample_fewstep(
+    student: Any,
+    z: Tensor,
+    cond: Any = None,
+    *,
+    sigmas: Sequence[float] | Tensor | None = None,
+    noise: str = "fresh",
+    generator: torch.Generator | None = None,
+    stats: dict[str, int] | None = None,
+) -> Tensor:
     """Run a K-step student: ``x = sigmas[0] z``; for each step ``x0 = D(x, s_i)``; then
     ``x = x0 + s_{i+1} n`` with fresh noise (``noise="fresh"``, DMD2's sampler, Sec. 4.5) or the
     deterministic DDIM-style update ``x = x0 + s_{i+1} (x - x0) / s_i`` (``"deterministic"``).
@@ -238,8 +256,15 @@ def sample_fewstep(student: Any, z: Tensor, cond: Any = None, *, sigmas: Sequenc
     return x0
 
 
-def _next_input(x: Tensor, x0: Tensor, s: float, s_next: float, noise: str,
-                generator: torch.Generator | None, n: Tensor | None = None) -> Tensor:
+def _next_input(
+    x: Tensor,
+    x0: Tensor,
+    s: float,
+    s_next: float,
+    noise: str,
+    generator: torch.Generator | None,
+    n: Tensor | None = None,
+) -> Tensor:
     if noise == "deterministic":
         return x0 + s_next * ((x - x0) / s)
     return x0 + s_next * (_randn_like(x0, generator) if n is None else n)

@@ -27,6 +27,7 @@ The rule per architecture (anything else raises; pass your own ``rule`` callable
 :class:`~disback_core.denoisers.OneStepGenerator` around an EDM-preconditioned UNet, say), so it
 combines with any method (GDD, DMD2, SiD, ...).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -59,8 +60,13 @@ class FreezeReport:
         return self.total_params - self.frozen_params
 
     def to_json(self) -> dict[str, object]:
-        return {"rule": self.rule, "frozen_modules": list(self.frozen_modules), "frozen_params": self.frozen_params,
-                "total_params": self.total_params, "fraction": self.fraction}
+        return {
+            "rule": self.rule,
+            "frozen_modules": list(self.frozen_modules),
+            "frozen_params": self.frozen_params,
+            "total_params": self.total_params,
+            "fraction": self.fraction,
+        }
 
 
 def _diffusers_classes() -> tuple[Any, Any, Any, Any]:
@@ -132,9 +138,11 @@ def gddi_frozen_modules(model: nn.Module) -> list[str]:
             continue
         found.append(name)
     if not found:
-        raise ValueError(f"GDD-I freezing knows diffusers UNet2DModel / UNet2DConditionModel and NVlabs EDM "
-                         f"SongUNet / DhariwalUNet; {type(model).__name__} contains none of them. Pass "
-                         f"rule=<callable(model) -> list of module names> or call freeze_modules(model, names)")
+        raise ValueError(
+            f"GDD-I freezing knows diffusers UNet2DModel / UNet2DConditionModel and NVlabs EDM "
+            f"SongUNet / DhariwalUNet; {type(model).__name__} contains none of them. Pass "
+            f"rule=<callable(model) -> list of module names> or call freeze_modules(model, names)"
+        )
     return out
 
 

@@ -4,6 +4,7 @@ DMD2 (Yin et al. 2024, Sec. 4.3) attaches a small classifier to the fake score's
 feeds it diffusion-GAN-noised real and generated samples. Here the bottleneck is read with a
 forward hook on a named submodule, so any denoiser works without changing its code.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,8 +22,9 @@ class _Captured(Exception):
     """Raised by the hook to skip the rest of the forward once the features are read."""
 
 
-def capture_features(denoiser: nn.Module, module_name: str, x: Tensor, sigma: Tensor,
-                     cond: Any = None, stop_early: bool = True) -> Tensor:
+def capture_features(
+    denoiser: nn.Module, module_name: str, x: Tensor, sigma: Tensor, cond: Any = None, stop_early: bool = True
+) -> Tensor:
     """Run ``denoiser(x, sigma, cond)`` and return the output of its submodule ``module_name``.
 
     With ``stop_early`` the forward stops right after that submodule (the decoder half of a UNet
@@ -73,8 +75,15 @@ class GANHead(nn.Module):
         return self.head(feats.float()).reshape(x.shape[0])
 
     @classmethod
-    def build(cls, denoiser: nn.Module, feature_module: str, example_x: Tensor, cond: Any = None,
-              sigma_sampler: SigmaSampler | None = None, hidden: int | None = None) -> GANHead:
+    def build(
+        cls,
+        denoiser: nn.Module,
+        feature_module: str,
+        example_x: Tensor,
+        cond: Any = None,
+        sigma_sampler: SigmaSampler | None = None,
+        hidden: int | None = None,
+    ) -> GANHead:
         """Probe the feature shape on ``example_x`` and build a matching head.
 
         Image features ``[B, C, H, W]``: conv 4x4/2 + GroupNorm + SiLU while H > 2, then a 1x1 conv
@@ -90,7 +99,11 @@ class GANHead(nn.Module):
             layers: list[nn.Module] = []
             size, ch = f.shape[-1], c
             while size > 2:
-                layers += [nn.Conv2d(ch, h, 4, 2, 1), nn.GroupNorm(min(32, h) if h % min(32, h) == 0 else 1, h), nn.SiLU()]
+                layers += [
+                    nn.Conv2d(ch, h, 4, 2, 1),
+                    nn.GroupNorm(min(32, h) if h % min(32, h) == 0 else 1, h),
+                    nn.SiLU(),
+                ]
                 ch, size = h, size // 2
             layers += [nn.Conv2d(ch, 1, 1), nn.Flatten(2), _Mean(-1)]
             head = nn.Sequential(*layers)

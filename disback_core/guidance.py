@@ -33,6 +33,7 @@ step further (``K = 1`` at 80: 2.51; ``K = 2``: 0.170). Measured on digits
 (the teacher's x0 there is a blurry posterior mean and the metric gets much worse); pass a small
 ``final_sigma`` (0.5 helped with ``lam = 1``).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,15 +61,25 @@ def default_final_sigma(sigmas: Sequence[float], *, sigma_min: float = 0.002, rh
 
 
 @torch.no_grad()
-def distillation_pp_sample(student: Any, teacher: Any, z: Tensor, cond: Any = None, *,
-                           sigmas: Sequence[float] | Tensor | None = None,
-                           timesteps: Sequence[float] | Tensor | None = None,
-                           guided_steps: int = 1, lam: float = 0.5, final_sigma: float | None = None,
-                           teacher_cfg_scale: float | None = None, uncond: Any = None,
-                           noise: str = "fresh", teacher_noise: str = "student",
-                           generator: torch.Generator | None = None,
-                           teacher_generator: torch.Generator | None = None,
-                           stats: dict[str, int] | None = None) -> Tensor:
+def distillation_pp_sample(
+    student: Any,
+    teacher: Any,
+    z: Tensor,
+    cond: Any = None,
+    *,
+    sigmas: Sequence[float] | Tensor | None = None,
+    timesteps: Sequence[float] | Tensor | None = None,
+    guided_steps: int = 1,
+    lam: float = 0.5,
+    final_sigma: float | None = None,
+    teacher_cfg_scale: float | None = None,
+    uncond: Any = None,
+    noise: str = "fresh",
+    teacher_noise: str = "student",
+    generator: torch.Generator | None = None,
+    teacher_generator: torch.Generator | None = None,
+    stats: dict[str, int] | None = None,
+) -> Tensor:
     """Sample a K-step student with Distillation++ teacher guidance at its first ``guided_steps`` steps.
 
     See the module docstring for the update and its derivation. ``lam = 0`` gives

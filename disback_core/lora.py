@@ -18,6 +18,7 @@ it. Two backends fill the same key format behind one :class:`LoraSpec`:
 :func:`node_weight` computes ``W_k`` from a node without any slot (fp32 arithmetic, cast once):
 merged targets and in-place attachment (:mod:`disback_core.attach`) use it.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,28 @@ from torch.nn.utils import parametrize
 if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
 
-__all__ = ["LoraSpec", "LoraTarget", "ADAPTER", "default_target_modules", "lora_targets", "inject_lora",
-           "remove_lora", "lora_parameters", "lora_state", "load_lora_state", "lora_template", "node_layers",
-           "node_weight", "write_node_weight_", "svd_lora", "lora_numel", "merged_state_dict", "EDM_TARGETS", "UNET2D_TARGETS", "UNET2D_CONDITION_TARGETS"]
+__all__ = [
+    "LoraSpec",
+    "LoraTarget",
+    "ADAPTER",
+    "default_target_modules",
+    "lora_targets",
+    "inject_lora",
+    "remove_lora",
+    "lora_parameters",
+    "lora_state",
+    "load_lora_state",
+    "lora_template",
+    "node_layers",
+    "node_weight",
+    "write_node_weight_",
+    "svd_lora",
+    "lora_numel",
+    "merged_state_dict",
+    "EDM_TARGETS",
+    "UNET2D_TARGETS",
+    "UNET2D_CONDITION_TARGETS",
+]
 
 ADAPTER = "disback"
 
@@ -97,7 +117,9 @@ def default_target_modules(model: nn.Module) -> list[str]:
             return list(EDM_TARGETS)
     names = [n for n, m in _candidates(model) if not isinstance(m, nn.Embedding)]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no layer with a weight matrix to put LoRA on; pass target_modules")
+        raise ValueError(
+            f"{type(model).__name__} has no layer with a weight matrix to put LoRA on; pass target_modules"
+        )
     return names
 
 
@@ -154,8 +176,12 @@ class LoraSpec:
 
     def to_json(self) -> dict[str, Any]:
         tm = self.target_modules
-        return {"rank": self.rank, "alpha": self.alpha, "use_rslora": self.use_rslora,
-                "target_modules": list(tm) if isinstance(tm, tuple) else tm}
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "use_rslora": self.use_rslora,
+            "target_modules": list(tm) if isinstance(tm, tuple) else tm,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> LoraSpec:
@@ -170,8 +196,14 @@ class LoraSpec:
         tm = d.get("target_modules")
         if tm is not None and not isinstance(tm, (list, str)):
             raise ValueError(f"target_modules must be a list of names, got {type(tm).__name__}")
-        return cls(d.get("rank"), d.get("alpha"), tuple(tm) if isinstance(tm, list) else tm,  # type: ignore[arg-type]
-                   d.get("use_rslora", extra.get("use_rslora", False)))
+        # values from a file: __post_init__ checks each one's type and range
+        fields: list[Any] = [
+            d.get("rank"),
+            d.get("alpha"),
+            tuple(tm) if isinstance(tm, list) else tm,
+            d.get("use_rslora", extra.get("use_rslora", False)),
+        ]
+        return cls(*fields)
 
 
 @dataclass(frozen=True)
@@ -231,12 +263,16 @@ def lora_targets(model: nn.Module, spec: LoraSpec | None = None) -> list[LoraTar
             raise ValueError(f"layer {name!r} already carries a peft LoRA slot")
         if _weight_of(m) is None:
             if isinstance(targets, tuple) and name in targets:  # named exactly, so it must be usable
-                raise ValueError(f"target {name!r} ({type(m).__name__}) has no floating weight of ndim >= 2 to put LoRA on")
+                raise ValueError(
+                    f"target {name!r} ({type(m).__name__}) has no floating weight of ndim >= 2 to put LoRA on"
+                )
             continue
         out.append(_target(name, m, spec.rank))
     if not out:
-        raise ValueError(f"target_modules {targets!r} match no layer with a weight in {type(model).__name__}; "
-                         "list the layers with disback_core.lora_targets(model, LoraSpec(target_modules=...))")
+        raise ValueError(
+            f"target_modules {targets!r} match no layer with a weight in {type(model).__name__}; "
+            "list the layers with disback_core.lora_targets(model, LoraSpec(target_modules=...))"
+        )
     return out
 
 
@@ -302,8 +338,14 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
 
         # peft annotates lora_alpha as int but only divides by it (scaling = lora_alpha / r): a float is right
         alpha = float(spec.alpha if spec.alpha is not None else spec.rank)
-        cfg = LoraConfig(r=spec.rank, lora_alpha=alpha,  # type: ignore[arg-type]
-                         target_modules=peft_names, lora_dropout=0.0, bias="none", use_rslora=spec.use_rslora)
+        cfg = LoraConfig(
+            r=spec.rank,
+            lora_alpha=alpha,  # type: ignore[arg-type]
+            target_modules=peft_names,
+            lora_dropout=0.0,
+            bias="none",
+            use_rslora=spec.use_rslora,
+        )
         inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
     for t in targets:
         if t.backend == "delta":
@@ -349,8 +391,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
             layer: Any = m  # a peft LoraLayer subclass (Linear, Conv2d, ...): get_delta_weight is theirs
             w = cast(Tensor, layer.get_base_layer().weight).detach()
             if not layer.disable_adapters and not layer.merged:
-                delta = sum((layer.get_delta_weight(a).float() for a in layer.active_adapters
-                             if a in layer.lora_A), torch.zeros((), device=w.device))
+                delta = sum(
+                    (layer.get_delta_weight(a).float() for a in layer.active_adapters if a in layer.lora_A),
+                    torch.zeros((), device=w.device),
+                )
                 w = (w.float() + delta).to(w.dtype)
             merged[name + ".weight"] = w
         for name, _ in _delta_slots(model):
@@ -419,9 +463,11 @@ def check_node(state: Mapping[str, Tensor], template: Mapping[str, tuple[int, ..
     missing = sorted(set(template) - set(state))
     unexpected = sorted(set(state) - set(template))
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit this model's LoRA slot: "
-                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        raise ValueError(
+            f"{source} does not fit this model's LoRA slot: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
     for k, shape in template.items():
         v = state[k]
         if tuple(v.shape) != tuple(shape):
@@ -472,8 +518,9 @@ def write_node_weight_(dst: Tensor, base: Tensor, state: Mapping[str, Tensor], l
         dst.copy_(node_weight(base, state, layer, scale))
 
 
-def svd_lora(targets: Sequence[LoraTarget], base_weights: Mapping[str, Tensor], tuned: Mapping[str, Tensor],
-             scale: float) -> tuple[dict[str, Tensor], float]:
+def svd_lora(
+    targets: Sequence[LoraTarget], base_weights: Mapping[str, Tensor], tuned: Mapping[str, Tensor], scale: float
+) -> tuple[dict[str, Tensor], float]:
     """Compress a full fine-tune into a LoRA node by truncated SVD of each target's weight delta.
 
     For every target ``L``: ``delta = W_tuned - W_base`` reshaped to ``[out, -1]``,

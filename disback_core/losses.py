@@ -2,6 +2,7 @@
 
 Adapters compose these; none of them re-implements one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -51,16 +52,27 @@ class DSMLoss:
     ``"mean"`` (DMD2). The fake-score loss of every adapter and Degradation Recording use it.
     """
 
-    def __init__(self, sigma_sampler: SigmaSampler | None = None, sigma_data: float = 0.5,
-                 reduction: str = "sum", weight: Callable[[Tensor, float], Tensor] = edm_weight):
+    def __init__(
+        self,
+        sigma_sampler: SigmaSampler | None = None,
+        sigma_data: float = 0.5,
+        reduction: str = "sum",
+        weight: Callable[[Tensor, float], Tensor] = edm_weight,
+    ):
         reduce_per_sample(torch.zeros(1, 1), reduction)  # validates the name
         self.sigma_sampler = sigma_sampler or LogNormalSigma()
         self.sigma_data = check_number("sigma_data", sigma_data, low=0.0, low_open=True)
         self.reduction = reduction
         self.weight = weight
 
-    def __call__(self, denoiser: Callable[..., Tensor], x: Tensor, cond: Any = None,
-                 sigma: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        denoiser: Callable[..., Tensor],
+        x: Tensor,
+        cond: Any = None,
+        sigma: Tensor | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
         check_sample(x, "x")
         if sigma is None:
             sigma = self.sigma_sampler(x.shape[0], device=x.device)

@@ -8,6 +8,7 @@ Raw networks ``F(x_in, c_noise, cond)`` meant to sit inside :class:`~disback_cor
 
 Users bring their own networks; these exist so the project never downloads weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,11 +54,23 @@ class MLPNet(nn.Module):
     (a GAN head can read one of them).
     """
 
-    def __init__(self, dim: int = 2, width: int = 128, depth: int = 3, emb_dim: int = 64,
-                 num_classes: int = 0, noise_scale: float = 250.0):
+    def __init__(
+        self,
+        dim: int = 2,
+        width: int = 128,
+        depth: int = 3,
+        emb_dim: int = 64,
+        num_classes: int = 0,
+        noise_scale: float = 250.0,
+    ):
         super().__init__()
-        for name, v, low in (("dim", dim, 1), ("width", width, 1), ("depth", depth, 0), ("emb_dim", emb_dim, 2),
-                             ("num_classes", num_classes, 0)):
+        for name, v, low in (
+            ("dim", dim, 1),
+            ("width", width, 1),
+            ("depth", depth, 0),
+            ("emb_dim", emb_dim, 2),
+            ("num_classes", num_classes, 0),
+        ):
             check_number(name, v, low=low, integer=True)
         self.dim, self.emb_dim, self.num_classes, self.noise_scale = dim, emb_dim, num_classes, noise_scale
         self.inp = nn.Linear(dim, width)
@@ -69,7 +82,9 @@ class MLPNet(nn.Module):
     def forward(self, x: Tensor, c_noise: Tensor, cond: Any = None) -> Tensor:
         e = sinusoidal_embedding(c_noise * self.noise_scale, self.emb_dim)
         if self.class_emb is not None:
-            labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long) if cond is None else cond
+            labels = (
+                torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long) if cond is None else cond
+            )
             e = e + self.class_emb(labels.long())
         elif cond is not None:
             raise ValueError("cond given to an unconditional MLPNet (num_classes=0)")
@@ -107,9 +122,17 @@ def edm_mlp(dim: int = 2, sigma_data: float = 0.5, **kwargs: Any) -> EDMPrecond:
     return EDMPrecond(MLPNet(dim=dim, **kwargs), sigma_data=sigma_data)
 
 
-def edm_unet(sample_size: int = 8, channels: int = 1, num_classes: int = 0, sigma_data: float = 0.5,
-             block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
-             attention: bool = True, norm_num_groups: int = 8, **unet_kwargs: Any) -> EDMPrecond:
+def edm_unet(
+    sample_size: int = 8,
+    channels: int = 1,
+    num_classes: int = 0,
+    sigma_data: float = 0.5,
+    block_out_channels: tuple[int, ...] = (32, 64, 64),
+    layers_per_block: int = 1,
+    attention: bool = True,
+    norm_num_groups: int = 8,
+    **unet_kwargs: Any,
+) -> EDMPrecond:
     """An EDM-preconditioned diffusers ``UNet2DModel`` built from a small config (random weights).
 
     ``num_classes > 0`` adds a class embedding with ``num_classes + 1`` entries (the last is the
@@ -123,18 +146,32 @@ def edm_unet(sample_size: int = 8, channels: int = 1, num_classes: int = 0, sigm
     if attention:
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
     unet = UNet2DModel(
-        sample_size=sample_size, in_channels=channels, out_channels=channels,
-        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-        down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=norm_num_groups,
-        num_class_embeds=(num_classes + 1) if num_classes > 0 else None, **unet_kwargs,
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=norm_num_groups,
+        num_class_embeds=(num_classes + 1) if num_classes > 0 else None,
+        **unet_kwargs,
     )
     # diffusers' __init__ shows type checkers its torch-less dummy UNet2DModel (not an nn.Module)
     return EDMPrecond(UNetNet(unet), sigma_data=sigma_data)  # type: ignore[arg-type]
 
 
-def edm_unet_text(sample_size: int = 8, channels: int = 1, cross_attention_dim: int = 16, sigma_data: float = 0.5,
-                  block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
-                  norm_num_groups: int = 8, attention_head_dim: int = 4, **unet_kwargs: Any) -> EDMPrecond:
+def edm_unet_text(
+    sample_size: int = 8,
+    channels: int = 1,
+    cross_attention_dim: int = 16,
+    sigma_data: float = 0.5,
+    block_out_channels: tuple[int, ...] = (32, 64, 64),
+    layers_per_block: int = 1,
+    norm_num_groups: int = 8,
+    attention_head_dim: int = 4,
+    **unet_kwargs: Any,
+) -> EDMPrecond:
     """An EDM-preconditioned diffusers ``UNet2DConditionModel``: text-like conditioning, a cond of
     shape ``[batch, tokens, cross_attention_dim]`` read by cross-attention in the last down block and
     the first up block (a small stand-in for a text-to-image UNet; random weights)."""
@@ -145,9 +182,16 @@ def edm_unet_text(sample_size: int = 8, channels: int = 1, cross_attention_dim: 
     up = ["UpBlock2D"] * n
     down[-1], up[0] = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=channels, out_channels=channels,
-        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-        down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=norm_num_groups,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim, **unet_kwargs,
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        **unet_kwargs,
     )
     return EDMPrecond(UNetNet(unet), sigma_data=sigma_data)  # type: ignore[arg-type]

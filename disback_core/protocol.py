@@ -10,6 +10,7 @@ Roles (all denoisers ``D(x_t, sigma, cond) -> x0``, see :mod:`disback_core.denoi
 A method returns a dict of tensors from each loss: ``"loss"`` is what to back-propagate, the
 other entries are detached parts for logging.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -39,8 +40,9 @@ class ScoreDistiller(Protocol):
         """Loss for the generator given its samples ``x = G(z, cond)`` (with grad)."""
         ...
 
-    def fake_score_loss(self, x: Tensor, fake: Any, cond: Any = None,
-                        real: Tensor | None = None, real_cond: Any = None) -> LossDict:
+    def fake_score_loss(
+        self, x: Tensor, fake: Any, cond: Any = None, real: Tensor | None = None, real_cond: Any = None
+    ) -> LossDict:
         """The critic's loss on generator samples ``x`` (detached inside): DSM, plus any GAN term."""
         ...
 
@@ -77,8 +79,9 @@ class DSMFakeScore:
     def dsm_loss(self, x: Tensor, fake: Any, cond: Any = None) -> Tensor:
         return self.fake_loss_scale * self.dsm(fake, x.detach(), cond).mean()
 
-    def fake_score_loss(self, x: Tensor, fake: Any, cond: Any = None,
-                        real: Tensor | None = None, real_cond: Any = None) -> LossDict:
+    def fake_score_loss(
+        self, x: Tensor, fake: Any, cond: Any = None, real: Tensor | None = None, real_cond: Any = None
+    ) -> LossDict:
         loss = self.dsm_loss(x, fake, cond)
         return {"loss": loss, "dsm": loss.detach()}
 

@@ -21,6 +21,7 @@ Three node modes:
 - ``"full"``: full fine-tuning, full nodes (the reference's format; issue-tracker measurements
   found full paths degrade much faster than LoRA ones at the same learning rate).
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,8 +46,9 @@ log = logging.getLogger(__name__)
 MODES = ("lora", "svd", "full")
 
 
-def probe_inputs(x0: Tensor, cond: Any = None, *, sigma_min: float = 0.05, sigma_max: float = 20.0,
-                 seed: int = 1234) -> tuple[Tensor, Tensor, Any]:
+def probe_inputs(
+    x0: Tensor, cond: Any = None, *, sigma_min: float = 0.05, sigma_max: float = 20.0, seed: int = 1234
+) -> tuple[Tensor, Tensor, Any]:
     """Fixed probe inputs from clean samples ``x0`` (of G0): ``x0 + sigma * noise`` at geometrically
     spaced sigmas in ``[sigma_min, sigma_max]`` (one per sample), with seeded noise."""
     n = x0.shape[0]
@@ -98,12 +100,23 @@ class DegradationRecorder:
             factory ``optimizer(params)`` is given); unused if you step your own optimizer and call :meth:`step`.
     """
 
-    def __init__(self, teacher: nn.Module, module: nn.Module | None = None, *, interval: int | None = None,
-                 steps: int | None = None, nodes: int | None = None, mode: str = "lora", lora: LoraSpec | None = None,
-                 probe: Tensor | tuple[Tensor, Any, Any] | None = None, call: Callable[..., Tensor] = call_module,
-                 merge: bool = True, lr: float = 1e-4,
-                 optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
-                 max_grad_norm: float | None = None):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        module: nn.Module | None = None,
+        *,
+        interval: int | None = None,
+        steps: int | None = None,
+        nodes: int | None = None,
+        mode: str = "lora",
+        lora: LoraSpec | None = None,
+        probe: Tensor | tuple[Tensor, Any, Any] | None = None,
+        call: Callable[..., Tensor] = call_module,
+        merge: bool = True,
+        lr: float = 1e-4,
+        optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        max_grad_norm: float | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(teacher, nn.Module):
@@ -119,7 +132,9 @@ class DegradationRecorder:
             module = copy.deepcopy(teacher).train()
             module.requires_grad_(True)
         elif module is teacher:
-            raise ValueError("module must be a copy of the teacher (e.g. copy.deepcopy(teacher)), not the teacher itself")
+            raise ValueError(
+                "module must be a copy of the teacher (e.g. copy.deepcopy(teacher)), not the teacher itself"
+            )
         else:
             _check_same_weights(module, teacher)
         self.module = module
@@ -216,8 +231,9 @@ class DegradationRecorder:
             if out is not None and probe is not None:  # out is None exactly when there is no probe
                 full_out = out
                 out = _run(self._svd_work, self.call, probe)
-                self.svd_output_error.append(float((out - full_out).norm()
-                                                   / (full_out - self.outputs[0]).norm().clamp_min(1e-12)))
+                self.svd_output_error.append(
+                    float((out - full_out).norm() / (full_out - self.outputs[0]).norm().clamp_min(1e-12))
+                )
         if out is not None:
             self.outputs.append(out)
         self.node_steps.append(self.steps_done)
@@ -234,18 +250,35 @@ class DegradationRecorder:
             remove_lora(self.module)
         for p, flag in self._flags:
             p.requires_grad_(flag)
-        info = {"mode": self.mode, "steps": self.steps_done, "interval": self.interval,
-                "seconds": time.perf_counter() - self._t0, **(meta or {})}
+        info = {
+            "mode": self.mode,
+            "steps": self.steps_done,
+            "interval": self.interval,
+            "seconds": time.perf_counter() - self._t0,
+            **(meta or {}),
+        }
         if self.mode == "svd":
             info["svd_error"] = self.svd_error  # relative Frobenius error of the weight deltas
             info["svd_output_error"] = self.svd_output_error  # ||svd - full|| / ||full - teacher|| on the probe
         probe = None
         if self.probe is not None:
             x, sigma, cond = self.probe
-            probe = Probe(x.detach().cpu(), torch.as_tensor(sigma).detach().cpu(),
-                          map_cond(lambda t: t.detach().cpu(), cond), self.outputs)
-        self._finished = Trajectory(self.teacher, self.nodes, kind="full" if self.mode == "full" else "lora",
-                                    lora=self.spec, steps=self.node_steps, merge=self.merge, probe=probe, meta=info)
+            probe = Probe(
+                x.detach().cpu(),
+                torch.as_tensor(sigma).detach().cpu(),
+                map_cond(lambda t: t.detach().cpu(), cond),
+                self.outputs,
+            )
+        self._finished = Trajectory(
+            self.teacher,
+            self.nodes,
+            kind="full" if self.mode == "full" else "lora",
+            lora=self.spec,
+            steps=self.node_steps,
+            merge=self.merge,
+            probe=probe,
+            meta=info,
+        )
         return self._finished
 
     def save(self, path: Any) -> Any:
@@ -289,8 +322,10 @@ def _probe(probe: Any, teacher: nn.Module) -> tuple[Tensor, Tensor, Any] | None:
     if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
         raise ValueError(f"probe sigma must have shape [{x.shape[0]}] (one per sample), got {tuple(sigma.shape)}")
     if cond is not None and cond_rows(cond) != {x.shape[0]}:
-        raise ValueError(f"probe cond must be a tensor, or a dict of tensors, with {x.shape[0]} rows (one per "
-                         f"sample) in every tensor; got rows {sorted(cond_rows(cond))}")
+        raise ValueError(
+            f"probe cond must be a tensor, or a dict of tensors, with {x.shape[0]} rows (one per "
+            f"sample) in every tensor; got rows {sorted(cond_rows(cond))}"
+        )
     return x.detach(), sigma, cond
 
 
@@ -303,22 +338,39 @@ def _loss_fn(method: Any) -> Callable[[nn.Module, Tensor, Any], Tensor]:
         if takes_args(method, 3):
             return lambda net, x, cond: method(net, x, cond)
         if takes_args(method, 2):
+
             def two(net: nn.Module, x: Tensor, cond: Any) -> Tensor:
                 if cond is not None:
                     raise ValueError("the loss takes (net, x0) but the batch has a cond")
                 return method(net, x)
+
             return two
-    raise TypeError(f"method must be a ScoreDistiller (with dsm_loss) or a loss callable loss(net, x0[, cond]); "
-                    f"got {type(method).__name__}")
+    raise TypeError(
+        f"method must be a ScoreDistiller (with dsm_loss) or a loss callable loss(net, x0[, cond]); "
+        f"got {type(method).__name__}"
+    )
 
 
-def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], method: Any,
-                       sample: Callable[[], Any], *, steps: int, interval: int | None = None,
-                       nodes: int | None = None, lr: float = 1e-4,
-                       optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
-                       mode: str = "lora", lora: LoraSpec | None = None, merge: bool = True,
-                       probe_size: int = 16, max_grad_norm: float | None = None, seed: int | None = None,
-                       wrap: Callable[[nn.Module], nn.Module] | None = None, progress: bool = False) -> Trajectory:
+def record_degradation(
+    teacher: nn.Module,
+    generator: Callable[..., Tensor],
+    method: Any,
+    sample: Callable[[], Any],
+    *,
+    steps: int,
+    interval: int | None = None,
+    nodes: int | None = None,
+    lr: float = 1e-4,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    mode: str = "lora",
+    lora: LoraSpec | None = None,
+    merge: bool = True,
+    probe_size: int = 16,
+    max_grad_norm: float | None = None,
+    seed: int | None = None,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    progress: bool = False,
+) -> Trajectory:
     """Record the degradation path of ``teacher`` toward the frozen generator ``generator`` (G0).
 
     Args:
@@ -349,8 +401,19 @@ def record_degradation(teacher: nn.Module, generator: Callable[..., Tensor], met
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        rec = DegradationRecorder(teacher, None, interval=interval, steps=steps, nodes=nodes, mode=mode, lora=lora,
-                                  merge=merge, lr=lr, optimizer=optimizer, max_grad_norm=max_grad_norm)
+        rec = DegradationRecorder(
+            teacher,
+            None,
+            interval=interval,
+            steps=steps,
+            nodes=nodes,
+            mode=mode,
+            lora=lora,
+            merge=merge,
+            lr=lr,
+            optimizer=optimizer,
+            max_grad_norm=max_grad_norm,
+        )
         first = as_batch(sample())
         cond = map_cond(lambda t: t[:probe_size], first.cond)
         with torch.no_grad():
@@ -384,5 +447,7 @@ class _SigmaRange(TypedDict):
 def _sigma_range(teacher: nn.Module) -> _SigmaRange:
     """Probe sigmas in [0.05, 20], within the teacher's ``sigma_min``/``sigma_max`` if it declares them
     (as a DDPM-schedule model does)."""
-    return {"sigma_min": max(0.05, float(getattr(teacher, "sigma_min", 0.0)) * 1.01),
-            "sigma_max": min(20.0, float(getattr(teacher, "sigma_max", math.inf)) * 0.99)}
+    return {
+        "sigma_min": max(0.05, float(getattr(teacher, "sigma_min", 0.0)) * 1.01),
+        "sigma_max": min(20.0, float(getattr(teacher, "sigma_max", math.inf)) * 0.99),
+    }

@@ -1,4 +1,5 @@
 """Multi-step samplers for any denoiser ``D(x_t, sigma, cond)`` (reference lines and Distillation++)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -18,8 +19,15 @@ def sampling_sigmas(steps: int = 18, sigma_min: float = 0.002, sigma_max: float 
 
 
 @torch.no_grad()
-def edm_sampler(denoiser: Callable[..., Tensor], noise: Tensor, cond: Any = None, steps: int = 18,
-                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+def edm_sampler(
+    denoiser: Callable[..., Tensor],
+    noise: Tensor,
+    cond: Any = None,
+    steps: int = 18,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+) -> Tensor:
     """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1): ``2 * steps - 1`` evaluations.
 
     ``noise`` is standard normal; sampling starts from ``sigma_max * noise``.

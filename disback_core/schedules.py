@@ -13,6 +13,7 @@ Used by :class:`~disback_core.backtracking.Backtrack` (library loops) and
   ``g_ema <= ratio * g_ref`` after at least ``min_steps`` updates, or at ``max_steps``.
 - :class:`TeacherOnly`: never moves (ablations).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -30,10 +31,14 @@ def score_gap(target_x0: Tensor, fake_x0: Tensor) -> float:
 
 def check_schedule(schedule: Any, name: str = "schedule") -> Any:
     """Refuse an object that is not a schedule, naming the argument."""
-    missing = [m for m in ("advance", "reset", "state_dict", "load_state_dict") if not callable(getattr(schedule, m, None))]
+    missing = [
+        m for m in ("advance", "reset", "state_dict", "load_state_dict") if not callable(getattr(schedule, m, None))
+    ]
     if missing:
-        raise TypeError(f"{name} must be a schedule (FixedInterval, AdaptiveGap, TeacherOnly or an object with "
-                        f"advance/reset/state_dict/load_state_dict); {type(schedule).__name__} lacks {missing}")
+        raise TypeError(
+            f"{name} must be a schedule (FixedInterval, AdaptiveGap, TeacherOnly or an object with "
+            f"advance/reset/state_dict/load_state_dict); {type(schedule).__name__} lacks {missing}"
+        )
     return schedule
 
 
@@ -70,8 +75,9 @@ class AdaptiveGap:
     """Move the target on once the score gap at the current node fell to ``ratio`` of its value
     just after the switch (see the module docstring for the statistic)."""
 
-    def __init__(self, ratio: float = 0.5, warmup: int = 10, decay: float = 0.9,
-                 min_steps: int = 20, max_steps: int = 1000):
+    def __init__(
+        self, ratio: float = 0.5, warmup: int = 10, decay: float = 0.9, min_steps: int = 20, max_steps: int = 1000
+    ):
         if not 0 < ratio < 1:
             raise ValueError(f"ratio must be in (0, 1), got {ratio}")
         if not 0 <= decay < 1 or warmup < 1 or min_steps < warmup or max_steps < min_steps:
@@ -87,9 +93,11 @@ class AdaptiveGap:
 
     def advance(self, steps_in_node: int, stat: float | None) -> bool:
         if stat is None:
-            raise ValueError("AdaptiveGap needs the score gap: Backtrack reads the method's 'score_gap' (this "
-                             "generator loss did not report it); an Attachment needs step(stat=...) "
-                             "(disback_core.score_gap(target_x0, fake_x0) computes it)")
+            raise ValueError(
+                "AdaptiveGap needs the score gap: Backtrack reads the method's 'score_gap' (this "
+                "generator loss did not report it); an Attachment needs step(stat=...) "
+                "(disback_core.score_gap(target_x0, fake_x0) computes it)"
+            )
         if self.g_ref is None:
             self._warm.append(stat)
             if len(self._warm) >= self.warmup:
@@ -102,12 +110,24 @@ class AdaptiveGap:
         if steps_in_node >= self.max_steps:
             return True
         # g_ema is always set together with g_ref (above); the check narrows it for the type checker.
-        return (steps_in_node >= self.min_steps and self.g_ref is not None and self.g_ema is not None
-                and self.g_ema <= self.ratio * self.g_ref)
+        return (
+            steps_in_node >= self.min_steps
+            and self.g_ref is not None
+            and self.g_ema is not None
+            and self.g_ema <= self.ratio * self.g_ref
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "warmup": self.warmup, "decay": self.decay, "min_steps": self.min_steps,
-                "max_steps": self.max_steps, "warm": list(self._warm), "g_ref": self.g_ref, "g_ema": self.g_ema}
+        return {
+            "ratio": self.ratio,
+            "warmup": self.warmup,
+            "decay": self.decay,
+            "min_steps": self.min_steps,
+            "max_steps": self.max_steps,
+            "warm": list(self._warm),
+            "g_ref": self.g_ref,
+            "g_ema": self.g_ema,
+        }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         type(self).__init__(self, d["ratio"], d["warmup"], d["decay"], d["min_steps"], d["max_steps"])
@@ -163,9 +183,14 @@ class NodeCursor:
         self.switches.append((self.generator_steps, self.node))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "generator_steps": self.generator_steps, "steps_in_node": self.steps_in_node,
-                "switches": [list(s) for s in self.switches], "schedule": self.schedule.state_dict(),
-                "stat": self.stat}
+        return {
+            "node": self.node,
+            "generator_steps": self.generator_steps,
+            "steps_in_node": self.steps_in_node,
+            "switches": [list(s) for s in self.switches],
+            "schedule": self.schedule.state_dict(),
+            "stat": self.stat,
+        }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.node = int(d["node"])

@@ -9,6 +9,7 @@ A sampler is called as ``sampler(n, device=None, generator=None) -> sigma`` of s
 - :class:`KarrasContinuousSigma`: a continuous position on the Karras ramp, ``u ~ U(0, u_max)``;
   SiD's generator loss (``u_max = tmax / 1000 = 0.8``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ __all__ = [
 
 
 class SigmaSampler(Protocol):
-    def __call__(self, n: int, device: torch.device | str | None = None,
-                 generator: torch.Generator | None = None) -> Tensor: ...
+    def __call__(
+        self, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> Tensor: ...
 
 
 def _check_range(sigma_min: float, sigma_max: float, rho: float) -> None:
@@ -41,8 +43,7 @@ def _check_range(sigma_min: float, sigma_max: float, rho: float) -> None:
         raise ValueError(f"rho must be > 0, got {rho}")
 
 
-def karras_sigmas(num: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                  rho: float = 7.0) -> Tensor:
+def karras_sigmas(num: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
     """The Karras grid (Karras et al. 2022, Eq. 5), ascending: index 0 is ``sigma_min``; float64."""
     _check_range(sigma_min, sigma_max, rho)
     if num < 2:

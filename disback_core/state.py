@@ -33,6 +33,7 @@ optimizers, schedulers, generators and RNGs. Every problem is a
 Not in scope here: sharded states (FSDP / ``torch.distributed.checkpoint``); every rank of a
 replicated (DDP) run shares one folder on a shared file system, rank 0 writing all but the RNG files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -110,10 +111,19 @@ def _encode(obj: Any, where: str, sink: dict[str, Tensor] | None, key: str, dept
     if isinstance(obj, Mapping):
         if all(isinstance(k, str) and k not in _TAGS for k in obj):
             return {k: _encode(v, f"{where}[{k!r}]", sink, _join(key, k), depth + 1) for k, v in obj.items()}
-        return {"__dict__": [[_encode(k, f"{where} key {k!r}", None, "", depth + 1),
-                              _encode(v, f"{where}[{k!r}]", sink, _join(key, k), depth + 1)] for k, v in obj.items()]}
-    raise TypeError(f"{where} is a {type(obj).__name__}, which a state cannot hold "
-                    "(JSON values, tuples, dicts, numpy scalars and tensors can)")
+        return {
+            "__dict__": [
+                [
+                    _encode(k, f"{where} key {k!r}", None, "", depth + 1),
+                    _encode(v, f"{where}[{k!r}]", sink, _join(key, k), depth + 1),
+                ]
+                for k, v in obj.items()
+            ]
+        }
+    raise TypeError(
+        f"{where} is a {type(obj).__name__}, which a state cannot hold "
+        "(JSON values, tuples, dicts, numpy scalars and tensors can)"
+    )
 
 
 def _decode(obj: Any, tensors: Mapping[str, Tensor], where: str) -> Any:
@@ -320,13 +330,16 @@ def _check_names(objs: Mapping[str, Any], arg: str, kind: type | tuple[type, ...
         raise TypeError(f"{arg} must be a mapping of names to objects, got {type(objs).__name__}")
     for name, obj in objs.items():
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ValueError(f"{arg}: name {name!r} must be 1-100 characters of letters, digits, '_', '.' "
-                             "or '-', not starting with '.' or '-'")
+            raise ValueError(
+                f"{arg}: name {name!r} must be 1-100 characters of letters, digits, '_', '.' "
+                "or '-', not starting with '.' or '-'"
+            )
         if kind is not None and not isinstance(obj, kind):
             want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise TypeError(f"{arg}[{name!r}] is a {type(obj).__name__}, not a {want}")
-        if kind is None and not (callable(getattr(obj, "state_dict", None))
-                                 and callable(getattr(obj, "load_state_dict", None))):
+        if kind is None and not (
+            callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+        ):
             raise TypeError(f"{arg}[{name!r}] ({type(obj).__name__}) has no state_dict/load_state_dict")
 
 
@@ -359,8 +372,9 @@ def _module_tensors(name: str, module: nn.Module) -> dict[str, Tensor]:
     return dict(sd)
 
 
-def _rng_state(generators: Mapping[str, torch.Generator], rank: int,
-               world_size: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _rng_state(
+    generators: Mapping[str, torch.Generator], rank: int, world_size: int
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """This process's RNG states: tensors (torch CPU, CUDA, named generators) and JSON (numpy, Python)."""
     tensors = {"torch.cpu": torch.get_rng_state()}
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -370,7 +384,10 @@ def _rng_state(generators: Mapping[str, torch.Generator], rank: int,
         tensors[f"generator.{name}"] = g.get_state()
     version, internal, gauss = random.getstate()
     info: dict[str, Any] = {
-        "format": FORMAT + "-rng", "rank": rank, "world_size": world_size, "cuda_devices": len(cuda),
+        "format": FORMAT + "-rng",
+        "rank": rank,
+        "world_size": world_size,
+        "cuda_devices": len(cuda),
         "generators": {n: {"device": str(g.device)} for n, g in generators.items()},
         "python": {"version": version, "state": list(internal), "gauss_next": _encode(gauss, "gauss", None, "")},
         "numpy": _numpy_state(),
@@ -384,8 +401,13 @@ def _numpy_state() -> dict[str, Any] | None:
     except ImportError:  # pragma: no cover - numpy is a dependency
         return None
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {"bit_generator": kind, "keys": [int(k) for k in keys], "pos": int(pos), "has_gauss": int(has_gauss),
-            "cached_gaussian": _encode(float(cached), "cached_gaussian", None, "")}
+    return {
+        "bit_generator": kind,
+        "keys": [int(k) for k in keys],
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": _encode(float(cached), "cached_gaussian", None, ""),
+    }
 
 
 def _library_version() -> str:
@@ -397,8 +419,14 @@ def _library_version() -> str:
 class _Payload:
     """What rank 0 writes: tensor files and the manifest's sections, collected before anything is written."""
 
-    def __init__(self, modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
-                 schedulers: Mapping[str, Any], extra: Mapping[str, Any], config: Mapping[str, Any]):
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        schedulers: Mapping[str, Any],
+        extra: Mapping[str, Any],
+        config: Mapping[str, Any],
+    ):
         self.files: dict[str, dict[str, Tensor]] = {}
         self.sections: dict[str, Any] = {"modules": {}, "optimizers": {}}
         for name, m in modules.items():
@@ -411,12 +439,16 @@ class _Payload:
             sink: dict[str, Tensor] = {}
             sd = _encode(opt.state_dict(), f"optimizers[{name!r}].state_dict()", sink, "")
             self.files[fname] = sink
-            self.sections["optimizers"][name] = {"file": fname, "state_dict": sd,
-                                                 "params": _optimizer_params(opt, names)}
+            self.sections["optimizers"][name] = {
+                "file": fname,
+                "state_dict": sd,
+                "params": _optimizer_params(opt, names),
+            }
         sink = {}
         self.sections["schedulers"] = {
             n: _encode(s.state_dict(), f"schedulers[{n!r}].state_dict()", sink, f"schedulers.{n}")
-            for n, s in schedulers.items()}
+            for n, s in schedulers.items()
+        }
         self.sections["extra"] = _encode(dict(extra), "extra", sink, "extra")
         self.sections["tensors_file"] = EXTRA_FILE if sink else None
         if sink:
@@ -459,8 +491,18 @@ def _tmp_name(step: int, world_size: int) -> str:
 
 
 def _write_pointer(folder: Path, directory: str, step: int, manifest_sha: str) -> None:
-    _replace_file(folder / LATEST, _json_bytes({"format": POINTER_FORMAT, "version": VERSION, "step": step,
-                                                "directory": directory, "manifest_sha256": manifest_sha}))
+    _replace_file(
+        folder / LATEST,
+        _json_bytes(
+            {
+                "format": POINTER_FORMAT,
+                "version": VERSION,
+                "step": step,
+                "directory": directory,
+                "manifest_sha256": manifest_sha,
+            }
+        ),
+    )
 
 
 def _install(folder: Path, tmp: Path, step: int, manifest_sha: str) -> Path:
@@ -520,7 +562,7 @@ def _cleanup(folder: Path, step: int, keep: int, live: str) -> None:
             doomed.append(folder / name)
         elif _STEP_DIR.fullmatch(name) and entry.is_dir(follow_symlinks=False):
             steps.append(int(name[5:]))
-    kept = sorted((s for s in steps if s < step), reverse=True)[:keep - 1]
+    kept = sorted((s for s in steps if s < step), reverse=True)[: keep - 1]
     for s in steps:
         if s not in kept:
             aside = folder / f".{_step_name(s)}.tmp-{os.getpid()}-old"
@@ -541,11 +583,21 @@ def _sync(barrier: Callable[[], None] | None) -> None:
 # --------------------------------------------------------------------------- save
 
 
-def save_state(folder: str | os.PathLike, *, step: int, modules: Mapping[str, nn.Module],
-               optimizers: Mapping[str, torch.optim.Optimizer] = {}, schedulers: Mapping[str, Any] = {},
-               generators: Mapping[str, torch.Generator] = {}, extra: Mapping[str, Any] = {},
-               config: Mapping[str, Any], keep: int = 3, rank: int = 0, world_size: int = 1,
-               barrier: Callable[[], None] | None = None) -> Path:
+def save_state(
+    folder: str | os.PathLike,
+    *,
+    step: int,
+    modules: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] = {},
+    schedulers: Mapping[str, Any] = {},
+    generators: Mapping[str, torch.Generator] = {},
+    extra: Mapping[str, Any] = {},
+    config: Mapping[str, Any],
+    keep: int = 3,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+) -> Path:
     """Save everything needed to continue a run as ``folder/step-<step:09d>/`` and switch
     ``folder/latest.json`` to it; returns that folder.
 
@@ -613,10 +665,17 @@ def save_state(folder: str | os.PathLike, *, step: int, modules: Mapping[str, nn
         try:
             for r in range(1, world_size):
                 files.update(_hash_rank_files(tmp, r))
-            manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
-                        "library_version": _library_version(), "torch_version": str(torch.__version__),
-                        "generators": sorted(generators), **payload.sections,
-                        "files": {k: files[k] for k in sorted(files)}}
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "step": step,
+                "world_size": world_size,
+                "library_version": _library_version(),
+                "torch_version": str(torch.__version__),
+                "generators": sorted(generators),
+                **payload.sections,
+                "files": {k: files[k] for k in sorted(files)},
+            }
             data = _json_bytes(manifest)
             _write_new(tmp / MANIFEST, data)
             _fsync_dir(tmp)
@@ -639,8 +698,9 @@ def _read_pointer(folder: Path) -> tuple[Path, str]:
     d = read_json(ptr, "state pointer")
     keys = {"format", "version", "step", "directory", "manifest_sha256"}
     if not isinstance(d, dict) or d.get("format") != POINTER_FORMAT or set(d) != keys:
-        raise StorageError(f"state pointer {ptr} is not a disback state pointer "
-                           f"(an object with exactly {sorted(keys)})")
+        raise StorageError(
+            f"state pointer {ptr} is not a disback state pointer (an object with exactly {sorted(keys)})"
+        )
     if type(d["version"]) is not int or d["version"] != VERSION:
         raise StorageError(f"state pointer {ptr} has version {str(d['version'])[:40]!r}; this library reads {VERSION}")
     name, step, sha = d["directory"], d["step"], d["manifest_sha256"]
@@ -675,8 +735,13 @@ def list_states(folder: str | os.PathLike) -> list[int]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(int(e.name[5:]) for e in os.scandir(folder) if _STEP_DIR.fullmatch(e.name)
-                  and e.is_dir(follow_symlinks=False) and os.path.isfile(os.path.join(e.path, MANIFEST)))
+    return sorted(
+        int(e.name[5:])
+        for e in os.scandir(folder)
+        if _STEP_DIR.fullmatch(e.name)
+        and e.is_dir(follow_symlinks=False)
+        and os.path.isfile(os.path.join(e.path, MANIFEST))
+    )
 
 
 def _resolve(folder: Path) -> tuple[Path, str | None]:
@@ -707,17 +772,38 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
         raise StorageError(f"manifest {path} fails the sha256 recorded in {LATEST}: it was modified or replaced")
     m = _parse_json(data, path)
     _want(isinstance(m, dict) and m.get("format") == FORMAT, path, f"not a {FORMAT} manifest")
-    _want(type(m.get("version")) is int and m.get("version") == VERSION, path,
-          f"format version {str(m.get('version'))[:40]!r}; this library reads {VERSION}")
-    for key, kind in (("step", int), ("world_size", int), ("files", dict), ("modules", dict), ("optimizers", dict),
-                      ("schedulers", dict), ("generators", list), ("config", dict), ("config_hash", str)):
+    _want(
+        type(m.get("version")) is int and m.get("version") == VERSION,
+        path,
+        f"format version {str(m.get('version'))[:40]!r}; this library reads {VERSION}",
+    )
+    for key, kind in (
+        ("step", int),
+        ("world_size", int),
+        ("files", dict),
+        ("modules", dict),
+        ("optimizers", dict),
+        ("schedulers", dict),
+        ("generators", list),
+        ("config", dict),
+        ("config_hash", str),
+    ):
         _want(type(m.get(key)) is kind, path, f"{key!r} is missing or not a {kind.__name__}")
-    _want(0 <= m["step"] <= MAX_STEP and 1 <= m["world_size"] <= len(m["files"]) // 2, path,
-          "step or world_size out of range (every rank has two RNG files in the file table)")
-    _want(all(isinstance(g, str) for g in m["generators"]) and len(set(m["generators"])) == len(m["generators"]),
-          path, "'generators' must be a list of distinct names")
-    _want(m.get("tensors_file") is None or isinstance(m["tensors_file"], str), path,
-          "'tensors_file' must be a file name or null")
+    _want(
+        0 <= m["step"] <= MAX_STEP and 1 <= m["world_size"] <= len(m["files"]) // 2,
+        path,
+        "step or world_size out of range (every rank has two RNG files in the file table)",
+    )
+    _want(
+        all(isinstance(g, str) for g in m["generators"]) and len(set(m["generators"])) == len(m["generators"]),
+        path,
+        "'generators' must be a list of distinct names",
+    )
+    _want(
+        m.get("tensors_file") is None or isinstance(m["tensors_file"], str),
+        path,
+        "'tensors_file' must be a file name or null",
+    )
     match = _STEP_DIR.fullmatch(step_dir.name) or _TMP_DIR.fullmatch(step_dir.name)
     _want(match is None or int(match.group(1)) == m["step"], path, f"step {m['step']} does not match its folder's name")
     _check_file_table(m, path)
@@ -728,11 +814,19 @@ def _check_file_table(m: dict[str, Any], path: Path) -> None:
     """Every file entry has a plain name, a sha256 and a size; the table lists exactly the files the
     manifest's sections name, and every rank's RNG files."""
     for name, e in m["files"].items():
-        _want(bool(_NAME.fullmatch(name)) and name != MANIFEST, path,
-              f"file name {name[:200]!r} is not a plain file name")
-        _want(isinstance(e, dict) and set(e) == {"sha256", "size"} and isinstance(e["sha256"], str)
-              and bool(_HEX64.fullmatch(e["sha256"])) and type(e["size"]) is int and e["size"] >= 0,
-              path, f"file {name!r} needs a sha256 (64 hex digits) and a size")
+        _want(
+            bool(_NAME.fullmatch(name)) and name != MANIFEST, path, f"file name {name[:200]!r} is not a plain file name"
+        )
+        _want(
+            isinstance(e, dict)
+            and set(e) == {"sha256", "size"}
+            and isinstance(e["sha256"], str)
+            and bool(_HEX64.fullmatch(e["sha256"]))
+            and type(e["size"]) is int
+            and e["size"] >= 0,
+            path,
+            f"file {name!r} needs a sha256 (64 hex digits) and a size",
+        )
     want = {f"rng-rank{r}.{ext}" for r in range(m["world_size"]) for ext in ("safetensors", "json")}
     for section in ("modules", "optimizers"):
         for name, e in m[section].items():
@@ -752,12 +846,15 @@ def _verify_files(step_dir: Path, files: Mapping[str, Mapping[str, Any]]) -> Non
         f, size = _open_regular(path, "state file")
         f.close()
         if size != e["size"]:
-            raise StorageError(f"state file {path} is {size} bytes, the manifest says {e['size']}: "
-                               "it was truncated or extended")
+            raise StorageError(
+                f"state file {path} is {size} bytes, the manifest says {e['size']}: it was truncated or extended"
+            )
         sha, _ = _sha256_stream(path, "state file")
         if sha != e["sha256"]:
-            raise StorageError(f"state file {path} fails its sha256 check (expected {e['sha256'][:12]}..., "
-                               f"got {sha[:12]}...): it was modified")
+            raise StorageError(
+                f"state file {path} fails its sha256 check (expected {e['sha256'][:12]}..., "
+                f"got {sha[:12]}...): it was modified"
+            )
 
 
 # --------------------------------------------------------------------------- checking what is restored
@@ -791,14 +888,18 @@ def _check_config(m: Mapping[str, Any], config: Mapping[str, Any], path: Path) -
         return
     diffs = _config_diff(m["config"], given) or ["no key differs: the config hash does"]
     more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
-    raise StorageError(f"{path}: the state is from another run configuration (config hash {m['config_hash']} "
-                       f"in the state, {given_hash} given); differing keys: {'; '.join(diffs[:5])}{more}")
+    raise StorageError(
+        f"{path}: the state is from another run configuration (config hash {m['config_hash']} "
+        f"in the state, {given_hash} given); differing keys: {'; '.join(diffs[:5])}{more}"
+    )
 
 
 def _check_world(m: Mapping[str, Any], rank: int, world_size: int, path: Path) -> None:
     if m["world_size"] != world_size:
-        raise StorageError(f"{path}: the state was saved by a run of world size {m['world_size']}; this run has "
-                           f"world size {world_size}")
+        raise StorageError(
+            f"{path}: the state was saved by a run of world size {m['world_size']}; this run has "
+            f"world size {world_size}"
+        )
 
 
 def _check_sections(m: Mapping[str, Any], given: Mapping[str, Mapping[str, Any]], strict: bool, path: Path) -> None:
@@ -810,60 +911,83 @@ def _check_sections(m: Mapping[str, Any], given: Mapping[str, Mapping[str, Any]]
             raise StorageError(f"{path}: {section} {missing[0]!r} is not in the state (it holds {sorted(saved)})")
         unused = sorted(saved - set(objs))
         if strict and unused:
-            raise StorageError(f"{path}: the state holds {section} {unused[0]!r}, which was not passed "
-                               "(pass it, or strict=False to leave it)")
+            raise StorageError(
+                f"{path}: the state holds {section} {unused[0]!r}, which was not passed "
+                "(pass it, or strict=False to leave it)"
+            )
 
 
 def _check_module(name: str, module: nn.Module, saved: Mapping[str, Tensor], file: Path) -> None:
     own = module.state_dict()
     missing, unexpected = [k for k in own if k not in saved], [k for k in saved if k not in own]
     if missing:
-        raise StorageError(f"{file}: module {name!r} does not fit the state: key {missing[0]!r} is not in the file"
-                           f" ({len(missing)} missing)")
+        raise StorageError(
+            f"{file}: module {name!r} does not fit the state: key {missing[0]!r} is not in the file"
+            f" ({len(missing)} missing)"
+        )
     if unexpected:
-        raise StorageError(f"{file}: module {name!r} does not fit the state: the file's key {unexpected[0]!r} is "
-                           f"not in the module ({len(unexpected)} unexpected)")
+        raise StorageError(
+            f"{file}: module {name!r} does not fit the state: the file's key {unexpected[0]!r} is "
+            f"not in the module ({len(unexpected)} unexpected)"
+        )
     for k in own:  # the module's order: the first that does not fit is named
         a, b = saved[k], own[k]
         if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
-            raise StorageError(f"{file}: module {name!r} does not fit the state: {k!r} is {a.dtype} "
-                               f"{list(a.shape)} in the file, {b.dtype} {list(b.shape)} in the module")
+            raise StorageError(
+                f"{file}: module {name!r} does not fit the state: {k!r} is {a.dtype} "
+                f"{list(a.shape)} in the file, {b.dtype} {list(b.shape)} in the module"
+            )
 
 
-def _check_optimizer(name: str, opt: torch.optim.Optimizer, sd: Any, params: Any, names: Mapping[int, str],
-                     file: Path) -> None:
+def _check_optimizer(
+    name: str, opt: torch.optim.Optimizer, sd: Any, params: Any, names: Mapping[int, str], file: Path
+) -> None:
     where = f"{file}: optimizer {name!r}"
-    if not isinstance(sd, dict) or set(sd) != {"state", "param_groups"} or not isinstance(sd["state"], dict) \
-            or not isinstance(sd["param_groups"], list) \
-            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in sd["param_groups"]):
+    if (
+        not isinstance(sd, dict)
+        or set(sd) != {"state", "param_groups"}
+        or not isinstance(sd["state"], dict)
+        or not isinstance(sd["param_groups"], list)
+        or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in sd["param_groups"])
+    ):
         raise StorageError(f"{where}: the saved state_dict is not an optimizer state (state, param_groups)")
     groups = sd["param_groups"]
     if len(groups) != len(opt.param_groups):
         raise StorageError(f"{where}: {len(groups)} parameter groups in the state, {len(opt.param_groups)} here")
     for i, (g, og) in enumerate(zip(groups, opt.param_groups)):
         if len(g["params"]) != len(og["params"]):
-            raise StorageError(f"{where}: group {i} has {len(g['params'])} parameters in the state, "
-                               f"{len(og['params'])} here")
+            raise StorageError(
+                f"{where}: group {i} has {len(g['params'])} parameters in the state, {len(og['params'])} here"
+            )
     if not isinstance(params, list) or not all(
-            isinstance(e, list) and len(e) == 2 and (e[0] is None or isinstance(e[0], str)) and isinstance(e[1], list)
-            and all(type(n) is int for n in e[1]) for e in params):
+        isinstance(e, list)
+        and len(e) == 2
+        and (e[0] is None or isinstance(e[0], str))
+        and isinstance(e[1], list)
+        and all(type(n) is int for n in e[1])
+        for e in params
+    ):
         raise StorageError(f"{where}: the saved parameter list is not [[name, shape], ...]")
     ids = [p for g in groups for p in g["params"]]
     if len(set(ids)) != len(ids) or not set(sd["state"]) <= set(ids):
         raise StorageError(f"{where}: the saved state names parameters its groups do not hold")
     shapes = dict(zip(ids, (e[1] for e in params))) if len(params) == len(ids) else {}
     for pid, entry in sd["state"].items():
-        for key, t in (entry.items() if isinstance(entry, dict) else ()):
+        for key, t in entry.items() if isinstance(entry, dict) else ():
             if isinstance(t, Tensor) and t.ndim > 0 and (list(t.shape) != shapes.get(pid) or not t.is_floating_point()):
-                raise StorageError(f"{where}: state {pid}.{key} is {t.dtype} {list(t.shape)}; a parameter's state "
-                                   f"tensor is a scalar or floating with its shape {shapes.get(pid)}")
+                raise StorageError(
+                    f"{where}: state {pid}.{key} is {t.dtype} {list(t.shape)}; a parameter's state "
+                    f"tensor is a scalar or floating with its shape {shapes.get(pid)}"
+                )
     here = _optimizer_params(opt, names)
     if params != here:
         i = next((i for i, (a, b) in enumerate(zip(params, here)) if a != b), min(len(params), len(here)))
         a = params[i] if i < len(params) else None
         b = here[i] if i < len(here) else None
-        raise StorageError(f"{where}: parameter {i} is {a} (name, shape) in the state, {b} here: the optimizer "
-                           "holds other parameters or the same ones in another order")
+        raise StorageError(
+            f"{where}: parameter {i} is {a} (name, shape) in the state, {b} here: the optimizer "
+            "holds other parameters or the same ones in another order"
+        )
 
 
 def _check_scheduler(name: str, sched: Any, sd: Any, strict: bool, path: Path) -> None:
@@ -872,12 +996,16 @@ def _check_scheduler(name: str, sched: Any, sd: Any, strict: bool, path: Path) -
     own = sched.state_dict()
     if strict and set(sd) != set(own):
         diff = sorted(set(sd) ^ set(own))
-        raise StorageError(f"{path}: scheduler {name!r} does not fit the state: key {diff[0]!r} is in only one of "
-                           "the state and this scheduler")
+        raise StorageError(
+            f"{path}: scheduler {name!r} does not fit the state: key {diff[0]!r} is in only one of "
+            "the state and this scheduler"
+        )
     odd = sorted(k for k in set(sd) & set(own) if not _same_kind(sd[k], own[k]))
     if odd:
-        raise StorageError(f"{path}: scheduler {name!r}: {odd[0]!r} is {json.dumps(sd[odd[0]], default=str)[:60]} in "
-                           f"the state, which is not the kind of value this scheduler holds ({type(own[odd[0]]).__name__})")
+        raise StorageError(
+            f"{path}: scheduler {name!r}: {odd[0]!r} is {json.dumps(sd[odd[0]], default=str)[:60]} in "
+            f"the state, which is not the kind of value this scheduler holds ({type(own[odd[0]]).__name__})"
+        )
 
 
 def _scratch_generator(state: Tensor, device: str, where: str) -> None:
@@ -891,16 +1019,26 @@ def _scratch_generator(state: Tensor, device: str, where: str) -> None:
 class _RankRng:
     """This rank's saved RNG states, checked."""
 
-    def __init__(self, tensors: Mapping[str, Tensor], info: Any, rank: int, generators: Mapping[str, torch.Generator],
-                 strict: bool, tfile: Path, jfile: Path):
+    def __init__(
+        self,
+        tensors: Mapping[str, Tensor],
+        info: Any,
+        rank: int,
+        generators: Mapping[str, torch.Generator],
+        strict: bool,
+        tfile: Path,
+        jfile: Path,
+    ):
         if not isinstance(info, dict) or info.get("format") != FORMAT + "-rng" or info.get("rank") != rank:
             raise StorageError(f"RNG file {jfile} is not rank {rank}'s RNG state")
         if "torch.cpu" not in tensors:
             raise StorageError(f"RNG file {tfile} holds no torch CPU RNG state")
         n_cuda, gens = info.get("cuda_devices"), info.get("generators")
-        want = {"torch.cpu", *(f"torch.cuda.{i}" for i in range(n_cuda if type(n_cuda) is int and 0 <= n_cuda <= 1024
-                                                                    else 0)),
-                *(f"generator.{g}" for g in (gens if isinstance(gens, dict) else {}))}
+        want = {
+            "torch.cpu",
+            *(f"torch.cuda.{i}" for i in range(n_cuda if type(n_cuda) is int and 0 <= n_cuda <= 1024 else 0)),
+            *(f"generator.{g}" for g in (gens if isinstance(gens, dict) else {})),
+        }
         if set(tensors) != want:
             odd = sorted(set(tensors) ^ want)[0]
             raise StorageError(f"RNG file {tfile}: tensor {odd!r} is in only one of the file and {jfile.name}")
@@ -914,8 +1052,10 @@ class _RankRng:
         here = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n != here:
             if strict:
-                raise StorageError(f"RNG file {tfile} holds the CUDA RNG states of {n} devices; this process sees "
-                                   f"{here} (strict=False skips restoring them)")
+                raise StorageError(
+                    f"RNG file {tfile} holds the CUDA RNG states of {n} devices; this process sees "
+                    f"{here} (strict=False skips restoring them)"
+                )
             self.cuda = []
         self.generators = {}
         saved_gens = info.get("generators")
@@ -951,8 +1091,13 @@ class _RankRng:
                 raise StorageError(f"RNG file {jfile} holds numpy's RNG state, but numpy cannot be imported") from None
             return None
         try:
-            st = (d["bit_generator"], np.array(d["keys"], dtype=np.uint32), d["pos"], d["has_gauss"],
-                  float(_decode(d["cached_gaussian"], {}, "cached_gaussian")))
+            st = (
+                d["bit_generator"],
+                np.array(d["keys"], dtype=np.uint32),
+                d["pos"],
+                d["has_gauss"],
+                float(_decode(d["cached_gaussian"], {}, "cached_gaussian")),
+            )
             np.random.RandomState().set_state(st)
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise StorageError(f"RNG file {jfile}: the numpy RNG state is not valid: {str(e)[:200]}") from None
@@ -991,10 +1136,18 @@ def _load(path: Path, sha: str) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------- load
 
 
-def load_state(folder: str | os.PathLike, *, modules: Mapping[str, nn.Module],
-               optimizers: Mapping[str, torch.optim.Optimizer] = {}, schedulers: Mapping[str, Any] = {},
-               generators: Mapping[str, torch.Generator] = {}, config: Mapping[str, Any], rank: int = 0,
-               world_size: int = 1, strict: bool = True) -> dict[str, Any]:
+def load_state(
+    folder: str | os.PathLike,
+    *,
+    modules: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] = {},
+    schedulers: Mapping[str, Any] = {},
+    generators: Mapping[str, torch.Generator] = {},
+    config: Mapping[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
+    strict: bool = True,
+) -> dict[str, Any]:
     """Restore a state saved by :func:`save_state` into the given objects, in place; returns
     ``{"step": int, "extra": ..., "path": Path}``.
 
@@ -1072,6 +1225,8 @@ def load_state(folder: str | os.PathLike, *, modules: Mapping[str, nn.Module],
         where = "RNG states"
         rng.restore(generators)
     except Exception as e:
-        raise StorageError(f"{step_dir}: restoring the {where} failed after every check passed; the objects may be "
-                           f"partly restored: {type(e).__name__}: {str(e)[:300]}") from e
+        raise StorageError(
+            f"{step_dir}: restoring the {where} failed after every check passed; the objects may be "
+            f"partly restored: {type(e).__name__}: {str(e)[:300]}"
+        ) from e
     return {"step": m["step"], "extra": extra, "path": step_dir}

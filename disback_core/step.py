@@ -9,6 +9,7 @@ Example::
     for it in range(iterations):
         logs = train_step(method, generator, fake, target, g_opt, f_opt, next_batch)
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -65,8 +66,13 @@ def _logs(prefix: str, out: dict[str, Tensor]) -> dict[str, float]:
     return {f"{prefix}/{k}": float(v.detach()) for k, v in out.items()}
 
 
-def _update(where: str, loss_fn: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Optimizer,
-            max_grad_norm: float | None, guard: NonFiniteGuard | None) -> dict[str, float] | None:
+def _update(
+    where: str,
+    loss_fn: Callable[[], dict[str, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float | None,
+    guard: NonFiniteGuard | None,
+) -> dict[str, float] | None:
     """zero_grad, loss, backward into the optimizer's parameters only, clip, step. With a ``guard``,
     a non-finite loss or gradient drops the update (None is returned) or stops the run, per its policy."""
     optimizer.zero_grad(set_to_none=True)
@@ -87,9 +93,17 @@ def _update(where: str, loss_fn: Callable[[], dict[str, Tensor]], optimizer: tor
     return _logs(where, out)
 
 
-def critic_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: nn.Module,
-                optimizer: torch.optim.Optimizer, batch: Batch, max_grad_norm: float | None = None,
-                guard: NonFiniteGuard | None = None, *, samples: Tensor | None = None) -> dict[str, float]:
+def critic_step(
+    method: ScoreDistiller,
+    generator: Callable[..., Tensor],
+    fake: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    max_grad_norm: float | None = None,
+    guard: NonFiniteGuard | None = None,
+    *,
+    samples: Tensor | None = None,
+) -> dict[str, float]:
     """One update of the fake score (and the method's GAN head) on fresh, detached generator samples,
     or on ``samples`` (generator outputs for ``batch``, e.g. the generator update's, as DMD2 reuses
     them). A dropped update (``guard``) returns ``{"critic/skipped": 1.0}``."""
@@ -98,15 +112,26 @@ def critic_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: 
     else:
         with torch.no_grad():
             x = call_generator(generator, batch.z, batch.cond)
-    logs = _update("critic", lambda: method.fake_score_loss(x, fake, batch.cond, real=batch.real,
-                                                            real_cond=batch.real_cond),
-                   optimizer, max_grad_norm, guard)
+    logs = _update(
+        "critic",
+        lambda: method.fake_score_loss(x, fake, batch.cond, real=batch.real, real_cond=batch.real_cond),
+        optimizer,
+        max_grad_norm,
+        guard,
+    )
     return {"critic/skipped": 1.0} if logs is None else logs
 
 
-def generator_step(method: ScoreDistiller, generator: Callable[..., Tensor], target: Any, fake: Any,
-                   optimizer: torch.optim.Optimizer, batch: Batch, max_grad_norm: float | None = None,
-                   guard: NonFiniteGuard | None = None) -> dict[str, float]:
+def generator_step(
+    method: ScoreDistiller,
+    generator: Callable[..., Tensor],
+    target: Any,
+    fake: Any,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    max_grad_norm: float | None = None,
+    guard: NonFiniteGuard | None = None,
+) -> dict[str, float]:
     """One generator update, then ``method.on_generator_step()``.
 
     Only the optimizer's parameters receive gradients, so a fake score that the loss
@@ -116,9 +141,16 @@ def generator_step(method: ScoreDistiller, generator: Callable[..., Tensor], tar
     return _generator_update(method, generator, target, fake, optimizer, batch, max_grad_norm, guard)[0]
 
 
-def _generator_update(method: ScoreDistiller, generator: Callable[..., Tensor], target: Any, fake: Any,
-                      optimizer: torch.optim.Optimizer, batch: Batch, max_grad_norm: float | None,
-                      guard: NonFiniteGuard | None) -> tuple[dict[str, float], Tensor | None]:
+def _generator_update(
+    method: ScoreDistiller,
+    generator: Callable[..., Tensor],
+    target: Any,
+    fake: Any,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    max_grad_norm: float | None,
+    guard: NonFiniteGuard | None,
+) -> tuple[dict[str, float], Tensor | None]:
     """generator_step's update; also returns the samples it was computed on (detached), or None if dropped."""
     seen: list[Tensor] = []
 
@@ -134,10 +166,19 @@ def _generator_update(method: ScoreDistiller, generator: Callable[..., Tensor], 
     return logs, seen[0].detach()
 
 
-def train_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: nn.Module, target: Any,
-               generator_optimizer: torch.optim.Optimizer, fake_optimizer: torch.optim.Optimizer,
-               next_batch: Callable[[], Batch], max_grad_norm: float | None = None,
-               guard: NonFiniteGuard | None = None, *, reuse_samples: bool = False) -> dict[str, float]:
+def train_step(
+    method: ScoreDistiller,
+    generator: Callable[..., Tensor],
+    fake: nn.Module,
+    target: Any,
+    generator_optimizer: torch.optim.Optimizer,
+    fake_optimizer: torch.optim.Optimizer,
+    next_batch: Callable[[], Batch],
+    max_grad_norm: float | None = None,
+    guard: NonFiniteGuard | None = None,
+    *,
+    reuse_samples: bool = False,
+) -> dict[str, float]:
     """``method.critic_steps`` critic updates, then one generator update; each draws its own batch.
 
     With ``reuse_samples`` the order is DMD2's own (Yin et al. 2024, ``train_one_step``): the generator
@@ -155,13 +196,29 @@ def train_step(method: ScoreDistiller, generator: Callable[..., Tensor], fake: n
         g_logs, x = _generator_update(method, generator, target, fake, generator_optimizer, batch, max_grad_norm, guard)
         for i in range(method.critic_steps):
             b = batch if i == 0 and x is not None else as_batch(next_batch(), "next_batch()")
-            logs.update(critic_step(method, generator, fake, fake_optimizer, b, max_grad_norm, guard,
-                                    samples=x if i == 0 else None))
+            logs.update(
+                critic_step(
+                    method, generator, fake, fake_optimizer, b, max_grad_norm, guard, samples=x if i == 0 else None
+                )
+            )
         logs.update(g_logs)
         return logs
     for _ in range(method.critic_steps):
-        logs.update(critic_step(method, generator, fake, fake_optimizer, as_batch(next_batch(), "next_batch()"),
-                                max_grad_norm, guard))
-    logs.update(generator_step(method, generator, target, fake, generator_optimizer,
-                               as_batch(next_batch(), "next_batch()"), max_grad_norm, guard))
+        logs.update(
+            critic_step(
+                method, generator, fake, fake_optimizer, as_batch(next_batch(), "next_batch()"), max_grad_norm, guard
+            )
+        )
+    logs.update(
+        generator_step(
+            method,
+            generator,
+            target,
+            fake,
+            generator_optimizer,
+            as_batch(next_batch(), "next_batch()"),
+            max_grad_norm,
+            guard,
+        )
+    )
     return logs

@@ -13,6 +13,7 @@ consistent with each shape and covering the data exactly, without overlap), and 
 expected sha256 is hashed by streaming before any tensor is allocated. Every problem is a
 :class:`StorageError` naming the file and the problem.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -76,8 +77,15 @@ _JSON_STRING = re.compile(r'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)', re.DOTALL)
 
 # safetensors dtype name -> torch dtype (only those this library reads and writes)
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
@@ -234,8 +242,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_json(data: bytes, where: str | os.PathLike, what: str = "JSON file",
-               max_depth: int = MAX_JSON_DEPTH) -> Any:
+def parse_json(data: bytes, where: str | os.PathLike, what: str = "JSON file", max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse UTF-8 JSON ``data``, refusing nesting deeper than ``max_depth`` and duplicate keys;
     every problem is a :class:`StorageError` naming ``where``."""
     try:
@@ -374,15 +381,20 @@ def tensors_sha256(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | 
     return h.hexdigest()
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Tensor],
-                 metadata: Mapping[str, str] | None = None, sync_dir: bool = True) -> str:
+def save_tensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+    sync_dir: bool = True,
+) -> str:
     """Save tensors as one safetensors file, atomically and reproducibly, streaming one tensor at
     a time; returns the file's sha256."""
     return atomic_write(path, _tensor_chunks(tensors, metadata), sync_dir)
 
 
-def save_tensors_once(path: str | os.PathLike, tensors: Mapping[str, Tensor], sha256: str,
-                      metadata: Mapping[str, str] | None = None) -> bool:
+def save_tensors_once(
+    path: str | os.PathLike, tensors: Mapping[str, Tensor], sha256: str, metadata: Mapping[str, str] | None = None
+) -> bool:
     """Save tensors whose file has the given ``sha256`` (:func:`tensors_sha256`) to ``path``, unless
     a regular file there already has that hash (then it is reused). Returns whether it wrote.
     The folder is not fsynced: call :func:`fsync_dir` once after the last file."""
@@ -391,8 +403,9 @@ def save_tensors_once(path: str | os.PathLike, tensors: Mapping[str, Tensor], sh
         return False
     got = save_tensors(path, tensors, metadata, sync_dir=False)
     if got != sha256:
-        raise ValueError(f"tensors written to {path} changed while they were saved (sha256 {got[:12]}..., "
-                         f"expected {sha256[:12]}...)")
+        raise ValueError(
+            f"tensors written to {path} changed while they were saved (sha256 {got[:12]}..., expected {sha256[:12]}...)"
+        )
     return True
 
 
@@ -424,8 +437,9 @@ def _tensor_info(name: str, v: Any, path: Path) -> TensorInfo:
         raise StorageError(f"{where} has invalid data_offsets {offs!r}")
     nbytes = math.prod(shape) * DTYPES[dt].itemsize
     if offs[1] - offs[0] != nbytes:
-        raise StorageError(f"{where}: data_offsets {offs} span {offs[1] - offs[0]} bytes, but shape {shape} "
-                           f"of {dt} needs {nbytes}")
+        raise StorageError(
+            f"{where}: data_offsets {offs} span {offs[1] - offs[0]} bytes, but shape {shape} of {dt} needs {nbytes}"
+        )
     return TensorInfo(dt, tuple(shape), offs[0], offs[1])
 
 
@@ -442,8 +456,10 @@ def _check_layout(infos: Mapping[str, TensorInfo], data_len: int, path: Path) ->
             raise StorageError(f"safetensors file {path}: tensor {name!r} at bytes {info.begin}..{info.end} {problem}")
         pos = info.end
     if pos != data_len:
-        raise StorageError(f"safetensors file {path}: tensors cover {pos} bytes of a {data_len}-byte data "
-                           "section (truncated or extra bytes)")
+        raise StorageError(
+            f"safetensors file {path}: tensors cover {pos} bytes of a {data_len}-byte data "
+            "section (truncated or extra bytes)"
+        )
 
 
 def _parse_header(f: io.RawIOBase, size: int, path: Path) -> tuple[int, dict[str, TensorInfo], dict[str, str]]:
@@ -462,8 +478,10 @@ def _parse_header(f: io.RawIOBase, size: int, path: Path) -> tuple[int, dict[str
     if n > MAX_HEADER_BYTES:
         raise StorageError(f"{what} {path} declares a {n}-byte header (more than {MAX_HEADER_BYTES}): refused")
     if n > size - 8:
-        raise StorageError(f"{what} {path} declares a {n}-byte header but holds only {size - 8} bytes after the "
-                           "length: it was truncated")
+        raise StorageError(
+            f"{what} {path} declares a {n}-byte header but holds only {size - 8} bytes after the "
+            "length: it was truncated"
+        )
     raw = bytearray(n)
     _read_exact(f, memoryview(raw), path, what)
     header = parse_json(bytes(raw), path, f"{what} header of")
@@ -506,8 +524,9 @@ def _read_tensor(f: io.RawIOBase, info: TensorInfo, start: int, h: Any, path: Pa
     return buf.view(info.torch_dtype).reshape(info.shape)
 
 
-def load_tensors(path: str | os.PathLike, sha256: str | None = None, device: str | torch.device = "cpu",
-                 max_bytes: int | None = None) -> dict[str, Tensor]:
+def load_tensors(
+    path: str | os.PathLike, sha256: str | None = None, device: str | torch.device = "cpu", max_bytes: int | None = None
+) -> dict[str, Tensor]:
     """Load a safetensors file, checking it before any tensor is allocated.
 
     The file must be a regular file (not a symlink) of at most ``max_bytes``; with ``sha256``, it
@@ -525,8 +544,10 @@ def load_tensors(path: str | os.PathLike, sha256: str | None = None, device: str
         if sha256 is not None:
             got = _sha256_open(f)
             if got != sha256:
-                raise StorageError(f"tensor file {path} fails its sha256 check (expected {sha256[:12]}..., "
-                                   f"got {got[:12]}...): it was modified or truncated")
+                raise StorageError(
+                    f"tensor file {path} fails its sha256 check (expected {sha256[:12]}..., "
+                    f"got {got[:12]}...): it was modified or truncated"
+                )
         n, infos, _ = _parse_header(f, size, path)
         h = None
         if sha256 is not None:

@@ -15,6 +15,7 @@ or the new one, and the same trajectory gives the same bytes. Loading checks eve
 hash, header, key, shape and dtype and raises :class:`~disback_core.storage.StorageError` naming
 the file and the first problem.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,6 +54,7 @@ from .trajectory_files import (
 )
 
 __all__ = ["Trajectory", "TrajectoryTarget", "Probe", "FORMAT", "VERSION", "call_module", "manifest_digest"]
+
 
 def call_module(module: Callable[..., Any], x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
     """``module(x, sigma, cond)`` (``module(x, sigma)`` when ``cond`` is None), unwrapping a diffusers
@@ -96,10 +98,19 @@ class Trajectory:
     error naming the node and the key.
     """
 
-    def __init__(self, teacher: nn.Module, nodes: Sequence[Mapping[str, Tensor] | nn.Module], *, kind: str = "lora",
-                 lora: LoraSpec | None = None, steps: Sequence[int] | None = None, merge: bool = True,
-                 probe: Probe | None = None, meta: Mapping[str, Any] | None = None,
-                 base_fingerprint: str | None = None):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        nodes: Sequence[Mapping[str, Tensor] | nn.Module],
+        *,
+        kind: str = "lora",
+        lora: LoraSpec | None = None,
+        steps: Sequence[int] | None = None,
+        merge: bool = True,
+        probe: Probe | None = None,
+        meta: Mapping[str, Any] | None = None,
+        base_fingerprint: str | None = None,
+    ):
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         if kind not in KINDS:
@@ -166,8 +177,9 @@ class Trajectory:
             raise ValueError(f"node {k} does not fit the teacher: missing {missing[:3]}, unexpected {unexpected[:3]}")
         for key, shape in self._template.items():
             if tuple(state[key].shape) != shape:
-                raise ValueError(f"node {k} does not fit the teacher: {key} has shape {tuple(state[key].shape)}, "
-                                 f"expected {shape}")
+                raise ValueError(
+                    f"node {k} does not fit the teacher: {key} has shape {tuple(state[key].shape)}, expected {shape}"
+                )
 
     def layers(self) -> list[str]:
         """The state-dict names a node sets (LoRA: ``<layer>.weight`` of each target; full: all)."""
@@ -182,8 +194,13 @@ class Trajectory:
         base.update(self._base_override)
         return base
 
-    def write(self, tensors: Mapping[str, Tensor], k: int, base: Mapping[str, Tensor] | None = None,
-              names: Sequence[str] | None = None) -> None:
+    def write(
+        self,
+        tensors: Mapping[str, Tensor],
+        k: int,
+        base: Mapping[str, Tensor] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> None:
         """Copy node ``k`` into ``tensors`` (a module's live tensors by state-dict name) in place.
 
         ``names``: which tensors (default :meth:`layers`); ``base``: the teacher's values (default
@@ -195,7 +212,7 @@ class Trajectory:
         base = self.base_tensors() if base is None else base
         state = self.nodes[k - 1] if k else None
         with torch.no_grad():
-            for name in (self.layers() if names is None else names):
+            for name in self.layers() if names is None else names:
                 dst = tensors[name]
                 b = base[name].to(dst.device, dst.dtype)
                 if state is None:
@@ -217,7 +234,7 @@ class Trajectory:
             work = copy.deepcopy(self.teacher, memo)
             state = _state(work)
             self.write(state, 0)
-            for n in (state if unmerged else touched):  # shared tensors keep the teacher's flags
+            for n in state if unmerged else touched:  # shared tensors keep the teacher's flags
                 state[n].requires_grad_(False)
             if unmerged:
                 inject_lora(work, self._lora_spec())
@@ -272,12 +289,16 @@ class Trajectory:
         missing = sorted(set(base) - set(dst))
         unexpected = sorted(set(dst) - set(base))
         if missing or unexpected:
-            raise ValueError(f"{type(module).__name__} does not have the teacher's structure: missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"{type(module).__name__} does not have the teacher's structure: missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}"
+            )
         for n in base:
             if dst[n].shape != base[n].shape:
-                raise ValueError(f"{type(module).__name__}: {n} has shape {tuple(dst[n].shape)}, "
-                                 f"the teacher's is {tuple(base[n].shape)}")
+                raise ValueError(
+                    f"{type(module).__name__}: {n} has shape {tuple(dst[n].shape)}, "
+                    f"the teacher's is {tuple(base[n].shape)}"
+                )
         touched = set(self.layers())
         with torch.no_grad():
             for n in base:
@@ -312,8 +333,9 @@ class Trajectory:
         folder.mkdir(parents=True, exist_ok=True)
         if created:
             fsync_dir(folder.parent)
-        nodes = [_write_node(folder, k, state, step)
-                 for k, (state, step) in enumerate(zip(self.nodes, self.steps), start=1)]
+        nodes = [
+            _write_node(folder, k, state, step) for k, (state, step) in enumerate(zip(self.nodes, self.steps), start=1)
+        ]
         probe = _write_probe(folder, self.probe) if self.probe is not None else None
         manifest = _manifest_bytes(self._manifest_body(nodes, probe))
         fsync_dir(folder)  # every file the new manifest names is durable before the switch
@@ -328,17 +350,24 @@ class Trajectory:
 
         base = self.base_tensors()
         body = {
-            "format": FORMAT, "version": VERSION, "library": f"disback {__version__}", "kind": self.kind,
+            "format": FORMAT,
+            "version": VERSION,
+            "library": f"disback {__version__}",
+            "kind": self.kind,
             "base_fingerprint": self.base_fingerprint,
             "base_fingerprints": {_dtype_name(d): tensors_fingerprint(base, d) for d in FINGERPRINT_DTYPES},
-            "lora": self.lora.to_json() if self.lora else None, "node_count": len(nodes), "nodes": nodes,
-            "probe": probe, "meta": self.meta,
+            "lora": self.lora.to_json() if self.lora else None,
+            "node_count": len(nodes),
+            "nodes": nodes,
+            "probe": probe,
+            "meta": self.meta,
         }
         return json.loads(json.dumps(body, allow_nan=True))  # plain JSON types: the digest of what a reader parses
 
     @classmethod
-    def load(cls, path: str | os.PathLike, teacher: nn.Module, merge: bool = True,
-             check_fingerprint: bool = True) -> Trajectory:
+    def load(
+        cls, path: str | os.PathLike, teacher: nn.Module, merge: bool = True, check_fingerprint: bool = True
+    ) -> Trajectory:
         """Load a trajectory folder onto ``teacher``; refuse anything that does not verify.
 
         Every problem with the folder is a :class:`StorageError` naming the file and the problem
@@ -359,16 +388,24 @@ class Trajectory:
         nodes = [_load_node(folder, e, template, floating, limit) for e in man["nodes"]]
         probe = _load_probe(folder, man["probe"], len(nodes)) if man["probe"] is not None else None
         try:
-            return cls(teacher, nodes, kind=man["kind"], lora=lora, steps=[e["step"] for e in man["nodes"]],
-                       merge=merge, probe=probe, meta=man["meta"], base_fingerprint=fp)
+            return cls(
+                teacher,
+                nodes,
+                kind=man["kind"],
+                lora=lora,
+                steps=[e["step"] for e in man["nodes"]],
+                merge=merge,
+                probe=probe,
+                meta=man["meta"],
+                base_fingerprint=fp,
+            )
         except StorageError:
             raise
         except (TypeError, ValueError) as e:
             raise StorageError(f"{where}: the stored trajectory does not fit this teacher: {e}") from e
 
 
-def probe_error(module: Callable[..., Any], probe: Probe, k: int,
-                call: Callable[..., Tensor] = call_module) -> float:
+def probe_error(module: Callable[..., Any], probe: Probe, k: int, call: Callable[..., Tensor] = call_module) -> float:
     """Max abs difference between ``module``'s output on the probe and node ``k``'s recorded one."""
     dev = next((p.device for p in getattr(module, "parameters", lambda: iter(()))()), probe.x.device)
     with torch.no_grad():

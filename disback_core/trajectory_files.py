@@ -10,6 +10,7 @@
 listed in docs/RELIABILITY.md. Every problem is a :class:`~disback_core.storage.StorageError`
 naming the file and the problem.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ READ_VERSIONS = (1, 2)
 KINDS = ("lora", "full")
 FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MANIFEST = "manifest.json"
-MAX_STEP = 2 ** 63
+MAX_STEP = 2**63
 MAX_NAME = 200
 _V1_KEYS = {"format", "version", "kind", "base_fingerprint", "lora", "nodes", "probe", "meta"}
 _KEYS = {  # version -> (required, optional) top-level manifest fields
@@ -176,8 +177,10 @@ def read_manifest(where: Path) -> dict[str, Any]:
         if not is_sha256(man["digest"]):
             raise StorageError(f"{where}: digest must be 64 hex digits, got {_short(man['digest'])}")
         if manifest_digest(man) != man["digest"]:
-            raise StorageError(f"{where} fails its digest check: node entries, their order, the LoRA spec, the "
-                               "probe or meta were edited")
+            raise StorageError(
+                f"{where} fails its digest check: node entries, their order, the LoRA spec, the "
+                "probe or meta were edited"
+            )
     return man
 
 
@@ -186,10 +189,15 @@ def _check_fingerprints(man: Mapping[str, Any], where: Path) -> None:
         raise StorageError(f"{where}: base_fingerprint must be 64 hex digits, got {_short(man['base_fingerprint'])}")
     fps = man.get("base_fingerprints", {})
     known = {_dtype_name(d) for d in FINGERPRINT_DTYPES}
-    if (not isinstance(fps, dict) or set(fps) - known or (man["version"] >= 2 and set(fps) != known)
-            or not all(is_sha256(v) for v in fps.values())):
-        raise StorageError(f"{where}: base_fingerprints must map {sorted(known)} to 64-hex fingerprints, "
-                           f"got {_short(fps)}")
+    if (
+        not isinstance(fps, dict)
+        or set(fps) - known
+        or (man["version"] >= 2 and set(fps) != known)
+        or not all(is_sha256(v) for v in fps.values())
+    ):
+        raise StorageError(
+            f"{where}: base_fingerprints must map {sorted(known)} to 64-hex fingerprints, got {_short(fps)}"
+        )
 
 
 def _check_lora_field(man: Mapping[str, Any], where: Path) -> None:
@@ -204,16 +212,23 @@ def _check_lora_field(man: Mapping[str, Any], where: Path) -> None:
     if man["version"] >= 2 and set(spec) != _LORA_KEYS:
         raise StorageError(f"{where}: bad LoRA spec: fields must be {sorted(_LORA_KEYS)}, got {sorted(map(str, spec))}")
     if man["version"] >= 2 and (isinstance(spec["alpha"], bool) or not isinstance(spec["alpha"], (int, float))):
-        raise StorageError(f"{where}: bad LoRA spec: alpha must be a number (saved resolved), got {_short(spec['alpha'])}")
+        raise StorageError(
+            f"{where}: bad LoRA spec: alpha must be a number (saved resolved), got {_short(spec['alpha'])}"
+        )
     tm = spec.get("target_modules")
     if (tm is None and man["version"] >= 2) or (tm is not None and not _is_name_list(tm)):
-        raise StorageError(f"{where}: bad LoRA spec: target_modules must be a non-empty list of distinct layer "
-                           f"names, got {_short(tm)}")
+        raise StorageError(
+            f"{where}: bad LoRA spec: target_modules must be a non-empty list of distinct layer names, got {_short(tm)}"
+        )
 
 
 def _is_name_list(v: Any) -> bool:
-    return (isinstance(v, list) and 0 < len(v) and len(set(map(str, v))) == len(v)
-            and all(isinstance(t, str) and 0 < len(t) <= 1000 for t in v))
+    return (
+        isinstance(v, list)
+        and 0 < len(v)
+        and len(set(map(str, v))) == len(v)
+        and all(isinstance(t, str) and 0 < len(t) <= 1000 for t in v)
+    )
 
 
 def _check_nodes_field(man: Mapping[str, Any], where: Path) -> None:
@@ -221,8 +236,10 @@ def _check_nodes_field(man: Mapping[str, Any], where: Path) -> None:
     if not isinstance(entries, list) or not entries:
         raise StorageError(f"{where}: nodes must be a non-empty list, got {_short(entries)}")
     if man["version"] >= 2 and (type(man["node_count"]) is not int or man["node_count"] != len(entries)):
-        raise StorageError(f"{where}: node_count {_short(man['node_count'])} does not match the {len(entries)} node "
-                           "entries (an entry was dropped or added)")
+        raise StorageError(
+            f"{where}: node_count {_short(man['node_count'])} does not match the {len(entries)} node "
+            "entries (an entry was dropped or added)"
+        )
     for i, e in enumerate(entries, start=1):
         what = f"node entry {i}"
         _check_fields(e, _ENTRY_KEYS, where, what)
@@ -234,7 +251,9 @@ def _check_nodes_field(man: Mapping[str, Any], where: Path) -> None:
 
 def _node_name(e: Mapping[str, Any], version: int) -> str:
     sha = e.get("sha256")
-    return f"node-{e['index']:04d}.safetensors" if version == 1 else f"node-{e['index']:04d}-{str(sha)[:16]}.safetensors"
+    return (
+        f"node-{e['index']:04d}.safetensors" if version == 1 else f"node-{e['index']:04d}-{str(sha)[:16]}.safetensors"
+    )
 
 
 def _probe_name(e: Any, version: int) -> str:
@@ -259,7 +278,9 @@ def _check_file_entry(e: Any, keys: set[str], where: Path, what: str, expected_n
     if problem:
         raise StorageError(f"{where}: {what} has an invalid file name {_short(name)} ({problem})")
     if name != expected_name:
-        raise StorageError(f"{where}: {what} names file {name!r}, expected {expected_name!r} (entries edited or swapped)")
+        raise StorageError(
+            f"{where}: {what} names file {name!r}, expected {expected_name!r} (entries edited or swapped)"
+        )
 
 
 def _name_problem(name: Any) -> str | None:
@@ -286,15 +307,18 @@ def _check_fingerprint(man: Mapping[str, Any], teacher: nn.Module, where: Path) 
     cast = fps.get(_dtype_name(dtype)) if isinstance(fps, dict) and dtype is not None else None
     if isinstance(cast, str) and cast == tensors_fingerprint(state, dtype):
         return fp
-    raise StorageError(f"{where}: trajectory was recorded on another base model "
-                       f"(fingerprint {str(man.get('base_fingerprint'))[:12]}..., this teacher {fp[:12]}...)")
+    raise StorageError(
+        f"{where}: trajectory was recorded on another base model "
+        f"(fingerprint {str(man.get('base_fingerprint'))[:12]}..., this teacher {fp[:12]}...)"
+    )
 
 
 # ---------------------------------------------------------------------------- reading the files
 
 
-def _node_template(man: Mapping[str, Any], teacher: nn.Module,
-                   where: Path) -> tuple[LoraSpec | None, dict[str, tuple[int, ...]], dict[str, bool]]:
+def _node_template(
+    man: Mapping[str, Any], teacher: nn.Module, where: Path
+) -> tuple[LoraSpec | None, dict[str, tuple[int, ...]], dict[str, bool]]:
     """(LoRA spec, key -> shape a node must have, key -> whether it must be floating)."""
     if man["kind"] == "full":
         state = teacher.state_dict()
@@ -326,21 +350,30 @@ def _member(folder: Path, name: str) -> Path:
     return path
 
 
-def _load_node(folder: Path, e: Mapping[str, Any], template: Mapping[str, tuple[int, ...]],
-               floating: Mapping[str, bool], max_bytes: int) -> dict[str, Tensor]:
+def _load_node(
+    folder: Path,
+    e: Mapping[str, Any],
+    template: Mapping[str, tuple[int, ...]],
+    floating: Mapping[str, bool],
+    max_bytes: int,
+) -> dict[str, Tensor]:
     """Node entry ``e``'s tensors, checked: size, sha256, header, keys, shapes, float dtypes."""
     path = _member(folder, e["file"])
     state = load_tensors(path, sha256=e["sha256"], max_bytes=max_bytes)
     missing, unexpected = sorted(set(template) - set(state)), sorted(set(state) - set(template))
     if missing or unexpected:
-        raise StorageError(f"{path}: keys do not fit this teacher: missing {missing[:3]}, "
-                           f"unexpected {[u[:80] for u in unexpected[:3]]}")
+        raise StorageError(
+            f"{path}: keys do not fit this teacher: missing {missing[:3]}, "
+            f"unexpected {[u[:80] for u in unexpected[:3]]}"
+        )
     for k, shape in template.items():
         if tuple(state[k].shape) != shape:
             raise StorageError(f"{path}: {k} has shape {tuple(state[k].shape)}, expected {shape}")
         if state[k].is_floating_point() != floating[k]:
-            raise StorageError(f"{path}: {k} has dtype {state[k].dtype}, expected "
-                               f"{'a floating' if floating[k] else 'a non-floating'} dtype")
+            raise StorageError(
+                f"{path}: {k} has dtype {state[k].dtype}, expected "
+                f"{'a floating' if floating[k] else 'a non-floating'} dtype"
+            )
     return state
 
 
@@ -355,8 +388,10 @@ def _load_probe(folder: Path, e: Mapping[str, Any], n_nodes: int) -> Probe:
         raise StorageError(f"{path}: probe holds both a tensor cond and dict cond entries {conds[1:3]}")
     expected = {"x", "sigma", *outs, *conds}
     if set(t) != expected:
-        raise StorageError(f"{path}: probe must hold x, sigma, [cond or cond.<key>] and out.0..out.{n_nodes}; missing "
-                           f"{sorted(expected - set(t))[:3]}, unexpected {[u[:80] for u in sorted(set(t) - expected)[:3]]}")
+        raise StorageError(
+            f"{path}: probe must hold x, sigma, [cond or cond.<key>] and out.0..out.{n_nodes}; missing "
+            f"{sorted(expected - set(t))[:3]}, unexpected {[u[:80] for u in sorted(set(t) - expected)[:3]]}"
+        )
     for k in ["x", "sigma", *outs]:
         if not t[k].is_floating_point():
             raise StorageError(f"{path}: probe tensor {k} has dtype {t[k].dtype}, expected a floating dtype")

@@ -4,6 +4,7 @@ A cached model is a folder ``<cache>/<name>-<config hash>/`` with ``weights.safe
 ``info.json`` (config, sha256 of the weights, what training reported). A cache whose files are
 missing, corrupted or for another config is not loaded: it is retrained, with a warning.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,9 +29,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DISBACK_CACHE", Path.home() / ".cache" / "disback"))
 
 
-def cached_model(name: str, config: Mapping[str, Any], build: Callable[[], nn.Module],
-                 train: Callable[[nn.Module], Mapping[str, Any]],
-                 cache_dir: str | os.PathLike | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def cached_model(
+    name: str,
+    config: Mapping[str, Any],
+    build: Callable[[], nn.Module],
+    train: Callable[[nn.Module], Mapping[str, Any]],
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
     """Return ``(model, info)``: loaded from the cache if a verified entry exists, else trained.
 
     ``build()`` makes the untrained model from ``config``; ``train(model)`` trains it in place
@@ -48,8 +53,9 @@ def cached_model(name: str, config: Mapping[str, Any], build: Callable[[], nn.Mo
             state = load_tensors(folder / "weights.safetensors", sha256=meta.get("sha256"))
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
-                raise StorageError(f"cached weights {folder} do not fit the model: missing {missing[:3]}, "
-                                   f"unexpected {unexpected[:3]}")
+                raise StorageError(
+                    f"cached weights {folder} do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                )
             log.info("loaded %s from cache %s", name, folder)
             return model, {**meta.get("train", {}), "cached": True, "path": str(folder)}
         except StorageError as e:

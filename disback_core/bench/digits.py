@@ -7,6 +7,7 @@ penultimate activations (:func:`digit_features`) play the role of Inception feat
 Frechet distance and precision/recall, and its predictions (:func:`predict_labels`) feed the
 class-coverage metric.
 """
+
 from __future__ import annotations
 
 import logging
@@ -68,13 +69,17 @@ class DigitsClassifier(nn.Module):
     def __init__(self, width: int = 32, feature_dim: int = 64, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(2 * width * 4, feature_dim), nn.SiLU(),
+            nn.Linear(2 * width * 4, feature_dim),
+            nn.SiLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
         self.feature_dim = feature_dim
@@ -144,7 +149,7 @@ def _train_loop(model: DigitsClassifier, cfg: dict[str, Any]) -> dict[str, Any]:
     for _ in range(steps):
         if pos + bs > len(order):  # new epoch: a fresh permutation from the seeded generator
             order, pos = torch.randperm(len(x_tr), generator=g), 0
-        idx = order[pos:pos + bs]
+        idx = order[pos : pos + bs]
         pos += bs
         xb = _random_shift(x_tr[idx], cfg["max_shift"], g)
         loss = F.cross_entropy(model(xb), y_tr[idx])
@@ -155,7 +160,7 @@ def _train_loop(model: DigitsClassifier, cfg: dict[str, Any]) -> dict[str, Any]:
         losses.append(loss.detach().item())
     seconds = time.perf_counter() - t0
     model.eval()
-    tail = losses[-max(1, min(50, steps)):]
+    tail = losses[-max(1, min(50, steps)) :]
     facts = {
         "test_accuracy": _accuracy(model, x_te, y_te),
         "train_accuracy": _accuracy(model, x_tr, y_tr),
@@ -169,10 +174,19 @@ def _train_loop(model: DigitsClassifier, cfg: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
-def digits_classifier(cache_dir: str | os.PathLike | None = None, seed: int = 0, steps: int = 1500,
-                      batch_size: int = 64, lr: float = 2e-3, weight_decay: float = 1e-4, max_shift: int = 1,
-                      width: int = 32, feature_dim: int = 64, split_seed: int = 0,
-                      test_fraction: float = 0.3) -> tuple[DigitsClassifier, dict[str, Any]]:
+def digits_classifier(
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    steps: int = 1500,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    max_shift: int = 1,
+    width: int = 32,
+    feature_dim: int = 64,
+    split_seed: int = 0,
+    test_fraction: float = 0.3,
+) -> tuple[DigitsClassifier, dict[str, Any]]:
     """The trained digits classifier and its training facts, trained once and cached.
 
     Trains on the train split of ``load_digits_split(split_seed, test_fraction)`` only, with
@@ -187,9 +201,17 @@ def digits_classifier(cache_dir: str | os.PathLike | None = None, seed: int = 0,
     if steps < 1 or batch_size < 1 or max_shift < 0:
         raise ValueError(f"need steps >= 1, batch_size >= 1, max_shift >= 0; got {steps}, {batch_size}, {max_shift}")
     cfg = {
-        "recipe": RECIPE_VERSION, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "weight_decay": weight_decay, "max_shift": max_shift, "width": width, "feature_dim": feature_dim,
-        "split_seed": split_seed, "test_fraction": test_fraction,
+        "recipe": RECIPE_VERSION,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "max_shift": max_shift,
+        "width": width,
+        "feature_dim": feature_dim,
+        "split_seed": split_seed,
+        "test_fraction": test_fraction,
     }
 
     def build() -> DigitsClassifier:
@@ -231,7 +253,9 @@ def _batched(model: nn.Module, x: Tensor, batch_size: int, fn: Any) -> Tensor:
     model.eval()
     try:
         p = next(model.parameters())
-        outs = [fn(x[i:i + batch_size].to(p.device, p.dtype)).float().to(x.device) for i in range(0, len(x), batch_size)]
+        outs = [
+            fn(x[i : i + batch_size].to(p.device, p.dtype)).float().to(x.device) for i in range(0, len(x), batch_size)
+        ]
     finally:
         model.train(was_training)
     return torch.cat(outs)

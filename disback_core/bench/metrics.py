@@ -4,6 +4,7 @@ All functions take CPU or GPU tensors, compute in float64 on the CPU and return 
 numbers (or dicts of them). The only random one, :func:`sliced_wasserstein`, draws from its own
 generator seeded by ``seed``; the others are deterministic functions of their inputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,7 @@ def _row_blocks(a: Tensor, b: Tensor, fn: Callable[[int, Tensor], None]) -> None
     rows = max(1, _CHUNK_ELEMS // max(1, b.shape[0]))
     for start in range(0, a.shape[0], rows):
         # the direct (non-matmul) form: exact zeros on the diagonal, no cancellation error
-        fn(start, torch.cdist(a[start:start + rows], b, compute_mode="donot_use_mm_for_euclid_dist"))
+        fn(start, torch.cdist(a[start : start + rows], b, compute_mode="donot_use_mm_for_euclid_dist"))
 
 
 def _mean_distance(a: Tensor, b: Tensor, exclude_diagonal: bool) -> float:
@@ -106,8 +107,7 @@ def energy_distance(a: Tensor, b: Tensor, unbiased: bool = True) -> float:
     return 2.0 * xy - xx - yy
 
 
-def mode_stats(samples: Tensor, means: Tensor, threshold: float,
-               min_count: int | None = None) -> dict[str, Any]:
+def mode_stats(samples: Tensor, means: Tensor, threshold: float, min_count: int | None = None) -> dict[str, Any]:
     """Mode precision and coverage of 2D-toy samples against the mixture's component means.
 
     Each sample is assigned to its nearest mode (Euclidean); it is *precise* when that
@@ -184,7 +184,7 @@ def _kth_nn_radius(x: Tensor, k: int) -> Tensor:
 
     def take(start: int, d: Tensor) -> None:
         # k + 1 smallest includes the point itself at distance 0
-        out[start:start + d.shape[0]] = d.topk(k + 1, dim=1, largest=False).values[:, k]
+        out[start : start + d.shape[0]] = d.topk(k + 1, dim=1, largest=False).values[:, k]
 
     _row_blocks(x, x, take)
     return out
@@ -195,7 +195,7 @@ def _inside_fraction(query: Tensor, ref: Tensor, radius: Tensor) -> float:
     inside = torch.zeros(query.shape[0], dtype=torch.bool)
 
     def mark(start: int, d: Tensor) -> None:
-        inside[start:start + d.shape[0]] = (d <= radius[None, :]).any(dim=1)
+        inside[start : start + d.shape[0]] = (d <= radius[None, :]).any(dim=1)
 
     _row_blocks(query, ref, mark)
     return float(inside.double().mean())
@@ -224,8 +224,7 @@ def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3) -> dict
     }
 
 
-def class_coverage(pred_labels: Tensor, num_classes: int,
-                   min_fraction: float | None = None) -> dict[str, Any]:
+def class_coverage(pred_labels: Tensor, num_classes: int, min_fraction: float | None = None) -> dict[str, Any]:
     """Class coverage and normalised entropy of predicted labels (mode-collapse check).
 
     ``coverage`` = fraction of the ``num_classes`` classes that receive at least

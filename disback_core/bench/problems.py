@@ -10,6 +10,7 @@
 Each problem evaluates samples with offline metrics against fixed held-out data and reports the
 teacher's multi-step (EDM Heun, 18 steps) and one-step values as reference lines.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,9 @@ PROBLEMS = ("toy2d", "digits", "digits-cond", "digits-text")
 CONDITIONAL = ("digits-cond", "digits-text")  # the problems with an unconditional input (teacher CFG)
 
 
-def train_teacher(model: nn.Module, data_fn, steps: int, lr: float, dsm: DSMLoss, seed: int,
-                  warmup: int = 200, progress: bool = False) -> dict[str, Any]:
+def train_teacher(
+    model: nn.Module, data_fn, steps: int, lr: float, dsm: DSMLoss, seed: int, warmup: int = 200, progress: bool = False
+) -> dict[str, Any]:
     """Train a denoiser by DSM with Adam, linear warm-up and cosine decay; single-threaded and
     seeded, so the weights are reproducible. ``data_fn(generator) -> (x, cond)``.
 
@@ -56,7 +58,9 @@ def train_teacher(model: nn.Module, data_fn, steps: int, lr: float, dsm: DSMLoss
         probe = []
         for _ in range(8):
             x, c = data_fn(probe_g)
-            probe.append((x, c, dsm.sigma_sampler(x.shape[0], generator=probe_g), torch.randn(x.shape, generator=probe_g)))
+            probe.append(
+                (x, c, dsm.sigma_sampler(x.shape[0], generator=probe_g), torch.randn(x.shape, generator=probe_g))
+            )
 
         @torch.no_grad()
         def probe_loss() -> float:
@@ -136,29 +140,44 @@ class Problem:
         z, c = self.eval_inputs()
         multi = edm_sampler(self.teacher, z, c, steps=18)
         one = self.teacher(sigma_init * z, sigma_init, c)
-        return {"teacher_multistep": self.evaluate(multi, c), "teacher_onestep": self.evaluate(one, c),
-                "data": self.evaluate(*self.heldout_data())}
+        return {
+            "teacher_multistep": self.evaluate(multi, c),
+            "teacher_onestep": self.evaluate(one, c),
+            "data": self.evaluate(*self.heldout_data()),
+        }
 
     def heldout_data(self) -> tuple[Tensor, Tensor | None]:
         """Real samples not used as the metric's reference set."""
         raise NotImplementedError
 
-    def save_samples(self, samples: Tensor, path: str | os.PathLike, title: str = "",
-                     cond: Tensor | None = None) -> None:
+    def save_samples(
+        self, samples: Tensor, path: str | os.PathLike, title: str = "", cond: Tensor | None = None
+    ) -> None:
         raise NotImplementedError
 
 
 class Toy2D(Problem):
     """8 Gaussians (std 0.1) on a ring of radius 2 (per-dimension data std about 1.42)."""
 
-    def __init__(self, cache_dir=None, teacher_steps: int = 8000, seed: int = 0, eval_samples: int = 4000,
-                 progress: bool = False):
+    def __init__(
+        self, cache_dir=None, teacher_steps: int = 8000, seed: int = 0, eval_samples: int = 4000, progress: bool = False
+    ):
         ang = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
         self.means = torch.stack([2 * ang.cos(), 2 * ang.sin()], 1)
         self.std = 0.1
         self.mixture = GaussianMixtureDenoiser(self.means, self.std)
-        cfg: dict[str, Any] = {"width": 128, "depth": 3, "sigma_data": 1.4, "steps": teacher_steps, "lr": 1e-3,
-                               "batch": 512, "p_mean": -0.5, "p_std": 1.5, "seed": seed, "recipe": 1}
+        cfg: dict[str, Any] = {
+            "width": 128,
+            "depth": 3,
+            "sigma_data": 1.4,
+            "steps": teacher_steps,
+            "lr": 1e-3,
+            "batch": 512,
+            "p_mean": -0.5,
+            "p_std": 1.5,
+            "seed": seed,
+            "recipe": 1,
+        }
 
         def build() -> nn.Module:
             torch.manual_seed(seed)
@@ -166,8 +185,15 @@ class Toy2D(Problem):
 
         def train(m: nn.Module) -> dict[str, Any]:
             dsm = DSMLoss(LogNormalSigma(cfg["p_mean"], cfg["p_std"]), cfg["sigma_data"], reduction="sum")
-            return train_teacher(m, lambda g: (self._draw(cfg["batch"], g), None), steps=cfg["steps"],
-                                 lr=cfg["lr"], dsm=dsm, seed=seed, progress=progress)
+            return train_teacher(
+                m,
+                lambda g: (self._draw(cfg["batch"], g), None),
+                steps=cfg["steps"],
+                lr=cfg["lr"],
+                dsm=dsm,
+                seed=seed,
+                progress=progress,
+            )
 
         teacher, info = cached_model("toy2d-teacher", cfg, build, train, cache_dir)
         super().__init__("toy2d", freeze(teacher), cfg["sigma_data"], (2,), "sw", info, eval_samples)
@@ -187,8 +213,12 @@ class Toy2D(Problem):
         s = samples.detach().float().cpu()
         ref = self._ref_data[: s.shape[0]]
         modes = mode_stats(s, self.means.float(), threshold=3 * self.std)
-        return {"sw": sliced_wasserstein(s, ref), "energy": energy_distance(s, ref),
-                "mode_coverage": float(modes["coverage"]), "precision": float(modes["precision"])}
+        return {
+            "sw": sliced_wasserstein(s, ref),
+            "energy": energy_distance(s, ref),
+            "mode_coverage": float(modes["coverage"]),
+            "precision": float(modes["precision"]),
+        }
 
     def save_samples(self, samples: Tensor, path, title: str = "", cond: Tensor | None = None) -> None:
         import matplotlib
@@ -220,30 +250,63 @@ class Digits(Problem):
     NULL = 10
     PROMPT_TOKENS, PROMPT_DIM = 4, 16
 
-    def __init__(self, conditional: bool = False, cache_dir=None, teacher_steps: int = 4000, seed: int = 0,
-                 eval_samples: int = 2000, progress: bool = False, text: bool = False):
+    def __init__(
+        self,
+        conditional: bool = False,
+        cache_dir=None,
+        teacher_steps: int = 4000,
+        seed: int = 0,
+        eval_samples: int = 2000,
+        progress: bool = False,
+        text: bool = False,
+    ):
         from .digits import digit_features, digits_classifier, load_digits_split
 
         self.conditional = conditional or text
         self.text = text
         pg = torch.Generator().manual_seed(2024)
-        self.prompts = torch.cat([torch.randn(10, self.PROMPT_TOKENS, self.PROMPT_DIM, generator=pg),
-                                  torch.zeros(1, self.PROMPT_TOKENS, self.PROMPT_DIM)])
+        self.prompts = torch.cat(
+            [
+                torch.randn(10, self.PROMPT_TOKENS, self.PROMPT_DIM, generator=pg),
+                torch.zeros(1, self.PROMPT_TOKENS, self.PROMPT_DIM),
+            ]
+        )
 
         self.x_train, self.y_train, self.x_test, self.y_test = load_digits_split()
-        cfg: dict[str, Any] = {"block_out_channels": [16, 32, 32], "attention": True, "sigma_data": 0.5,
-                               "steps": teacher_steps, "lr": 1e-3, "batch": 128, "label_dropout": 0.1,
-                               "p_mean": -1.2, "p_std": 1.2, "seed": seed, "recipe": 1}
+        cfg: dict[str, Any] = {
+            "block_out_channels": [16, 32, 32],
+            "attention": True,
+            "sigma_data": 0.5,
+            "steps": teacher_steps,
+            "lr": 1e-3,
+            "batch": 128,
+            "label_dropout": 0.1,
+            "p_mean": -1.2,
+            "p_std": 1.2,
+            "seed": seed,
+            "recipe": 1,
+        }
         if text:
             cfg["text"] = {"tokens": self.PROMPT_TOKENS, "dim": self.PROMPT_DIM, "prompt_seed": 2024}
 
         def build() -> nn.Module:
             torch.manual_seed(seed)
             if text:
-                return edm_unet_text(8, 1, cross_attention_dim=self.PROMPT_DIM, sigma_data=cfg["sigma_data"],
-                                     block_out_channels=tuple(cfg["block_out_channels"]))
-            return edm_unet(8, 1, num_classes=10, sigma_data=cfg["sigma_data"],
-                            block_out_channels=tuple(cfg["block_out_channels"]), attention=cfg["attention"])
+                return edm_unet_text(
+                    8,
+                    1,
+                    cross_attention_dim=self.PROMPT_DIM,
+                    sigma_data=cfg["sigma_data"],
+                    block_out_channels=tuple(cfg["block_out_channels"]),
+                )
+            return edm_unet(
+                8,
+                1,
+                num_classes=10,
+                sigma_data=cfg["sigma_data"],
+                block_out_channels=tuple(cfg["block_out_channels"]),
+                attention=cfg["attention"],
+            )
 
         def data(g: torch.Generator) -> tuple[Tensor, Tensor]:
             idx = torch.randint(0, len(self.x_train), (cfg["batch"],), generator=g)
@@ -304,8 +367,12 @@ class Digits(Problem):
         feats = self._features(self.classifier, s)
         pr = precision_recall(self._ref_feats, feats, k=3)
         pred = predict_labels(self.classifier, s)
-        out = {"fd": frechet_distance(feats, self._ref_feats), "precision": pr["precision"], "recall": pr["recall"],
-               "class_coverage": float(class_coverage(pred, 10)["coverage"])}
+        out = {
+            "fd": frechet_distance(feats, self._ref_feats),
+            "precision": pr["precision"],
+            "recall": pr["recall"],
+            "class_coverage": float(class_coverage(pred, 10)["coverage"]),
+        }
         if self.conditional and cond is not None:
             out["label_accuracy"] = float((pred == self.labels_of(cond.cpu())).double().mean())
         return out
@@ -320,7 +387,7 @@ class Digits(Problem):
         grid = -torch.ones(10 * 9 + 1, 10 * 9 + 1)  # white separators
         for i in range(s.shape[0]):
             r, c = divmod(i, 10)
-            grid[1 + 9 * r: 9 + 9 * r, 1 + 9 * c: 9 + 9 * c] = s[i]
+            grid[1 + 9 * r : 9 + 9 * r, 1 + 9 * c : 9 + 9 * c] = s[i]
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.imshow(-grid.numpy(), cmap="gray", vmin=-1, vmax=1)
         ax.axis("off"), ax.set_title(title, fontsize=9)

@@ -1,4 +1,5 @@
 """Markdown report and console table from a benchmark result (see :mod:`.runner` for the schema)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,11 @@ def summary_table(result: dict[str, Any]) -> str:
     others = [k for k in next(iter(summ.values()))["final"] if k != p]
     cpu = all("cpu_seconds_to_base_final" in s for s in summ.values())
     kind, pre = ("CPU s", "cpu_") if cpu else ("wall s", "")
-    head = (f"| run | final {p} (mean ± std, min..max) | " + " | ".join(others)
-            + f" | iterations to base final (ratio) | {kind} to base final (ratio) | {kind} / iteration (ratio) |")
+    head = (
+        f"| run | final {p} (mean ± std, min..max) | "
+        + " | ".join(others)
+        + f" | iterations to base final (ratio) | {kind} to base final (ratio) | {kind} / iteration (ratio) |"
+    )
     lines = [head, "|" + "---|" * (5 + len(others))]
     for lab, s in summ.items():
         f = s["final"][p]
@@ -38,24 +42,41 @@ def summary_table(result: dict[str, Any]) -> str:
 
 def write_report(result: dict[str, Any], path: str | Path, title: str = "disback benchmark") -> None:
     p = result["primary"]
-    lines = [f"# {title}", "", f"Command: `{result['command']}`" if result.get("command") else "", "",
-             f"Problem `{result['problem']}`; primary metric `{p}` (lower is better). Final values are the mean "
-             "over the last 20% of evaluations of each seed; ± is the standard deviation over seeds. "
-             "'To base final': first evaluation where the seed-mean curve, averaged over the same trailing "
-             "window, reaches the base's final value; DisBack's seconds include Degradation Recording. "
-             "CPU seconds (single-threaded runs) are not inflated by other processes on the machine.", "",
-             "## Summary", "", summary_table(result), ""]
-    lines += ["## Reference lines", "", "| sigma_init | teacher multi-step (18 Heun steps) | teacher one-step | held-out data |",
-              "|---|---|---|---|"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Command: `{result['command']}`" if result.get("command") else "",
+        "",
+        f"Problem `{result['problem']}`; primary metric `{p}` (lower is better). Final values are the mean "
+        "over the last 20% of evaluations of each seed; ± is the standard deviation over seeds. "
+        "'To base final': first evaluation where the seed-mean curve, averaged over the same trailing "
+        "window, reaches the base's final value; DisBack's seconds include Degradation Recording. "
+        "CPU seconds (single-threaded runs) are not inflated by other processes on the machine.",
+        "",
+        "## Summary",
+        "",
+        summary_table(result),
+        "",
+    ]
+    lines += [
+        "## Reference lines",
+        "",
+        "| sigma_init | teacher multi-step (18 Heun steps) | teacher one-step | held-out data |",
+        "|---|---|---|---|",
+    ]
     for si, refs in result["references"].items():
-        cells = [", ".join(f"{k} {v:.4g}" for k, v in refs.get(key, {}).items())
-                 for key in ("teacher_multistep", "teacher_onestep", "data")]
+        cells = [
+            ", ".join(f"{k} {v:.4g}" for k, v in refs.get(key, {}).items())
+            for key in ("teacher_multistep", "teacher_onestep", "data")
+        ]
         lines.append(f"| {si} | " + " | ".join(cells) + " |")
     lines += ["", "## Runs", ""]
     for r in result["runs"]:
         sw = f", target switches (iteration, node): {r['switches']}" if r["switches"] else ""
-        lines.append(f"- `{r['label']}` seed {r['seed']}: final {p} {r['final'][p]:.4g}, "
-                     f"{r['seconds_per_iteration']:.4f} s/iteration, recording {r['degradation_seconds']:.1f} s{sw}")
+        lines.append(
+            f"- `{r['label']}` seed {r['seed']}: final {p} {r['final'][p]:.4g}, "
+            f"{r['seconds_per_iteration']:.4f} s/iteration, recording {r['degradation_seconds']:.1f} s{sw}"
+        )
     lines += ["", "## Figures", "", "![curves](curves.png)", ""]
     for lab in dict.fromkeys(r["label"] for r in result["runs"]):
         lines.append(f"![{lab}](samples-{lab}.png)")

@@ -33,6 +33,7 @@ the same trailing window as ``final``, reaches the base method's mean final valu
 metric (so the base reaches it at its last evaluation at the latest); the ratios divide by the
 same quantity for the base run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -72,11 +73,23 @@ def _adapters() -> dict[str, dict[str, Any]]:
     # Paper settings per method: generator sigma_init and Adam betas / weight decay.
     return {
         "dmd2": {"cls": DMD2, "sigma_init": 80.0, "betas": (0.9, 0.999), "weight_decay": 0.01, "max_grad_norm": 10.0},
-        "di": {"cls": DiffInstruct, "sigma_init": 1.0, "betas": (0.0, 0.999), "weight_decay": 0.0, "max_grad_norm": None},
+        "di": {
+            "cls": DiffInstruct,
+            "sigma_init": 1.0,
+            "betas": (0.0, 0.999),
+            "weight_decay": 0.0,
+            "max_grad_norm": None,
+        },
         "sid": {"cls": SiD, "sigma_init": 2.5, "betas": (0.0, 0.999), "weight_decay": 0.0, "max_grad_norm": None},
         # GDD: GAN only against real data; the discriminator takes the fake-score slot (make_fake)
-        "gdd": {"cls": GDD, "sigma_init": 80.0, "betas": (0.0, 0.99), "weight_decay": 0.0, "max_grad_norm": None,
-                "make_fake": lambda problem: GDD.discriminator_for(*problem.eval_inputs(64))},
+        "gdd": {
+            "cls": GDD,
+            "sigma_init": 80.0,
+            "betas": (0.0, 0.99),
+            "weight_decay": 0.0,
+            "max_grad_norm": None,
+            "make_fake": lambda problem: GDD.discriminator_for(*problem.eval_inputs(64)),
+        },
     }
 
 
@@ -107,7 +120,9 @@ class RunSpec:
     # K-step student (DMD2 Sec. 4.5; 1 = the one-step generator): sigmas = fewstep_sigmas(K, sigma_max=sigma_init),
     # K points uniform on the Karras ramp, the analogue of DMD2's SDXL timesteps 999, 749, 499, 249
     student_steps: int = 1
-    cfg_scale: float = 0.0  # teacher classifier-free guidance (0: none), at every node too (DMD2 guides the teacher only)
+    cfg_scale: float = (
+        0.0  # teacher classifier-free guidance (0: none), at every node too (DMD2 guides the teacher only)
+    )
     freeze: str = "none"  # generator freezing rule before the optimizer is built: "none" | "gddi" (freezing.py)
 
     def to_json(self) -> dict[str, Any]:
@@ -129,17 +144,28 @@ def _optim(params, spec: RunSpec, a: dict[str, Any]) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def _generate(generator: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor | None, chunk: int = 1000) -> torch.Tensor:
+def _generate(
+    generator: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor | None, chunk: int = 1000
+) -> torch.Tensor:
     parts = range(0, z.shape[0], chunk)
     if isinstance(generator, MultiStepGenerator):  # all K steps, with the same fresh noise at every evaluation
         g = torch.Generator(device=z.device).manual_seed(4321)
-        return torch.cat([sample_fewstep(generator, z[i:i + chunk], None if cond is None else cond[i:i + chunk],
-                                         generator=g) for i in parts])
-    return torch.cat([generator(z[i:i + chunk], None if cond is None else cond[i:i + chunk]) for i in parts])
+        return torch.cat(
+            [
+                sample_fewstep(generator, z[i : i + chunk], None if cond is None else cond[i : i + chunk], generator=g)
+                for i in parts
+            ]
+        )
+    return torch.cat([generator(z[i : i + chunk], None if cond is None else cond[i : i + chunk]) for i in parts])
 
 
-def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
-            track: Callable[[str, int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+def run_one(
+    problem: Problem,
+    spec: RunSpec,
+    seed: int,
+    progress: bool = False,
+    track: Callable[[str, int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
     """Train one generator and return its curve (see the module docstring for the fields).
 
     ``track(run_name, iteration, scalars)`` receives every evaluation (see :mod:`.tracking`)."""
@@ -149,12 +175,18 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
     g = torch.Generator().manual_seed(seed)
     method = a["cls"](sigma_data=problem.sigma_data)
     student_sigmas = fewstep_sigmas(spec.student_steps, sigma_max=sigma_init)
-    generator: torch.nn.Module = (make_generator(problem.teacher, sigma_init) if spec.student_steps == 1 else
-                                  make_fewstep_generator(problem.teacher, student_sigmas,
-                                                         generator=torch.Generator().manual_seed(seed + 7919)))
+    generator: torch.nn.Module = (
+        make_generator(problem.teacher, sigma_init)
+        if spec.student_steps == 1
+        else make_fewstep_generator(
+            problem.teacher, student_sigmas, generator=torch.Generator().manual_seed(seed + 7919)
+        )
+    )
     if spec.disback and spec.adapter == "gdd":
-        raise ValueError("DisBack does not apply to gdd: GDD has no target score and no DSM to record or backtrack; "
-                         "use the 'base' variant")
+        raise ValueError(
+            "DisBack does not apply to gdd: GDD has no target score and no DSM to record or backtrack; "
+            "use the 'base' variant"
+        )
     freeze_report = apply_freezing(generator, spec.freeze)
     needs_real = getattr(method, "needs_real", False) or getattr(method, "gan_head", None) is not None
     next_batch: Callable = lambda: problem.batch(spec.batch, g, with_real=needs_real)  # noqa: E731
@@ -171,9 +203,19 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
         t0, c0 = time.perf_counter(), time.process_time()
         frozen_g0 = copy.deepcopy(generator).requires_grad_(False)
         interval = max(1, spec.degradation_steps // spec.nodes)
-        traj = record_degradation(problem.teacher, frozen_g0, method, next_batch, steps=interval * spec.nodes,
-                                  interval=interval, lr=spec.lr, mode=spec.node_mode, lora=LoraSpec(rank=spec.rank),
-                                  merge=spec.merge, progress=progress)
+        traj = record_degradation(
+            problem.teacher,
+            frozen_g0,
+            method,
+            next_batch,
+            steps=interval * spec.nodes,
+            interval=interval,
+            lr=spec.lr,
+            mode=spec.node_mode,
+            lora=LoraSpec(rank=spec.rank),
+            merge=spec.merge,
+            progress=progress,
+        )
         del frozen_g0
         svd_output_error = traj.meta.get("svd_output_error")
         if spec.schedule == "fixed":
@@ -195,14 +237,18 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
     z_eval, c_eval = problem.eval_inputs()
 
     def evaluate(it: int) -> dict[str, Any]:
-        e: dict[str, Any] = {"iteration": it, "seconds": degradation_seconds + train_seconds,
-                             "cpu_seconds": degradation_cpu + train_cpu,
-                             "metrics": problem.evaluate(_generate(generator, z_eval, c_eval), c_eval)}
+        e: dict[str, Any] = {
+            "iteration": it,
+            "seconds": degradation_seconds + train_seconds,
+            "cpu_seconds": degradation_cpu + train_cpu,
+            "metrics": problem.evaluate(_generate(generator, z_eval, c_eval), c_eval),
+        }
         log.info("%s seed %d it %d: %s", spec.label, seed, it, {k: round(v, 4) for k, v in e["metrics"].items()})
         if monitor.update(e["metrics"][problem.primary]) and not divergence:
             divergence.append(f"iteration {it}: {monitor.report}")
-            log.warning("%s seed %d: the generator is diverging (%s at iteration %d)", spec.label, seed,
-                        monitor.report, it)
+            log.warning(
+                "%s seed %d: the generator is diverging (%s at iteration %d)", spec.label, seed, monitor.report, it
+            )
         if track is not None:
             track(f"{spec.adapter}-{spec.label}-seed{seed}", it, {**e["metrics"], "cpu_seconds": e["cpu_seconds"]})
         return e
@@ -226,21 +272,36 @@ def run_one(problem: Problem, spec: RunSpec, seed: int, progress: bool = False,
             evals.append(evaluate(it))
     if spec.disback:
         switches = [list(s) for s in method.switches]
-    tail = evals[1:][-_final_window(len(evals) - 1):]
+    tail = evals[1:][-_final_window(len(evals) - 1) :]
     final = {k: statistics.fmean(e["metrics"][k] for e in tail) for k in tail[0]["metrics"]}
     samples = _generate(generator, z_eval[:1000], None if c_eval is None else c_eval[:1000])
-    return {"label": spec.label, "seed": seed, "spec": spec.to_json(), "sigma_init": sigma_init,
-            "degradation_seconds": degradation_seconds, "degradation_cpu_seconds": degradation_cpu,
-            "switches": switches, "svd_output_error": svd_output_error, "evals": evals, "final": final,
-            "threads": torch.get_num_threads(),
-            "seconds_per_iteration": train_seconds / spec.iterations,
-            "cpu_seconds_per_iteration": train_cpu / spec.iterations, "_samples": samples, "_cond": c_eval,
-            "student_sigmas": list(student_sigmas), "divergence": divergence[0] if divergence else None,
-            "frozen_fraction": freeze_report.fraction, "frozen_params": freeze_report.frozen_params,
-            # per generator iteration: real images the critic consumed, generator samples drawn
-            "images_per_iteration": {"real": spec.batch * method.critic_steps if needs_real else 0,
-                                     "generated": spec.batch * (method.critic_steps + 1)},
-            "_weights": {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}}
+    return {
+        "label": spec.label,
+        "seed": seed,
+        "spec": spec.to_json(),
+        "sigma_init": sigma_init,
+        "degradation_seconds": degradation_seconds,
+        "degradation_cpu_seconds": degradation_cpu,
+        "switches": switches,
+        "svd_output_error": svd_output_error,
+        "evals": evals,
+        "final": final,
+        "threads": torch.get_num_threads(),
+        "seconds_per_iteration": train_seconds / spec.iterations,
+        "cpu_seconds_per_iteration": train_cpu / spec.iterations,
+        "_samples": samples,
+        "_cond": c_eval,
+        "student_sigmas": list(student_sigmas),
+        "divergence": divergence[0] if divergence else None,
+        "frozen_fraction": freeze_report.fraction,
+        "frozen_params": freeze_report.frozen_params,
+        # per generator iteration: real images the critic consumed, generator samples drawn
+        "images_per_iteration": {
+            "real": spec.batch * method.critic_steps if needs_real else 0,
+            "generated": spec.batch * (method.critic_steps + 1),
+        },
+        "_weights": {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()},
+    }
 
 
 def _mean_curve(runs: list[dict[str, Any]], key: str, x: str) -> tuple[list[float], list[float]]:
@@ -257,7 +318,7 @@ def _final_window(n_evals: int) -> int:
 def _first_reach(xs: list[float], ys: list[float], level: float, window: int) -> float | None:
     """First x at which the trailing mean of ``window`` values (after the initial one) is <= level."""
     for i in range(window, len(ys)):
-        if statistics.fmean(ys[i - window + 1:i + 1]) <= level * (1 + 1e-12):
+        if statistics.fmean(ys[i - window + 1 : i + 1]) <= level * (1 + 1e-12):
             return xs[i]
     return None
 
@@ -271,11 +332,19 @@ def summarise(runs: list[dict[str, Any]], primary: str, base_label: str = "base"
         final = {}
         for k in rs[0]["final"]:
             v = [r["final"][k] for r in rs]
-            final[k] = {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                        "min": min(v), "max": max(v), "per_seed": v}
-        out[lab] = {"final": final, "seeds": [r["seed"] for r in rs],
-                    "seconds_per_iteration": statistics.fmean(r["seconds_per_iteration"] for r in rs),
-                    "degradation_seconds": statistics.fmean(r["degradation_seconds"] for r in rs)}
+            final[k] = {
+                "mean": statistics.fmean(v),
+                "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                "min": min(v),
+                "max": max(v),
+                "per_seed": v,
+            }
+        out[lab] = {
+            "final": final,
+            "seeds": [r["seed"] for r in rs],
+            "seconds_per_iteration": statistics.fmean(r["seconds_per_iteration"] for r in rs),
+            "degradation_seconds": statistics.fmean(r["degradation_seconds"] for r in rs),
+        }
         if all("cpu_seconds_per_iteration" in r for r in rs):
             out[lab]["cpu_seconds_per_iteration"] = statistics.fmean(r["cpu_seconds_per_iteration"] for r in rs)
     if base_label in by:
@@ -290,14 +359,25 @@ def summarise(runs: list[dict[str, Any]], primary: str, base_label: str = "base"
         for lab, rs in by.items():
             it = _first_reach(*_mean_curve(rs, primary, "iteration"), level, w)
             sec = _first_reach(*_mean_curve(rs, primary, "seconds"), level, w)
-            out[lab].update({"iterations_to_base_final": it, "seconds_to_base_final": sec,
-                             "ratio_iterations": ratio(it, ref_it), "ratio_seconds": ratio(sec, ref_s),
-                             "overhead_per_iteration": out[lab]["seconds_per_iteration"] / base_spi})
+            out[lab].update(
+                {
+                    "iterations_to_base_final": it,
+                    "seconds_to_base_final": sec,
+                    "ratio_iterations": ratio(it, ref_it),
+                    "ratio_seconds": ratio(sec, ref_s),
+                    "overhead_per_iteration": out[lab]["seconds_per_iteration"] / base_spi,
+                }
+            )
             if has_cpu:
                 cpu = _first_reach(*_mean_curve(rs, primary, "cpu_seconds"), level, w)
-                out[lab].update({"cpu_seconds_to_base_final": cpu, "ratio_cpu_seconds": ratio(cpu, ref_c),
-                                 "cpu_overhead_per_iteration": out[lab]["cpu_seconds_per_iteration"]
-                                 / out[base_label]["cpu_seconds_per_iteration"]})
+                out[lab].update(
+                    {
+                        "cpu_seconds_to_base_final": cpu,
+                        "ratio_cpu_seconds": ratio(cpu, ref_c),
+                        "cpu_overhead_per_iteration": out[lab]["cpu_seconds_per_iteration"]
+                        / out[base_label]["cpu_seconds_per_iteration"],
+                    }
+                )
     return out
 
 
@@ -322,14 +402,23 @@ def plot_curves(result: dict[str, Any], path: str | Path, metric: str | None = N
             ax.plot(xs, [statistics.fmean(y) for y in ys], color=f"C{i}", label=f"{lab} ({len(rs)} seeds)")
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.2)
         for j, (si, refs) in enumerate(sorted(result["references"].items())):
-            ax.axhline(refs["teacher_multistep"][metric], color="k", ls="--", lw=0.8,
-                       label="teacher multi-step" if j == 0 else None)
-            ax.axhline(refs["teacher_onestep"][metric], color="0.5", ls=":", lw=0.8,
-                       label=f"teacher one-step (sigma {si})")
+            ax.axhline(
+                refs["teacher_multistep"][metric],
+                color="k",
+                ls="--",
+                lw=0.8,
+                label="teacher multi-step" if j == 0 else None,
+            )
+            ax.axhline(
+                refs["teacher_onestep"][metric], color="0.5", ls=":", lw=0.8, label=f"teacher one-step (sigma {si})"
+            )
             if j == 0 and "data" in refs:
                 ax.axhline(max(refs["data"][metric], 1e-6), color="g", ls="-.", lw=0.8, label="held-out data")
-        ax.set_xlabel("generator iterations" if x == "iteration" else
-                      f"{'CPU' if x == 'cpu_seconds' else 'wall'} seconds of training (DisBack incl. recording)")
+        ax.set_xlabel(
+            "generator iterations"
+            if x == "iteration"
+            else f"{'CPU' if x == 'cpu_seconds' else 'wall'} seconds of training (DisBack incl. recording)"
+        )
         ax.set_ylabel(metric)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -354,16 +443,25 @@ def _stored_runs(path: Path, problem: str) -> dict[tuple[str, int], dict[str, An
         return {}
     res = read_json(path, "benchmark results")
     if res.get("schema") != SCHEMA or res.get("problem") != problem:
-        raise ValueError(f"--resume: {path} holds {res.get('schema')!r} results for problem {res.get('problem')!r}, "
-                         f"not {SCHEMA!r} for {problem!r}; choose another --out")
+        raise ValueError(
+            f"--resume: {path} holds {res.get('schema')!r} results for problem {res.get('problem')!r}, "
+            f"not {SCHEMA!r} for {problem!r}; choose another --out"
+        )
     return {(r["label"], r["seed"]): r for r in res.get("runs", [])}
 
 
-def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command: str = "",
-            progress: bool = True, problem: Problem | None = None, cache_dir=None,
-            track: Callable[[str, int, dict[str, float]], None] | None = None, resume: bool = False,
-            save_weights: bool = True
-            ) -> dict[str, Any]:
+def compare(
+    specs: list[RunSpec],
+    seeds: list[int],
+    out_dir: str | Path,
+    command: str = "",
+    progress: bool = True,
+    problem: Problem | None = None,
+    cache_dir=None,
+    track: Callable[[str, int, dict[str, float]], None] | None = None,
+    resume: bool = False,
+    save_weights: bool = True,
+) -> dict[str, Any]:
     """Run every spec for every seed on one problem; write results.json, curves and sample PNGs.
 
     ``results.json`` is rewritten after every run (with ``"partial": true`` until the end), so an
@@ -381,8 +479,14 @@ def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command
     sigma_inits = sorted({s.sigma_init or adapters[s.adapter]["sigma_init"] for s in specs})
     stored = _stored_runs(out / "results.json", problem.name) if resume else {}  # before the slow references
     references = {str(si): problem.references(si) for si in sigma_inits}
-    result: dict[str, Any] = {"schema": SCHEMA, "command": command, "problem": problem.name,
-                              "primary": problem.primary, "teacher": _portable(problem.teacher_info), "references": references}
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "command": command,
+        "problem": problem.name,
+        "primary": problem.primary,
+        "teacher": _portable(problem.teacher_info),
+        "references": references,
+    }
     runs = []
     for spec in specs:
         want = json.loads(json.dumps(spec.to_json()))
@@ -399,8 +503,9 @@ def compare(specs: list[RunSpec], seeds: list[int], out_dir: str | Path, command
             if save_weights:  # for `disback guide`
                 save_tensors(out / weights_name(spec.label, seed), weights)
             if seed == seeds[0]:
-                problem.save_samples(samples, out / f"samples-{spec.label}.png",
-                                     f"{spec.label}, seed {seed}, {spec.iterations} it", cond)
+                problem.save_samples(
+                    samples, out / f"samples-{spec.label}.png", f"{spec.label}, seed {seed}, {spec.iterations} it", cond
+                )
             runs.append(r)
             write_json(out / "results.json", {**result, "partial": True, "runs": runs})
     result["runs"] = runs

@@ -4,6 +4,7 @@ Nothing here is imported by the library's core, and neither package is a depende
 a tracker that is not installed is a clear error, and ``"none"`` (the default) logs through plain
 Python ``logging`` only.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,7 +25,9 @@ def _require(module: str, package: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise RuntimeError(f"tracker needs the '{package}' package, which is not installed: pip install {package}") from e
+        raise RuntimeError(
+            f"tracker needs the '{package}' package, which is not installed: pip install {package}"
+        ) from e
 
 
 def make_tracker(kind: str, out_dir: str | Path, project: str = "disback") -> Tracker:
