@@ -8,7 +8,8 @@ loads it) with two files of ours beside the model's own::
     config.json                           the model's diffusers config (ConfigMixin.to_json_string)
     diffusion_pytorch_model.safetensors   the weights, every LoRA merged in (lora.merged_state_dict)
     disback_schedule.safetensors          log sigma_t of the training schedule (float64), for the wrapper
-    disback_generator.json                how to sample: sigma_init, the timestep, the noise scale,
+    disback_generator.json                how to sample: sigma_init (and a K-step student's sigmas),
+                                          the timestep(s), the noise scale,
                                           the prediction type; the sha256 of every file; your metadata;
                                           a digest of all of it
 
@@ -50,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoisers import DiffusersDenoiser, OneStepGenerator, timestep_generator
+from .fewstep import MultiStepGenerator, check_sigmas
 from .lora import merged_state_dict
 from .storage import (
     StorageError,
@@ -113,6 +115,14 @@ def _describe(
 ) -> tuple[nn.Module, dict[str, Any], DiffusersDenoiser | None]:
     """(model to save, sampling fields of the note, the diffusers wrapper or None)."""
     g = _unwrap(generator)
+    if isinstance(g, MultiStepGenerator):  # a K-step student: its sigmas go into the note
+        if timestep is not None or scheduler is not None or alphas_cumprod is not None:
+            raise ValueError("timestep, scheduler and alphas_cumprod are for a raw diffusers model")
+        d = _unwrap(g.denoiser)
+        sampling = {"sigma_init": g.sigmas[0], "noise_scale": g.sigmas[0], "sigmas": list(g.sigmas)}
+        if isinstance(d, DiffusersDenoiser) and _is_diffusers_model(_unwrap(d.model)):
+            return _unwrap(d.model), sampling, d
+        return d, sampling, None
     if isinstance(g, OneStepGenerator):
         if timestep is not None or scheduler is not None or alphas_cumprod is not None:
             raise ValueError(
@@ -273,6 +283,7 @@ def export_generator(
         "class": type(model).__name__,
         "sigma_init": sampling["sigma_init"],
         "noise_scale": sampling["noise_scale"],
+        "sigmas": sampling.get("sigmas", [sampling["sigma_init"]]),
         "metadata": meta,
     }
     files: dict[str, dict[str, Any]] = {}
@@ -285,10 +296,11 @@ def export_generator(
             _check_template(model, state, DIFFUSERS_WEIGHTS)
             atomic_write_bytes(new / CONFIG_NAME, config, sync_dir=False)
             files[CONFIG_NAME] = _file_entry(sha256_bytes(config), len(config))
-            sigma = torch.tensor([sampling["sigma_init"]], dtype=torch.float64)
+            ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
             note["kind"] = "diffusers"
             note["diffusers"] = {
-                "timestep": float(wrapper.sigma_to_t(sigma)[0]),
+                "timestep": ts[0],
+                "timesteps": ts,
                 "latent_scale": sampling["noise_scale"] / math.sqrt(1.0 + sampling["sigma_init"] ** 2),
                 "prediction_type": wrapper.prediction_type,
                 "timestep_mode": wrapper.timestep,
@@ -354,8 +366,19 @@ def _check_template(model: nn.Module, state: Mapping[str, Tensor], source: str) 
 # --------------------------------------------------------------------------- load
 
 
-_NOTE_KEYS = {"format", "version", "class", "kind", "sigma_init", "noise_scale", "metadata", "files", "digest"}
-_DIFFUSERS_KEYS = {"timestep", "latent_scale", "prediction_type", "timestep_mode", "clamp", "cond_kwarg"}
+_NOTE_KEYS = {
+    "format",
+    "version",
+    "class",
+    "kind",
+    "sigma_init",
+    "noise_scale",
+    "sigmas",
+    "metadata",
+    "files",
+    "digest",
+}
+_DIFFUSERS_KEYS = {"timestep", "timesteps", "latent_scale", "prediction_type", "timestep_mode", "clamp", "cond_kwarg"}
 
 
 def _positive(note: Mapping[str, Any], key: str, path: Path) -> float:
@@ -409,6 +432,20 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
         raise StorageError(f"export note {path}: class {note['class']!r} is not a class name")
     _positive(note, "sigma_init", path)
     _positive(note, "noise_scale", path)
+    sig = note["sigmas"]
+    if (
+        not isinstance(sig, list)
+        or not sig
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sig)
+        or sig[0] != note["sigma_init"]
+    ):
+        raise StorageError(f"export note {path}: sigmas must be a list of numbers starting at sigma_init")
+    try:
+        check_sigmas(sig, "sigmas")  # finite, > 0, strictly decreasing
+    except (TypeError, ValueError) as e:
+        raise StorageError(f"export note {path}: {e}") from None
+    if len(sig) > 1 and note["noise_scale"] != sig[0]:
+        raise StorageError(f"export note {path}: a multi-step student's noise_scale is its first sigma")
     if not isinstance(note["metadata"], dict):
         raise StorageError(f"export note {path}: metadata must be an object")
     files = note["files"]
@@ -474,8 +511,9 @@ def _load_weights(model: nn.Module, path: Path, sha: str, size: int) -> None:
 
 def load_generator(
     folder: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu"
-) -> OneStepGenerator:
-    """Load an export as a :class:`OneStepGenerator` (eval mode, no gradients).
+) -> OneStepGenerator | MultiStepGenerator:
+    """Load an export as a :class:`OneStepGenerator`, or a :class:`~disback_core.fewstep.MultiStepGenerator`
+    for a K-step student (its ``sigmas``; sample it with ``sample_fewstep``), in eval mode, no gradients.
 
     A diffusers export builds its model from ``config.json`` (the class must be a diffusers model
     class); a ``module`` export needs ``model=``, a module of the exported architecture, into which
@@ -534,9 +572,22 @@ def load_generator(
             raise StorageError(f"export {root}: {e}") from None
         wrapper.log_sigmas.copy_(ls)  # exactly the exported schedule (no exp/log round trip)
         try:
-            t = float(wrapper.sigma_to_t(torch.tensor([note["sigma_init"]], dtype=torch.float64))[0])
+            ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
         except ValueError as e:
-            raise StorageError(f"export note {root / NOTE_NAME}: sigma_init does not fit the schedule: {e}") from None
+            raise StorageError(f"export note {root / NOTE_NAME}: the sigmas do not fit the schedule: {e}") from None
+        t = ts[0]
+        listed = d["timesteps"]
+        if (
+            not isinstance(listed, list)
+            or len(listed) != len(ts)
+            or not all(
+                isinstance(a, (int, float))
+                and not isinstance(a, bool)
+                and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+                for a, b in zip(listed, ts)
+            )
+        ):
+            raise StorageError(f"export note {root / NOTE_NAME}: diffusers.timesteps do not match the sigmas")
         scale = note["noise_scale"] / math.sqrt(1.0 + note["sigma_init"] ** 2)
         for key, want in (("timestep", t), ("latent_scale", scale)):  # what a pipeline user reads must agree
             got = d[key]
@@ -550,7 +601,11 @@ def load_generator(
                     f"noise_scale give {want!r}"
                 )
         denoiser = wrapper
-    gen = OneStepGenerator(denoiser, note["sigma_init"], noise_scale=note["noise_scale"])
+    gen: OneStepGenerator | MultiStepGenerator
+    if len(note["sigmas"]) > 1:
+        gen = MultiStepGenerator(denoiser, note["sigmas"])
+    else:
+        gen = OneStepGenerator(denoiser, note["sigma_init"], noise_scale=note["noise_scale"])
     return gen.to(device).eval().requires_grad_(False)
 
 

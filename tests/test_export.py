@@ -146,6 +146,30 @@ def test_raw_dmd2_style_unet_exports_with_its_timestep(tmp_path):
         assert torch.equal(gen(z, c), timestep_generator(unet, 399, scheduler=sch)(z, c))
 
 
+def test_a_few_step_student_exports_its_sigmas_and_samples_bit_exactly(tmp_path):
+    from disback_core import MultiStepGenerator, sample_fewstep
+
+    torch.manual_seed(0)
+    d = DiffusersDenoiser(tiny_unet2d_condition(), scheduler=DDPMScheduler())
+    student = MultiStepGenerator(d, [14.0, 2.0, 0.3])
+    out = export_generator(student, tmp_path / "k3")
+    note = read_export_note(out)
+    assert note["sigmas"] == [14.0, 2.0, 0.3] and len(note["diffusers"]["timesteps"]) == 3
+    for t, s in zip(note["diffusers"]["timesteps"], note["sigmas"]):
+        assert float(d.t_to_sigma(torch.tensor([t], dtype=torch.float64))[0]) == pytest.approx(s, rel=1e-9)
+    loaded = load_generator(out)
+    assert isinstance(loaded, MultiStepGenerator) and loaded.sigmas == student.sigmas
+    z, c = _inputs()
+    with torch.no_grad():
+        a = sample_fewstep(student, z, c, generator=torch.Generator().manual_seed(5))
+        b = sample_fewstep(loaded, z, c, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    assert read_export_note(export_generator(_unet_generator(), tmp_path / "k1"))["sigmas"] == [14.0]
+    _edit_note(out, lambda n: n.update(sigmas=[14.0, 3.0, 3.0]))
+    with pytest.raises(StorageError, match="strictly decreasing"):
+        load_generator(out)
+
+
 def test_module_export_needs_the_architecture_and_round_trips(tmp_path):
     torch.manual_seed(0)
     gen = OneStepGenerator(edm_mlp(dim=2, width=16, depth=2), 2.5)
