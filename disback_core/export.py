@@ -200,16 +200,20 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"cannot switch {b} into place: {os.strerror(err)}")
 
 
+def _previous_export(folder: Path) -> Path | None:
+    """The newest complete export an interrupted two-rename switch left beside ``folder``, if any."""
+    return next((p for p in reversed(_siblings(folder, _PREVIOUS)) if _is_ours(p)), None)
+
+
 def _recover(folder: Path) -> None:
     """An earlier two-rename switch that stopped half way: put the previous complete export back."""
     if folder.exists() or folder.is_symlink():
         return
-    for prev in reversed(_siblings(folder, _PREVIOUS)):
-        if _is_ours(prev):
-            os.replace(prev, folder)
-            fsync_dir(folder.parent)
-            log.warning("restored the previous export %s from %s (an export was interrupted)", folder, prev.name)
-            return
+    prev = _previous_export(folder)
+    if prev is not None:
+        os.replace(prev, folder)
+        fsync_dir(folder.parent)
+        log.warning("restored the previous export %s from %s (an export was interrupted)", folder, prev.name)
 
 
 def _switch(new: Path, folder: Path) -> None:
@@ -293,7 +297,6 @@ def export_generator(
     try:
         if wrapper is not None:
             config = model.to_json_string().encode()  # type: ignore[operator]
-            _check_template(model, state, DIFFUSERS_WEIGHTS)
             atomic_write_bytes(new / CONFIG_NAME, config, sync_dir=False)
             files[CONFIG_NAME] = _file_entry(sha256_bytes(config), len(config))
             ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
@@ -395,11 +398,11 @@ def _where(folder: Path) -> Path:
     if folder.is_symlink():
         raise StorageError(f"export folder {folder} is a symlink; pass the folder itself")
     if not folder.exists():
-        for prev in reversed(_siblings(folder, _PREVIOUS)):
-            if _is_ours(prev):
-                log.warning("export folder %s is missing (an export was interrupted); reading %s", folder, prev.name)
-                return prev
-        raise StorageError(f"export folder {folder} does not exist")
+        prev = _previous_export(folder)
+        if prev is None:
+            raise StorageError(f"export folder {folder} does not exist")
+        log.warning("export folder %s is missing (an export was interrupted); reading %s", folder, prev.name)
+        return prev
     raise StorageError(f"export folder {folder} is not a folder")
 
 

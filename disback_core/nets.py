@@ -122,6 +122,15 @@ def edm_mlp(dim: int = 2, sigma_data: float = 0.5, **kwargs: Any) -> EDMPrecond:
     return EDMPrecond(MLPNet(dim=dim, **kwargs), sigma_data=sigma_data)
 
 
+def _block_types(n: int, attn: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """diffusers block types for ``n`` levels: plain blocks, the deepest down block and the first up
+    block of kind ``attn`` ("Attn", "CrossAttn", or "" for none)."""
+    down = ["DownBlock2D"] * n
+    up = ["UpBlock2D"] * n
+    down[-1], up[0] = f"{attn}DownBlock2D", f"{attn}UpBlock2D"
+    return tuple(down), tuple(up)
+
+
 def edm_unet(
     sample_size: int = 8,
     channels: int = 1,
@@ -140,19 +149,15 @@ def edm_unet(
     """
     from diffusers import UNet2DModel
 
-    n = len(block_out_channels)
-    down = ["DownBlock2D"] * n
-    up = ["UpBlock2D"] * n
-    if attention:
-        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    down, up = _block_types(len(block_out_channels), "Attn" if attention else "")
     unet = UNet2DModel(
         sample_size=sample_size,
         in_channels=channels,
         out_channels=channels,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
+        down_block_types=down,
+        up_block_types=up,
         norm_num_groups=norm_num_groups,
         num_class_embeds=(num_classes + 1) if num_classes > 0 else None,
         **unet_kwargs,
@@ -177,18 +182,15 @@ def edm_unet_text(
     the first up block (a small stand-in for a text-to-image UNet; random weights)."""
     from diffusers import UNet2DConditionModel
 
-    n = len(block_out_channels)
-    down = ["DownBlock2D"] * n
-    up = ["UpBlock2D"] * n
-    down[-1], up[0] = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
+    down, up = _block_types(len(block_out_channels), "CrossAttn")
     unet = UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=channels,
         out_channels=channels,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
+        down_block_types=down,
+        up_block_types=up,
         norm_num_groups=norm_num_groups,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=attention_head_dim,
