@@ -34,12 +34,13 @@ from .fewstep import (
 from .freezing import FreezeReport, apply_freezing, freeze_modules, gddi_frozen_modules
 from .gan import GANHead, capture_features
 from .guidance import default_final_sigma, distillation_pp_sample
+from .interpolate import target_at, write_position
 from .lora import LoraSpec, LoraTarget, lora_targets
 from .losses import DSMLoss, abs_mean_normaliser, check_finite, gan_discriminator_loss, gan_generator_loss, r1_penalty
 from .nets import MLPNet, UNetNet, edm_mlp, edm_unet
 from .protocol import DSMFakeScore, LossDict, ScoreDistiller
 from .recording import DegradationRecorder, probe_inputs, record_degradation
-from .schedules import AdaptiveGap, FixedInterval, NodeCursor, TeacherOnly, score_gap
+from .schedules import AdaptiveGap, Budgeted, FixedInterval, LinearPath, NodeCursor, TeacherOnly, score_gap
 from .sigmas import KarrasContinuousSigma, KarrasIndexSigma, LogNormalSigma, SigmaSampler, edm_weight, karras_sigmas
 from .state import latest_state, list_states, load_state, save_state
 from .step import Batch, as_batch, call_generator, critic_step, generator_step, train_step
@@ -100,6 +101,10 @@ __all__ = [
     "Backtrack",
     "FixedInterval",
     "AdaptiveGap",
+    "Budgeted",
+    "LinearPath",
+    "target_at",
+    "write_position",
     "TeacherOnly",
     "NodeCursor",
     "score_gap",

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .interpolate import write_position
 from .schedules import NodeCursor, TeacherOnly
 from .storage import lowest_float_dtype, tensors_fingerprint
 from .trajectory import Trajectory, _state, call_module, probe_error
@@ -166,19 +167,24 @@ class Attachment:
     def switches(self) -> list[tuple[int, int]]:
         return self.cursor.switches
 
-    def _write(self, k: int) -> None:
+    @property
+    def position(self) -> float:
+        """The module's real-valued position on the path (= ``node`` unless the schedule interpolates)."""
+        return self.cursor.position
+
+    def _write(self, position: float) -> None:
         if not self._attached:
             raise RuntimeError("this attachment was detached; attach again to move the module along the path")
-        self.trajectory.write(self._dst, k, self.originals)
+        write_position(self.trajectory, self._dst, position, self.originals)
 
     def step(self, stat: float | None = None) -> bool:
         """Count one generator update (call it after each); move the module one node toward the
         teacher when the schedule says so. ``stat``: the score gap for :class:`AdaptiveGap`
         (e.g. ``disback_core.score_gap(pred_real, pred_fake)`` from your own loss). True on a switch."""
-        node = self.cursor.step(stat)
-        if node is None:
+        position = self.cursor.step(stat)
+        if position is None:
             return False
-        self._write(node)
+        self._write(position)
         return True
 
     def set_node(self, k: int) -> None:
@@ -229,7 +235,7 @@ class Attachment:
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         self.trajectory._check_index(int(d["node"]))
         self.cursor.load_state_dict(dict(d))
-        self._write(self.cursor.node)
+        self._write(self.cursor.position)
 
 
 def attach(

@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 from .denoisers import check_denoiser
 from .protocol import LossDict, ScoreDistiller
-from .schedules import AdaptiveGap, FixedInterval, NodeCursor, TeacherOnly
+from .schedules import AdaptiveGap, Budgeted, FixedInterval, LinearPath, NodeCursor, TeacherOnly
 from .trajectory import Trajectory, TrajectoryTarget
 
-__all__ = ["Backtrack", "FixedInterval", "AdaptiveGap", "TeacherOnly"]
+__all__ = ["Backtrack", "FixedInterval", "AdaptiveGap", "Budgeted", "LinearPath", "TeacherOnly"]
 
 _METHOD = ("generator_loss", "fake_score_loss", "dsm_loss", "critic_parameters", "on_generator_step")
 
@@ -35,8 +35,9 @@ class Backtrack:
     Args:
         method: the base method (DiffInstruct, DMD2, SiD, ...).
         trajectory: the recorded path (node 0 = teacher).
-        schedule: :class:`FixedInterval`, :class:`AdaptiveGap` or any object with ``advance``,
-            ``reset``, ``state_dict`` and ``load_state_dict``.
+        schedule: :class:`FixedInterval`, :class:`AdaptiveGap`, :class:`Budgeted`, :class:`LinearPath`
+            (interpolated targets) or any object with ``advance`` (or ``position``), ``reset``,
+            ``state_dict`` and ``load_state_dict`` (:mod:`disback_core.schedules`).
         guidance: wraps the switchable target, e.g. ``lambda t: CFGDenoiser(t, 1.75, null)``, so
             every node (and the teacher) is guided as the teacher would be.
         start: the first target node (default N-1; ``0`` gives the fake-score warm start alone).
@@ -91,8 +92,13 @@ class Backtrack:
 
     @property
     def node(self) -> int:
-        """The current target node (0 = teacher)."""
+        """The current target node (0 = teacher; ``ceil(position)`` between nodes)."""
         return self.switchable.index
+
+    @property
+    def position(self) -> float:
+        """The target's real-valued position on the path (= ``node`` unless the schedule interpolates)."""
+        return self.switchable.position
 
     def initial_fake(self, into: nn.Module | None = None) -> nn.Module:
         """The fake score's starting point, node N: a new trainable copy, or, with ``into`` (the fake
@@ -128,10 +134,10 @@ class Backtrack:
     def on_generator_step(self) -> bool:
         """Count one generator update and move the target if the schedule says so; True on a switch."""
         self.method.on_generator_step()
-        node = self.cursor.step()
-        if node is None:
+        position = self.cursor.step()
+        if position is None:
             return False
-        self.switchable.set_index(node)
+        self.switchable.set_position(position)
         return True
 
     # ---------------------------------------------------------------- checkpoint
@@ -141,4 +147,4 @@ class Backtrack:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.trajectory._check_index(int(d["node"]))
         self.cursor.load_state_dict(d)
-        self.switchable.set_index(self.cursor.node)
+        self.switchable.set_position(self.cursor.position)

@@ -41,6 +41,8 @@ class _ProblemDefaults(TypedDict):
 # degradation steps. The demo's toy2d default runs in a few minutes on 2 CPU cores.
 PROBLEM_DEFAULTS: dict[str, _ProblemDefaults] = {
     "toy2d": {"iterations": 600, "batch": 256, "lr": 1e-4, "eval_every": 25, "degradation_steps": 500},
+    "toy2d-edm": {"iterations": 600, "batch": 256, "lr": 1e-4, "eval_every": 25, "degradation_steps": 500},
+    "grid25": {"iterations": 600, "batch": 256, "lr": 1e-4, "eval_every": 25, "degradation_steps": 500},
     "digits": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
     "digits-cond": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
     "digits-text": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
@@ -54,6 +56,7 @@ DISBACK_FIELDS: dict[str, Callable[[str], Any]] = {
     "share": float,
     "adaptive_ratio": float,
     "merge": lambda v: v.lower() in ("1", "true", "yes"),
+    "degradation_lr_scale": float,
 }
 
 
@@ -72,6 +75,10 @@ def _base_spec(args: argparse.Namespace, adapter: str):
         degradation_steps=args.degradation_steps or d["degradation_steps"],
         freeze=args.freeze,
         cfg_scale=args.cfg_scale,
+        student=args.student,
+        fake_lr_scale=args.fake_lr_scale,
+        critic_steps=args.critic_steps,
+        init_generator=args.init_generator or "",
     )
 
 
@@ -166,7 +173,7 @@ def _report(paths: list[str]) -> int:
 
 
 def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
-    from .bench.problems import PROBLEMS
+    from .bench.problems import PROBLEMS, STUDENTS
     from .bench.runner import ADAPTERS
 
     p.add_argument("--problem", choices=PROBLEMS, default="toy2d")
@@ -201,6 +208,30 @@ def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
         default="none",
         help="freeze part of the generator before training: gddi = GDD-I's rule (3x3 convs and attention "
         "output projections of every UNet block, disback_core.freezing); any adapter",
+    )
+    p.add_argument(
+        "--student",
+        choices=STUDENTS,
+        default="copy",
+        help="the generator's network: a copy of the teacher (default), the teacher's architecture "
+        "re-initialised, or a smaller network (fresh); the fake score and the path stay on the teacher's",
+    )
+    p.add_argument(
+        "--fake-lr-scale",
+        type=float,
+        default=1.0,
+        help="fake-score learning rate = lr * this (a slow critic: below 1)",
+    )
+    p.add_argument(
+        "--critic-steps",
+        type=int,
+        default=0,
+        help="fake-score updates per generator update (0: the adapter's default; DMD2 5)",
+    )
+    p.add_argument(
+        "--init-generator",
+        help="start every variant's generator from these weights (a .safetensors file, e.g. a bench "
+        "run's generator-base-seed0.safetensors: an already distilled generator)",
     )
     p.add_argument("--cache-dir", help="teacher cache (default $DISBACK_CACHE or ~/.cache/disback)")
     p.add_argument(

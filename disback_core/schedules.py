@@ -12,15 +12,35 @@ Used by :class:`~disback_core.backtracking.Backtrack` (library loops) and
   exponential moving average ``g_ema`` (decay ``decay``) follows it; the target moves on when
   ``g_ema <= ratio * g_ref`` after at least ``min_steps`` updates, or at ``max_steps``.
 - :class:`TeacherOnly`: never moves (ablations).
+- :class:`LinearPath`: continuous motion: the target's position (:mod:`disback_core.interpolate`)
+  falls linearly from the start node to the teacher over the first ``share`` of the run.
+- :class:`Budgeted`: budget-aware adaptive: a rule (default :class:`AdaptiveGap`) may move the
+  target early, but the k-th degraded target is left by ``k * share * total_steps / start``
+  generator updates at the latest, so the teacher is the target from ``share * total_steps`` on,
+  whatever the statistic does (it cannot stall).
+
+A schedule either answers ``advance(steps_in_node, stat) -> bool`` (one node at a time) or gives
+``position(cursor) -> float`` (a real position, monotone toward the teacher). A schedule with a
+``bind(cursor)`` method is handed its :class:`NodeCursor` once, to read the run's progress.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["FixedInterval", "AdaptiveGap", "TeacherOnly", "NodeCursor", "score_gap", "check_schedule"]
+__all__ = [
+    "FixedInterval",
+    "AdaptiveGap",
+    "TeacherOnly",
+    "LinearPath",
+    "Budgeted",
+    "NodeCursor",
+    "score_gap",
+    "check_schedule",
+]
 
 
 def score_gap(target_x0: Tensor, fake_x0: Tensor) -> float:
@@ -31,15 +51,23 @@ def score_gap(target_x0: Tensor, fake_x0: Tensor) -> float:
 
 def check_schedule(schedule: Any, name: str = "schedule") -> Any:
     """Refuse an object that is not a schedule, naming the argument."""
-    missing = [
-        m for m in ("advance", "reset", "state_dict", "load_state_dict") if not callable(getattr(schedule, m, None))
-    ]
+    moves = "position" if callable(getattr(schedule, "position", None)) else "advance"
+    missing = [m for m in (moves, "reset", "state_dict", "load_state_dict") if not callable(getattr(schedule, m, None))]
     if missing:
         raise TypeError(
-            f"{name} must be a schedule (FixedInterval, AdaptiveGap, TeacherOnly or an object with "
-            f"advance/reset/state_dict/load_state_dict); {type(schedule).__name__} lacks {missing}"
+            f"{name} must be a schedule (FixedInterval, AdaptiveGap, Budgeted, LinearPath, TeacherOnly or "
+            f"an object with advance (or position)/reset/state_dict/load_state_dict); "
+            f"{type(schedule).__name__} lacks {missing}"
         )
     return schedule
+
+
+def _check_budget(total_steps: int, share: float) -> tuple[int, float]:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be an int >= 1 (the run's generator updates), got {total_steps!r}")
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share!r}")
+    return total_steps, float(share)
 
 
 class FixedInterval:
@@ -150,41 +178,137 @@ class TeacherOnly:
         pass
 
 
-class NodeCursor:
-    """Where backtracking stands: the current node, the generator updates counted, the switches made.
+class LinearPath:
+    """Continuous motion along the path (interpolated targets, :mod:`disback_core.interpolate`): the
+    position falls linearly from the start node to 0 over the first ``share * total_steps`` generator
+    updates, then stays on the teacher. The continuous twin of :meth:`FixedInterval.from_share`.
 
-    ``step(stat)`` counts one generator update and returns the new node on a switch (else None).
+    ``every``: move the position every ``every`` updates only (each move writes the target's
+    weights once; on a large model a few updates' spacing costs nothing in quality)."""
+
+    def __init__(self, total_steps: int, share: float = 0.1, *, every: int = 1):
+        self.total_steps, self.share = _check_budget(total_steps, share)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.every = every
+
+    def position(self, cursor: NodeCursor) -> float:
+        steps = cursor.generator_steps - cursor.generator_steps % self.every
+        return max(0.0, cursor.start * (1.0 - steps / (self.share * self.total_steps)))
+
+    def reset(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps, "share": self.share, "every": self.every}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        type(self).__init__(self, d["total_steps"], d["share"], every=d["every"])
+
+
+class Budgeted:
+    """Budget-aware adaptive schedule: ``rule`` (default ``AdaptiveGap(ratio=0.5, warmup=5,
+    min_steps=10)``) may leave a node early, and a deadline leaves it late at the latest: the j-th
+    degraded target (j = 1 at the start node) is left by generator update
+    ``ceil(j * share * total_steps / start)``. The teacher is therefore the target from
+    ``share * total_steps`` on whatever the statistic does: the schedule cannot stall."""
+
+    def __init__(self, total_steps: int, share: float = 0.1, rule: Any = None):
+        self.total_steps, self.share = _check_budget(total_steps, share)
+        self.rule = (
+            AdaptiveGap(ratio=0.5, warmup=5, min_steps=10, max_steps=max(10, total_steps))
+            if rule is None
+            else check_schedule(rule, "rule")
+        )
+        self._cursor: NodeCursor | None = None
+
+    def bind(self, cursor: NodeCursor) -> None:
+        self._cursor = cursor
+
+    def deadline(self, node: int) -> int:
+        """The generator update by which ``node`` is left (``node`` < the start node's index + 1)."""
+        if self._cursor is None:
+            raise RuntimeError("Budgeted is used through a NodeCursor (Backtrack or attach), which binds it")
+        start = max(self._cursor.start, 1)
+        return math.ceil((start - node + 1) * self.share * self.total_steps / start)
+
+    def reset(self) -> None:
+        self.rule.reset()
+
+    def advance(self, steps_in_node: int, stat: float | None) -> bool:
+        if self._cursor is None:
+            raise RuntimeError("Budgeted is used through a NodeCursor (Backtrack or attach), which binds it")
+        if self._cursor.generator_steps >= self.deadline(self._cursor.node):
+            return True
+        return bool(self.rule.advance(steps_in_node, stat))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps, "share": self.share, "rule": self.rule.state_dict()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.total_steps, self.share = _check_budget(d["total_steps"], d["share"])
+        self.rule.load_state_dict(d["rule"])
+
+
+class NodeCursor:
+    """Where backtracking stands: the current node (and position), the generator updates counted,
+    the switches made.
+
+    ``step(stat)`` counts one generator update and returns the new position on a move (the new
+    node, an int, for a node-by-node schedule), else None. ``position`` is real-valued only under a
+    schedule with ``position`` (:class:`LinearPath`); ``node`` is ``ceil(position)``, and a switch
+    ``(generator step, node)`` is recorded whenever ``node`` changes.
     """
 
     def __init__(self, start: int, schedule: Any):
         self.schedule = check_schedule(schedule)
+        self.start = int(start)
         self.node = int(start)
+        self.position: float = float(start)
         self.generator_steps = 0
         self.steps_in_node = 0
         self.switches: list[tuple[int, int]] = [(0, self.node)]  # (generator step, new target node)
         self.stat: float | None = None
+        if callable(getattr(self.schedule, "bind", None)):
+            self.schedule.bind(self)
         self.schedule.reset()
 
-    def step(self, stat: float | None = None) -> int | None:
+    def step(self, stat: float | None = None) -> float | None:
         if stat is not None:
             self.stat = float(stat)
         self.generator_steps += 1
         self.steps_in_node += 1
-        if self.node == 0 or not self.schedule.advance(self.steps_in_node, self.stat):
+        if self.position == 0:
+            return None
+        if callable(getattr(self.schedule, "position", None)):
+            p = min(self.position, max(0.0, float(self.schedule.position(self))))
+            if p == self.position:
+                return None
+            self.position = p
+            if math.ceil(p) != self.node:
+                self._switched(math.ceil(p))
+            return p
+        if not self.schedule.advance(self.steps_in_node, self.stat):
             return None
         self.moved(self.node - 1)
         return self.node
 
-    def moved(self, node: int) -> None:
-        """Record a switch to ``node`` (by the schedule or set by hand)."""
+    def _switched(self, node: int) -> None:
         self.node = int(node)
         self.steps_in_node = 0
         self.schedule.reset()
         self.switches.append((self.generator_steps, self.node))
 
+    def moved(self, node: int) -> None:
+        """Record a switch to ``node`` (by the schedule or set by hand)."""
+        self.position = float(node)
+        self._switched(node)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "node": self.node,
+            "position": self.position,
+            "start": self.start,
             "generator_steps": self.generator_steps,
             "steps_in_node": self.steps_in_node,
             "switches": [list(s) for s in self.switches],
@@ -194,6 +318,10 @@ class NodeCursor:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.node = int(d["node"])
+        self.position = float(d.get("position", self.node))
+        if math.ceil(self.position) != self.node:
+            raise ValueError(f"cursor state: position {self.position} does not lie on node {self.node}'s interval")
+        self.start = int(d.get("start", self.start))
         self.generator_steps = int(d["generator_steps"])
         self.steps_in_node = int(d["steps_in_node"])
         self.switches = [(int(a), int(b)) for a, b in d["switches"]]

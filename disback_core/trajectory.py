@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoisers import freeze, map_cond
+from .interpolate import check_position, target_at
 from .lora import LoraSpec, check_node, inject_lora, load_lora_state, lora_template, node_layers, write_node_weight_
 from .storage import StorageError, atomic_write_bytes, fsync_dir, remove_files, tensors_fingerprint
 from .trajectory_files import (
@@ -138,7 +140,7 @@ class Trajectory:
         self.base_fingerprint = base_fingerprint or tensors_fingerprint(teacher.state_dict())
         self._base_override: dict[str, Tensor] = {}  # originals kept by an attachment of the teacher itself
         self._work: nn.Module | None = None
-        self.active_node = -1  # which node the working copy holds (-1: none yet)
+        self.active_node: float = -1  # which node (or interpolate.py position) the working copy holds; -1: none
 
     # ------------------------------------------------------------------ nodes
 
@@ -425,12 +427,20 @@ class TrajectoryTarget(nn.Module):
     def __init__(self, trajectory: Trajectory, index: int):
         super().__init__()
         self.trajectory = trajectory
-        self.index = index
         trajectory._check_index(index)
+        self.index = index
+        self.position = float(index)  # a real position between nodes: set_position (interpolate.py)
 
     def set_index(self, k: int) -> None:
         self.trajectory._check_index(k)
         self.index = k
+        self.position = float(k)
+
+    def set_position(self, position: float) -> None:
+        """Run the interpolated weights at ``position`` in ``[0, N]`` (:mod:`disback_core.interpolate`);
+        ``index`` becomes ``ceil(position)``, the more degraded of the two nodes it mixes."""
+        self.position = check_position(self.trajectory, position)
+        self.index = math.ceil(self.position)
 
     def forward(self, x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
-        return self.trajectory.target(self.index)(x, sigma, cond)
+        return target_at(self.trajectory, self.position)(x, sigma, cond)

@@ -220,3 +220,56 @@ def test_bench_resume_reruns_only_what_an_interrupted_run_lost(tmp_path, cache, 
         main(["bench", "--problem", "digits", "--teacher-steps", "2", "--iterations", "2", "--seeds", "0",
               "--cache-dir", str(cache), "--no-progress", "--out", str(out), "--resume", "--batch", "8",
               "--eval-samples", "300"])
+
+
+def test_grid25_draws_its_unequal_weights_and_scores_the_data_near_zero(cache):
+    from disback_core.bench.problems import get_problem
+
+    grid = get_problem("grid25", cache, teacher_steps=50)
+    assert grid.name == "grid25" and grid.means.shape == (25, 2)
+    assert grid.weights.sum().item() == pytest.approx(1.0) and grid.weights.max() / grid.weights.min() == pytest.approx(25)
+    x = grid._draw(20000, torch.Generator().manual_seed(3)).double()
+    nearest = torch.cdist(x, grid.means).argmin(1)
+    freq = torch.bincount(nearest, minlength=25) / 20000
+    assert (freq - grid.weights).abs().max() < 0.01  # 0.01 is > 4 standard errors for the heaviest mode
+    assert grid.evaluate(grid._draw(4000, torch.Generator().manual_seed(4)))["mode_coverage"] == 1.0
+    edm = get_problem("toy2d-edm", cache, teacher_steps=50)
+    assert edm.name == "toy2d-edm" and "toy2d-edm-teacher-" in edm.teacher_info["path"]
+    assert torch.equal(edm._draw(10, torch.Generator().manual_seed(1)), Toy2D(cache, teacher_steps=300)._draw(
+        10, torch.Generator().manual_seed(1)))  # the ring's data, another teacher
+
+
+def test_regime_options_change_the_student_the_critic_and_the_start(tmp_path, cache, monkeypatch):
+    from disback_core.bench import runner
+    from disback_core.bench.runner import RunSpec, make_student, run_one
+    from disback_core.storage import save_tensors
+
+    toy = Toy2D(cache_dir=cache, teacher_steps=300)
+    teacher = toy.teacher.state_dict()
+    fresh = make_student(toy, RunSpec(student="fresh"), 80.0, (80.0,), seed=0).denoiser.state_dict()
+    assert fresh.keys() == teacher.keys() and not any(torch.equal(fresh[k], teacher[k]) for k in teacher if k.endswith("weight"))
+    small = make_student(toy, RunSpec(student="small"), 80.0, (80.0,), seed=0)
+    n_small = sum(p.numel() for p in small.parameters())
+    assert n_small < 0.5 * sum(p.numel() for p in toy.teacher.parameters())
+    assert all(p.requires_grad for p in small.parameters())
+    with pytest.raises(ValueError, match="student: 'toy2d' offers"):
+        make_student(toy, RunSpec(student="huge"), 80.0, (80.0,), seed=0)
+    # an already distilled generator as the start
+    path = tmp_path / "g.safetensors"
+    save_tensors(path, {k: v + 1 for k, v in small.state_dict().items()})
+    loaded = make_student(toy, RunSpec(student="small", init_generator=str(path)), 80.0, (80.0,), seed=0)
+    assert all(torch.equal(v, small.state_dict()[k] + 1) for k, v in loaded.state_dict().items())
+    # a slow critic: the fake score's learning rate and its updates per generator update
+    seen = []
+    real_step = runner.train_step
+
+    def spy(method, generator, fake, target, g_opt, f_opt, *a, **kw):
+        seen.append((method.critic_steps, f_opt.param_groups[0]["lr"], g_opt.param_groups[0]["lr"]))
+        return real_step(method, generator, fake, target, g_opt, f_opt, *a, **kw)
+
+    monkeypatch.setattr(runner, "train_step", spy)
+    for disback in (False, True):
+        r = run_one(toy, RunSpec(iterations=2, eval_every=2, batch=16, fake_lr_scale=0.1, critic_steps=1, lr=1e-3,
+                                 disback=disback, degradation_steps=10, student="small"), seed=0)
+        assert r["spec"]["student"] == "small" and len(r["evals"]) == 2
+    assert seen == [(1, pytest.approx(1e-4), 1e-3)] * 4

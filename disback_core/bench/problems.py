@@ -1,6 +1,12 @@
 """Built-in distillation problems with teachers the project trains itself (offline, cached).
 
-- ``toy2d``: 8 Gaussians (std 0.1) on a ring of radius 2; an EDM-preconditioned residual MLP teacher.
+- ``toy2d``: 8 Gaussians (std 0.1) on a ring of radius 2; an EDM-preconditioned residual MLP teacher
+  trained with more weight on large sigmas (log sigma ~ N(-0.5, 1.5^2)).
+- ``toy2d-edm``: the same data, the teacher trained with EDM's default noise distribution (log sigma
+  ~ N(-1.2, 1.2^2), as real image teachers are), whose scores at large sigmas are less reliable.
+- ``grid25``: a harder multi-modal target: 25 Gaussians (std 0.05) on a 5x5 grid with unequal
+  weights (1 to 25, shuffled), the teacher trained with EDM's default noise distribution; a one-step
+  generator tends to drop the light modes (``mode_coverage``).
 - ``digits``: scikit-learn's 8x8 digits (kept at 8x8: native resolution, no interpolation, and 4x
   cheaper than 16x16 on CPU, which is what bounds every benchmark here); an EDM-preconditioned
   diffusers ``UNet2DModel`` teacher, class-conditional with a null label (10% label dropout), so
@@ -37,7 +43,8 @@ from .metrics import class_coverage, energy_distance, frechet_distance, mode_sta
 __all__ = ["Problem", "Toy2D", "Digits", "get_problem", "PROBLEMS", "train_teacher"]
 
 log = logging.getLogger(__name__)
-PROBLEMS = ("toy2d", "digits", "digits-cond", "digits-text")
+PROBLEMS = ("toy2d", "toy2d-edm", "grid25", "digits", "digits-cond", "digits-text")
+STUDENTS = ("copy", "fresh", "small")  # the generator's start: the teacher's weights, re-initialised, a smaller net
 CONDITIONAL = ("digits-cond", "digits-text")  # the problems with an unconditional input (teacher CFG)
 
 
@@ -109,6 +116,20 @@ class Problem:
     def cond(self, n: int, g: torch.Generator) -> Tensor | None:
         return None
 
+    def student_net(self, kind: str, seed: int) -> nn.Module:
+        """A denoiser for the generator that is not a copy of the teacher: ``"fresh"`` (the teacher's
+        architecture, newly initialised from ``seed``) or ``"small"`` (a smaller network, newly
+        initialised). The fake score and the path stay on the teacher's architecture."""
+        builders = self._student_builders()
+        if kind not in builders:
+            raise ValueError(f"student: {self.name!r} offers {sorted(builders)}, got {kind!r}")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return builders[kind]()
+
+    def _student_builders(self) -> dict[str, Any]:
+        return {}
+
     def uncond(self) -> Any:
         """The unconditional input classifier-free guidance contrasts with, or None (no CFG possible)."""
         return None
@@ -130,6 +151,10 @@ class Problem:
         raise NotImplementedError
 
     def evaluate(self, samples: Tensor, cond: Tensor | None = None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def distance(self, a: Tensor, b: Tensor) -> float:
+        """The primary metric's distance between two sample sets (e.g. a path node's and the teacher's)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -157,15 +182,42 @@ class Problem:
 
 
 class Toy2D(Problem):
-    """8 Gaussians (std 0.1) on a ring of radius 2 (per-dimension data std about 1.42)."""
+    """A 2D Gaussian mixture. ``layout="ring8"``: 8 Gaussians (std 0.1) on a ring of radius 2
+    (per-dimension data std about 1.42); ``"grid25"``: 25 Gaussians (std 0.05) on the grid
+    {-2..2}^2 with weights 1..25 (shuffled, seeded) over 325. ``p_mean`` / ``p_std``: the teacher's
+    training noise distribution, log sigma ~ N(p_mean, p_std^2)."""
+
+    LAYOUTS = ("ring8", "grid25")
 
     def __init__(
-        self, cache_dir=None, teacher_steps: int = 8000, seed: int = 0, eval_samples: int = 4000, progress: bool = False
+        self,
+        cache_dir=None,
+        teacher_steps: int = 8000,
+        seed: int = 0,
+        eval_samples: int = 4000,
+        progress: bool = False,
+        *,
+        layout: str = "ring8",
+        p_mean: float = -0.5,
+        p_std: float = 1.5,
+        name: str = "toy2d",
     ):
-        ang = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
-        self.means = torch.stack([2 * ang.cos(), 2 * ang.sin()], 1)
-        self.std = 0.1
-        self.mixture = GaussianMixtureDenoiser(self.means, self.std)
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
+        if layout == "ring8":
+            ang = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
+            self.means = torch.stack([2 * ang.cos(), 2 * ang.sin()], 1)
+            self.std = 0.1
+            self.weights = torch.full((8,), 1 / 8, dtype=torch.float64)
+        else:
+            axis = torch.arange(-2, 3, dtype=torch.float64)
+            self.means = torch.cartesian_prod(axis, axis)
+            self.std = 0.05
+            w = torch.arange(1, 26, dtype=torch.float64)[
+                torch.randperm(25, generator=torch.Generator().manual_seed(25))
+            ]
+            self.weights = w / w.sum()
+        self.mixture = GaussianMixtureDenoiser(self.means, self.std, self.weights)
         cfg: dict[str, Any] = {
             "width": 128,
             "depth": 3,
@@ -173,15 +225,20 @@ class Toy2D(Problem):
             "steps": teacher_steps,
             "lr": 1e-3,
             "batch": 512,
-            "p_mean": -0.5,
-            "p_std": 1.5,
+            "p_mean": p_mean,
+            "p_std": p_std,
             "seed": seed,
             "recipe": 1,
         }
+        if layout != "ring8":  # the ring's cache key predates layouts and stays as it was
+            cfg["layout"] = layout
 
-        def build() -> nn.Module:
+        def build(width: int = cfg["width"], depth: int = cfg["depth"]) -> nn.Module:
+            return edm_mlp(2, sigma_data=cfg["sigma_data"], width=width, depth=depth)
+
+        def build_seeded() -> nn.Module:
             torch.manual_seed(seed)
-            return edm_mlp(2, sigma_data=cfg["sigma_data"], width=cfg["width"], depth=cfg["depth"])
+            return build()
 
         def train(m: nn.Module) -> dict[str, Any]:
             dsm = DSMLoss(LogNormalSigma(cfg["p_mean"], cfg["p_std"]), cfg["sigma_data"], reduction="sum")
@@ -195,12 +252,20 @@ class Toy2D(Problem):
                 progress=progress,
             )
 
-        teacher, info = cached_model("toy2d-teacher", cfg, build, train, cache_dir)
-        super().__init__("toy2d", freeze(teacher), cfg["sigma_data"], (2,), "sw", info, eval_samples)
+        self._builders = {"fresh": build, "small": lambda: build(width=64, depth=2)}
+        teacher, info = cached_model(f"{name}-teacher", cfg, build_seeded, train, cache_dir)
+        super().__init__(name, freeze(teacher), cfg["sigma_data"], (2,), "sw", info, eval_samples)
         self._ref_data = self._draw(eval_samples, torch.Generator().manual_seed(999))
 
+    def _student_builders(self) -> dict[str, Any]:
+        return self._builders
+
     def _draw(self, n: int, g: torch.Generator) -> Tensor:
-        k = torch.randint(0, 8, (n,), generator=g)
+        k = (
+            torch.randint(0, 8, (n,), generator=g)
+            if len(self.means) == 8
+            else torch.multinomial(self.weights, n, replacement=True, generator=g)
+        )
         return (self.means[k] + self.std * torch.randn(n, 2, generator=g, dtype=torch.float64)).float()
 
     def real(self, n: int, g: torch.Generator) -> tuple[Tensor, Any]:
@@ -219,6 +284,10 @@ class Toy2D(Problem):
             "mode_coverage": float(modes["coverage"]),
             "precision": float(modes["precision"]),
         }
+
+    def distance(self, a: Tensor, b: Tensor) -> float:
+        """Sliced W2 between two sample sets."""
+        return sliced_wasserstein(a.detach().float().cpu(), b.detach().float().cpu())
 
     def save_samples(self, samples: Tensor, path, title: str = "", cond: Tensor | None = None) -> None:
         import matplotlib
@@ -289,24 +358,23 @@ class Digits(Problem):
         if text:
             cfg["text"] = {"tokens": self.PROMPT_TOKENS, "dim": self.PROMPT_DIM, "prompt_seed": 2024}
 
-        def build() -> nn.Module:
-            torch.manual_seed(seed)
+        def build(channels: tuple[int, ...] = tuple(cfg["block_out_channels"])) -> nn.Module:
             if text:
                 return edm_unet_text(
-                    8,
-                    1,
-                    cross_attention_dim=self.PROMPT_DIM,
-                    sigma_data=cfg["sigma_data"],
-                    block_out_channels=tuple(cfg["block_out_channels"]),
+                    8, 1, cross_attention_dim=self.PROMPT_DIM, sigma_data=cfg["sigma_data"], block_out_channels=channels
                 )
             return edm_unet(
                 8,
                 1,
                 num_classes=10,
                 sigma_data=cfg["sigma_data"],
-                block_out_channels=tuple(cfg["block_out_channels"]),
+                block_out_channels=channels,
                 attention=cfg["attention"],
             )
+
+        def build_seeded() -> nn.Module:
+            torch.manual_seed(seed)
+            return build()
 
         def data(g: torch.Generator) -> tuple[Tensor, Tensor]:
             idx = torch.randint(0, len(self.x_train), (cfg["batch"],), generator=g)
@@ -318,13 +386,19 @@ class Digits(Problem):
             dsm = DSMLoss(LogNormalSigma(cfg["p_mean"], cfg["p_std"]), cfg["sigma_data"], reduction="sum")
             return train_teacher(m, data, steps=cfg["steps"], lr=cfg["lr"], dsm=dsm, seed=seed, progress=progress)
 
-        teacher, info = cached_model("digits-text-teacher" if text else "digits-teacher", cfg, build, train, cache_dir)
+        self._builders = {"fresh": build, "small": lambda: build((8, 16, 16))}
+        teacher, info = cached_model(
+            "digits-text-teacher" if text else "digits-teacher", cfg, build_seeded, train, cache_dir
+        )
         self.classifier, clf_info = digits_classifier(cache_dir)
         info = {**info, "classifier_test_accuracy": clf_info["test_accuracy"]}
         self._features = digit_features
         self._ref_feats = digit_features(self.classifier, self.x_test)
         name = "digits-text" if text else "digits-cond" if conditional else "digits"
         super().__init__(name, freeze(teacher), cfg["sigma_data"], (1, 8, 8), "fd", info, eval_samples)
+
+    def _student_builders(self) -> dict[str, Any]:
+        return self._builders
 
     def uncond(self) -> Tensor:
         """The null label, or the empty prompt (``text``)."""
@@ -377,6 +451,12 @@ class Digits(Problem):
             out["label_accuracy"] = float((pred == self.labels_of(cond.cpu())).double().mean())
         return out
 
+    @torch.no_grad()
+    def distance(self, a: Tensor, b: Tensor) -> float:
+        """Frechet distance between two sample sets in the digits classifier's features."""
+        fa, fb = (self._features(self.classifier, t.detach().float().cpu().clamp(-1, 1)) for t in (a, b))
+        return frechet_distance(fa, fb)
+
     def save_samples(self, samples: Tensor, path, title: str = "", cond: Tensor | None = None) -> None:
         import matplotlib
 
@@ -397,9 +477,13 @@ class Digits(Problem):
 
 
 def get_problem(name: str, cache_dir=None, **kwargs: Any) -> Problem:
-    """``toy2d``, ``digits`` (unconditional), ``digits-cond`` (class labels) or ``digits-text`` (prompts)."""
+    """``toy2d``, ``toy2d-edm``, ``grid25``, ``digits`` (unconditional), ``digits-cond`` (class labels) or ``digits-text`` (prompts)."""
     if name == "toy2d":
         return Toy2D(cache_dir, **kwargs)
+    if name == "toy2d-edm":
+        return Toy2D(cache_dir, p_mean=-1.2, p_std=1.2, name=name, **kwargs)
+    if name == "grid25":
+        return Toy2D(cache_dir, layout="grid25", p_mean=-1.2, p_std=1.2, name=name, **kwargs)
     if name in ("digits", "digits-cond", "digits-text"):
         return Digits(conditional=name == "digits-cond", text=name == "digits-text", cache_dir=cache_dir, **kwargs)
     raise ValueError(f"unknown problem {name!r}; choose one of {PROBLEMS}")

@@ -50,10 +50,11 @@ from typing import Any
 
 import torch
 
-from ..backtracking import AdaptiveGap, Backtrack, FixedInterval
-from ..denoisers import CFGDenoiser, make_generator, trainable_copy
+from ..backtracking import AdaptiveGap, Backtrack, Budgeted, FixedInterval, LinearPath
+from ..denoisers import CFGDenoiser, OneStepGenerator, trainable_copy
+from ..export import load_checkpoint
 from ..faults import DivergenceMonitor
-from ..fewstep import MultiStepGenerator, fewstep_sigmas, make_fewstep_generator, sample_fewstep
+from ..fewstep import MultiStepGenerator, fewstep_sigmas, sample_fewstep
 from ..freezing import apply_freezing
 from ..lora import LoraSpec
 from ..recording import record_degradation
@@ -61,7 +62,7 @@ from ..step import train_step
 from ..storage import read_json, save_tensors, write_json
 from .problems import Problem, get_problem
 
-__all__ = ["RunSpec", "ADAPTERS", "run_one", "compare", "summarise", "plot_curves"]
+__all__ = ["RunSpec", "ADAPTERS", "run_one", "record_path", "make_student", "compare", "summarise", "plot_curves"]
 
 SCHEMA = "disback-benchmark/1"
 log = logging.getLogger(__name__)
@@ -113,7 +114,9 @@ class RunSpec:
     degradation_steps: int = 500
     node_mode: str = "lora"
     rank: int = 8
-    schedule: str = "fixed"  # "fixed" | "adaptive" | "warm_start" (fake from node N, target = teacher)
+    # "fixed" (the paper's) | "linear" (interpolated targets, LinearPath) | "budget" (Budgeted score-gap rule)
+    # | "adaptive" (AdaptiveGap, no budget) | "warm_start" (fake from node N, target = teacher)
+    schedule: str = "fixed"
     share: float = 0.1  # fixed schedule: share of iterations spent on degraded targets
     adaptive_ratio: float = 0.5
     merge: bool = True
@@ -124,6 +127,12 @@ class RunSpec:
         0.0  # teacher classifier-free guidance (0: none), at every node too (DMD2 guides the teacher only)
     )
     freeze: str = "none"  # generator freezing rule before the optimizer is built: "none" | "gddi" (freezing.py)
+    # regimes (issue: where DisBack helps); base and DisBack alike
+    student: str = "copy"  # generator net: the teacher's "copy" | "fresh" (re-initialised) | "small" net
+    fake_lr_scale: float = 1.0  # fake-score learning rate = lr * fake_lr_scale (a slow critic: < 1)
+    critic_steps: int = 0  # fake-score updates per generator update (0: the adapter's default, DMD2 5)
+    init_generator: str = ""  # start the generator from these weights (safetensors), e.g. a distilled one
+    degradation_lr_scale: float = 1.0  # DisBack: degradation learning rate = lr * this (LoRA nodes move slower)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,10 +146,28 @@ def weights_name(label: str, seed: int) -> str:
     return f"generator-{label}-seed{seed}.safetensors"
 
 
-def _optim(params, spec: RunSpec, a: dict[str, Any]) -> torch.optim.Optimizer:
+def _optim(params, spec: RunSpec, a: dict[str, Any], scale: float = 1.0) -> torch.optim.Optimizer:
+    lr = spec.lr * scale
     if a["weight_decay"]:
-        return torch.optim.AdamW(params, lr=spec.lr, betas=a["betas"], weight_decay=a["weight_decay"])
-    return torch.optim.Adam(params, lr=spec.lr, betas=a["betas"])
+        return torch.optim.AdamW(params, lr=lr, betas=a["betas"], weight_decay=a["weight_decay"])
+    return torch.optim.Adam(params, lr=lr, betas=a["betas"])
+
+
+def make_student(problem: Problem, spec: RunSpec, sigma_init: float, sigmas: tuple[float, ...], seed: int):
+    """The generator: the teacher's copy (or ``spec.student``'s net), one-step or K-step, optionally
+    loaded from ``spec.init_generator``."""
+    if spec.student == "copy":
+        net = trainable_copy(problem.teacher)
+    else:
+        net = problem.student_net(spec.student, seed + 104729).requires_grad_(True).train()
+    generator: torch.nn.Module = (
+        OneStepGenerator(net, sigma_init)
+        if spec.student_steps == 1
+        else MultiStepGenerator(net, sigmas, generator=torch.Generator().manual_seed(seed + 7919))
+    )
+    if spec.init_generator:
+        load_checkpoint(generator, spec.init_generator)
+    return generator
 
 
 @torch.no_grad()
@@ -159,6 +186,33 @@ def _generate(
     return torch.cat([generator(z[i : i + chunk], None if cond is None else cond[i : i + chunk]) for i in parts])
 
 
+def record_path(
+    problem: Problem,
+    spec: RunSpec,
+    generator: torch.nn.Module,
+    method: Any,
+    next_batch: Callable,
+    progress: bool = False,
+):
+    """Degradation Recording as a DisBack run does it: ``spec.nodes`` nodes over
+    ``spec.degradation_steps`` DSM steps toward a frozen copy of ``generator`` (G0)."""
+    frozen_g0 = copy.deepcopy(generator).requires_grad_(False)
+    interval = max(1, spec.degradation_steps // spec.nodes)
+    return record_degradation(
+        problem.teacher,
+        frozen_g0,
+        method,
+        next_batch,
+        steps=interval * spec.nodes,
+        interval=interval,
+        lr=spec.lr * spec.degradation_lr_scale,
+        mode=spec.node_mode,
+        lora=LoraSpec(rank=spec.rank),
+        merge=spec.merge,
+        progress=progress,
+    )
+
+
 def run_one(
     problem: Problem,
     spec: RunSpec,
@@ -173,15 +227,11 @@ def run_one(
     sigma_init = spec.sigma_init or a["sigma_init"]
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    method = a["cls"](sigma_data=problem.sigma_data)
-    student_sigmas = fewstep_sigmas(spec.student_steps, sigma_max=sigma_init)
-    generator: torch.nn.Module = (
-        make_generator(problem.teacher, sigma_init)
-        if spec.student_steps == 1
-        else make_fewstep_generator(
-            problem.teacher, student_sigmas, generator=torch.Generator().manual_seed(seed + 7919)
-        )
+    method = a["cls"](
+        sigma_data=problem.sigma_data, **({"critic_steps": spec.critic_steps} if spec.critic_steps else {})
     )
+    student_sigmas = fewstep_sigmas(spec.student_steps, sigma_max=sigma_init)
+    generator = make_student(problem, spec, sigma_init, student_sigmas, seed)
     if spec.disback and spec.adapter == "gdd":
         raise ValueError(
             "DisBack does not apply to gdd: GDD has no target score and no DSM to record or backtrack; "
@@ -201,28 +251,18 @@ def run_one(
         target = guidance(problem.teacher)
     if spec.disback:
         t0, c0 = time.perf_counter(), time.process_time()
-        frozen_g0 = copy.deepcopy(generator).requires_grad_(False)
-        interval = max(1, spec.degradation_steps // spec.nodes)
-        traj = record_degradation(
-            problem.teacher,
-            frozen_g0,
-            method,
-            next_batch,
-            steps=interval * spec.nodes,
-            interval=interval,
-            lr=spec.lr,
-            mode=spec.node_mode,
-            lora=LoraSpec(rank=spec.rank),
-            merge=spec.merge,
-            progress=progress,
-        )
-        del frozen_g0
+        traj = record_path(problem, spec, generator, method, next_batch, progress)
         svd_output_error = traj.meta.get("svd_output_error")
         if spec.schedule == "fixed":
             schedule = FixedInterval.from_share(spec.iterations, traj.last, spec.share)
             method = Backtrack(method, traj, schedule, guidance=guidance)
         elif spec.schedule == "adaptive":
             method = Backtrack(method, traj, AdaptiveGap(ratio=spec.adaptive_ratio), guidance=guidance)
+        elif spec.schedule == "budget":
+            rule = AdaptiveGap(ratio=spec.adaptive_ratio, warmup=5, min_steps=10, max_steps=spec.iterations)
+            method = Backtrack(method, traj, Budgeted(spec.iterations, spec.share, rule), guidance=guidance)
+        elif spec.schedule == "linear":
+            method = Backtrack(method, traj, LinearPath(spec.iterations, spec.share), guidance=guidance)
         elif spec.schedule == "warm_start":
             method = Backtrack(method, traj, FixedInterval(1), start=0, guidance=guidance)
         else:
@@ -233,7 +273,7 @@ def run_one(
     else:
         fake = a["make_fake"](problem) if "make_fake" in a else trainable_copy(problem.teacher)
     g_opt = _optim([p for p in generator.parameters() if p.requires_grad], spec, a)
-    f_opt = _optim([*fake.parameters(), *method.critic_parameters()], spec, a)
+    f_opt = _optim([*fake.parameters(), *method.critic_parameters()], spec, a, spec.fake_lr_scale)
     z_eval, c_eval = problem.eval_inputs()
 
     def evaluate(it: int) -> dict[str, Any]:
