@@ -101,7 +101,7 @@ def parse_variant(base, text: str):
     )
 
 
-def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
+def _run(args: argparse.Namespace, variants: list[str], title: str, quiet: bool = False) -> int:
     import torch
 
     from .bench.problems import get_problem
@@ -147,10 +147,63 @@ def _run(args: argparse.Namespace, variants: list[str], title: str) -> int:
         )
         write_report(res, folder / "report.md", f"{title}: {args.problem}, {adapter}")
         results[adapter] = res
-        print(f"\n{args.problem} / {adapter} ({len(args.seeds)} seeds, {base.iterations} generator iterations)")
-        print(summary_table(res))
-    print(f"\nwrote {out} in {time.perf_counter() - t0:.0f} s")
+        if not quiet:
+            print(f"\n{args.problem} / {adapter} ({len(args.seeds)} seeds, {base.iterations} generator iterations)")
+            print(summary_table(res))
+    if not quiet:
+        print(f"\nwrote {out} in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+# The regime `disback demo` runs beside the built-in one (docs/WHEN_DISBACK_HELPS.md), as RunSpec
+# overrides of the same problem and budget, and what to call it.
+HEADLINE: dict[str, Any] = {"fake_lr_scale": 0.1}
+HEADLINE_TEXT = "a slow critic (fake-score learning rate 0.1x the generator's)"
+
+
+def _demo_job(settings: dict[str, Any], title: str) -> int:
+    """One demo regime in a worker process (spawned: logging is set up again here)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    return _run(argparse.Namespace(**settings), ["base", "disback"], title, quiet=True)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The built-in regime, and with ``--headline`` the headline regime in ``OUT/headline``, side by
+    side in two processes (each with half the CPU threads unless ``--threads``)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from .bench.problems import get_problem
+    from .bench.report import summary_table
+    from .storage import read_json
+
+    head = argparse.Namespace(**{**vars(args), **HEADLINE, "out": str(Path(args.out) / "headline")})
+    if not args.headline or all(getattr(args, k) == v for k, v in HEADLINE.items()):
+        return _run(args, ["base", "disback"], "disback demo")
+    kw = {"teacher_steps": args.teacher_steps} if args.teacher_steps else {}
+    get_problem(args.problem, args.cache_dir, progress=not args.no_progress, **kw)  # train/cache the teacher once
+    threads = args.threads or max(1, (os.cpu_count() or 2) // 2)
+    jobs = [
+        (args, "disback demo: the built-in regime"),
+        (head, f"disback demo, headline regime: {HEADLINE_TEXT}"),
+    ]
+    log.info("running the built-in regime (%s) and the headline regime (%s) side by side", args.out, head.out)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_demo_job, {**vars(ns), "threads": threads, "no_progress": True}, title) for ns, title in jobs
+        ]
+        codes = [f.result() for f in futures]
+    for ns, title in jobs:
+        for adapter in ns.adapter:
+            folder = Path(ns.out) / adapter if len(ns.adapter) > 1 else Path(ns.out)
+            print(f"\n{title}, {adapter} -> {folder}")
+            print(summary_table(read_json(folder / "results.json", "demo results")))
+    print(f"\nwrote {args.out} in {time.perf_counter() - t0:.0f} s")
+    return max(codes)
 
 
 def _report(paths: list[str]) -> int:
@@ -277,6 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="the main job: base method vs DisBack on a built-in problem")
     _common(d, ["dmd2"])
     d.add_argument("--out", default="runs/demo")
+    d.add_argument(
+        "--headline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also run the headline regime, {HEADLINE_TEXT}, into OUT/headline, side by side with the "
+        "built-in one (docs/WHEN_DISBACK_HELPS.md)",
+    )
     b = sub.add_parser("bench", help="benchmark variants (base, disback, disback:key=value,...)")
     _common(b, ["dmd2"])
     b.add_argument("--variants", nargs="+", default=["base", "disback"])
@@ -313,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.problem not in CONDITIONAL:
             parser.error(f"--cfg-scale needs a conditional problem ({', '.join(CONDITIONAL)}), not {args.problem}")
     if args.command == "demo":
-        return _run(args, ["base", "disback"], "disback demo")
+        return _demo(args)
     if args.command == "guide":
         from .bench.guide import guide_main
 
