@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from disback_core.bench.problems import Digits, Toy2D
-from disback_core.bench.runner import summarise
+from disback_core.bench.runner import RunSpec, summarise
 from disback_core.cli import main
 
 
@@ -92,7 +92,8 @@ def test_summary_ratios_follow_the_documented_rule():
 
 
 @pytest.mark.parametrize("problem,extra", [("toy2d", ["--teacher-steps", "300"]),
-                                           ("digits", ["--teacher-steps", "20", "--batch", "8", "--eval-samples", "300"])])
+                                           ("digits", ["--teacher-steps", "20", "--batch", "8", "--eval-samples", "300",
+                                                       "--no-headline"])])
 def test_demo_runs_end_to_end_and_writes_every_file(tmp_path, cache, capsys, problem, extra):
     out = tmp_path / "demo"
     rc = main(["demo", "--problem", problem, "--iterations", "4", "--eval-every", "2", "--seeds", "0", "1",
@@ -111,6 +112,16 @@ def test_demo_runs_end_to_end_and_writes_every_file(tmp_path, cache, capsys, pro
     printed = capsys.readouterr().out
     assert "| base |" in printed and "| disback |" in printed
     assert "| base |" in (out / "report.md").read_text()
+    from disback_core.cli import HEADLINE
+
+    if "--no-headline" in extra:
+        assert not (out / "headline").exists()
+        return
+    head = json.loads((out / "headline" / "results.json").read_text())  # the headline regime, beside it
+    assert [r["label"] for r in head["runs"]] == ["base", "base", "disback", "disback"]
+    assert all(r["spec"][k] == v for r in head["runs"] for k, v in HEADLINE.items())
+    assert all(r["spec"][k] == RunSpec().to_json()[k] for r in res["runs"] for k in HEADLINE)
+    assert "headline regime" in printed and (out / "headline" / "curves.png").is_file()
 
 
 def test_bench_guides_the_teacher_and_every_node_with_cfg_scale(tmp_path, cache, monkeypatch):
