@@ -259,7 +259,7 @@ def run_one(
         elif spec.schedule == "adaptive":
             method = Backtrack(method, traj, AdaptiveGap(ratio=spec.adaptive_ratio), guidance=guidance)
         elif spec.schedule == "budget":
-            rule = AdaptiveGap(ratio=spec.adaptive_ratio, warmup=5, min_steps=10, max_steps=spec.iterations)
+            rule = AdaptiveGap(ratio=spec.adaptive_ratio, warmup=3, min_steps=5, max_steps=spec.iterations)
             method = Backtrack(method, traj, Budgeted(spec.iterations, spec.share, rule), guidance=guidance)
         elif spec.schedule == "linear":
             method = Backtrack(method, traj, LinearPath(spec.iterations, spec.share), guidance=guidance)
