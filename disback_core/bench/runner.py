@@ -17,7 +17,8 @@ JSON schema (``results.json``, ``"schema": "disback-benchmark/1"``)::
                "svd_output_error": [per node] or null (node_mode "svd" only: see record_degradation),
                "student_sigmas": [the K-step student's sigmas; [sigma_init] for one step],
                "divergence": null, or when the primary metric first rose above 10x its best so far (DivergenceMonitor),
-               "evals": [{"iteration", "seconds", "cpu_seconds", "metrics": {metric: value}}],
+               "evals": [{"iteration", "seconds", "cpu_seconds", "metrics": {metric: value},
+                          "logs": {train_step log: mean since the previous evaluation}}],
                "final": {metric: value}, "seconds_per_iteration", "cpu_seconds_per_iteration", "threads",
                "frozen_fraction", "frozen_params", "images_per_iteration": {"real", "generated"}}],
      "summary": {label: {"final": {metric: {"mean", "std", "min", "max", "per_seed"}},
@@ -282,7 +283,10 @@ def run_one(
             "seconds": degradation_seconds + train_seconds,
             "cpu_seconds": degradation_cpu + train_cpu,
             "metrics": problem.evaluate(_generate(generator, z_eval, c_eval), c_eval),
+            # training statistics averaged since the previous evaluation (the candidates for an adaptive rule)
+            "logs": {k: statistics.fmean(v) for k, v in since.items()},
         }
+        since.clear()
         log.info("%s seed %d it %d: %s", spec.label, seed, it, {k: round(v, 4) for k, v in e["metrics"].items()})
         if monitor.update(e["metrics"][problem.primary]) and not divergence:
             divergence.append(f"iteration {it}: {monitor.report}")
@@ -294,6 +298,7 @@ def run_one(
         return e
 
     train_seconds = train_cpu = 0.0
+    since: dict[str, list[float]] = {}
     # a primary metric 10x above its best so far (or non-finite), after two evaluations, is reported
     monitor = DivergenceMonitor(factor=10.0, warmup=2)
     divergence: list[str] = []
@@ -305,9 +310,11 @@ def run_one(
         it_range = tqdm(it_range, desc=f"{spec.label} seed {seed}", leave=False)
     for it in it_range:
         t0, c0 = time.perf_counter(), time.process_time()
-        train_step(method, generator, fake, target, g_opt, f_opt, next_batch, max_grad_norm=a["max_grad_norm"])
+        logs = train_step(method, generator, fake, target, g_opt, f_opt, next_batch, max_grad_norm=a["max_grad_norm"])
         train_seconds += time.perf_counter() - t0
         train_cpu += time.process_time() - c0
+        for k, v in logs.items():
+            since.setdefault(k, []).append(v)
         if it % spec.eval_every == 0 or it == spec.iterations:
             evals.append(evaluate(it))
     if spec.disback:
