@@ -41,10 +41,37 @@ digits_ablations() {
     disback:schedule=warm_start disback:node_mode=svd disback:node_mode=full
 }
 
+regimes() {  # issue 11: where DisBack helps (docs/WHEN_DISBACK_HELPS.md); 600 iterations, DMD2
+  local C="--adapter dmd2 --seeds 0 1 2 --threads 1 --no-progress --resume" RR=$R/regimes
+  local V="base disback disback:node_mode=full disback:degradation_lr_scale=3 disback:schedule=linear \
+    disback:schedule=budget,share=0.3 disback:schedule=warm_start"
+  $BIN/disback bench --problem toy2d $C --variants $V --out $RR/toy2d
+  $BIN/disback bench --problem toy2d-edm $C --variants $V --out $RR/toy2d-edm
+  $BIN/disback bench --problem grid25 $C --variants $V --out $RR/grid25
+  $BIN/disback bench --problem toy2d --student fresh $C --variants $V --out $RR/toy2d-fresh
+  $BIN/disback bench --problem toy2d --student small $C --variants $V --out $RR/toy2d-small
+  $BIN/disback bench --problem toy2d --critic-steps 1 $C --variants $V --out $RR/toy2d-critic1
+  $BIN/disback bench --problem toy2d --fake-lr-scale 0.3 $C --variants $V --out $RR/toy2d-slowcritic0.3
+  $BIN/disback bench --problem toy2d --fake-lr-scale 0.1 $C --variants $V --out $RR/toy2d-slowcritic
+  $BIN/disback bench --problem toy2d --critic-steps 2 $C --variants base disback disback:node_mode=full --out $RR/toy2d-critic2
+  $BIN/disback bench --problem toy2d --fake-lr-scale 0.5 $C --variants base disback disback:node_mode=full \
+    --out $RR/toy2d-slowcritic0.5
+  local PS="python benchmarks/path_shape.py --seeds 0 1"
+  $BIN/$PS --problem toy2d --out $R/path_shape-toy2d.json --variants disback disback:rank=32 disback:node_mode=svd \
+    disback:node_mode=full disback:degradation_lr_scale=2 disback:degradation_lr_scale=3 disback:degradation_lr_scale=5 \
+    disback:degradation_lr_scale=10
+  $BIN/$PS --problem toy2d --student fresh --out $R/path_shape-toy2d-fresh.json \
+    --variants disback disback:node_mode=full disback:degradation_lr_scale=3
+  $BIN/$PS --problem toy2d-edm --out $R/path_shape-toy2d-edm.json \
+    --variants disback disback:node_mode=full disback:degradation_lr_scale=3
+  $BIN/python benchmarks/regimes.py
+}
+
 case "${1:-all}" in
   toy) toy ;;
   digits) digits ;;
   digits-ablations) digits_ablations ;;
   overhead) overhead ;;
+  regimes) regimes ;;
   all) toy & digits & wait; overhead ;;
 esac
