@@ -157,8 +157,8 @@ def _run(args: argparse.Namespace, variants: list[str], title: str, quiet: bool 
 
 # The regime `disback demo` runs beside the built-in one (docs/WHEN_DISBACK_HELPS.md), as RunSpec
 # overrides of the same problem and budget, and what to call it.
-HEADLINE: dict[str, Any] = {"fake_lr_scale": 0.1}
-HEADLINE_TEXT = "a slow critic (fake-score learning rate 0.1x the generator's)"
+HEADLINE: dict[str, Any] = {"fake_lr_scale": 0.3}
+HEADLINE_TEXT = "a slow critic (fake-score learning rate 0.3x the generator's)"
 
 
 def _demo_job(settings: dict[str, Any], title: str) -> int:
