@@ -83,6 +83,27 @@ def table(folder: Path) -> list[str]:
     return out
 
 
+def path_table() -> list[str]:
+    """Node distances (mean over seeds) from results/path_shape-*.json: to the teacher and to G0."""
+    out = [
+        "| problem (student) | path | d(node k, teacher), k = 1..N | d(node k, G0), k = 1..N | d(teacher, G0) "
+        "| share of the way to G0 at node N |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path in sorted(R.parent.glob("path_shape-*.json")):
+        res = json.loads(path.read_text())
+        for v in dict.fromkeys(r["variant"] for r in res["rows"]):
+            rs = [r for r in res["rows"] if r["variant"] == v]
+            n = len(rs[0]["to_teacher"])
+            mean = lambda key, k: sum(r[key][k] for r in rs) / len(rs)  # noqa: E731
+            tg = sum(r["teacher_to_g0"] for r in rs) / len(rs)
+            to_t = " ".join(f"{mean('to_teacher', k):.2f}" for k in range(1, n))
+            to_g = " ".join(f"{mean('to_g0', k):.2f}" for k in range(1, n))
+            share = 1 - mean("to_g0", n - 1) / tg
+            out.append(f"| {res['problem']} ({res['student']}) | {v} | {to_t} | {to_g} | {tg:.2f} | {share:.2f} |")
+    return out
+
+
 def main() -> None:
     text = "\n".join(
         [
@@ -93,6 +114,10 @@ def main() -> None:
             "## Every variant: 3 seeds",
             "",
             *table(R),
+            "",
+            "## The path's shape (benchmarks/path_shape.py; mean of 2 seeds)",
+            "",
+            *path_table(),
         ]
     )
     (R / "TABLE.md").write_text(text + "\n")
