@@ -25,7 +25,6 @@ import torch
 from disback_core.bench.problems import get_problem
 from disback_core.bench.runner import RunSpec, _adapters, make_student, record_path
 from disback_core.cli import PROBLEM_DEFAULTS, parse_variant
-
 from disback_core.fewstep import fewstep_sigmas
 from disback_core.sampling import edm_sampler
 from disback_core.storage import write_json

@@ -207,8 +207,8 @@ class LinearPath:
 
 
 class Budgeted:
-    """Budget-aware adaptive schedule: ``rule`` (default ``AdaptiveGap(ratio=0.5, warmup=5,
-    min_steps=10)``) may leave a node early, and a deadline leaves it late at the latest: the j-th
+    """Budget-aware adaptive schedule: ``rule`` (default ``AdaptiveGap(ratio=0.5, warmup=3,
+    min_steps=5)``, as benchmarked) may leave a node early, and a deadline leaves it late at the latest: the j-th
     degraded target (j = 1 at the start node) is left by generator update
     ``ceil(j * share * total_steps / start)``. The teacher is therefore the target from
     ``share * total_steps`` on whatever the statistic does: the schedule cannot stall."""
@@ -216,7 +216,7 @@ class Budgeted:
     def __init__(self, total_steps: int, share: float = 0.1, rule: Any = None):
         self.total_steps, self.share = _check_budget(total_steps, share)
         self.rule = (
-            AdaptiveGap(ratio=0.5, warmup=5, min_steps=10, max_steps=max(10, total_steps))
+            AdaptiveGap(ratio=0.5, warmup=3, min_steps=5, max_steps=max(5, total_steps))
             if rule is None
             else check_schedule(rule, "rule")
         )
