@@ -27,7 +27,10 @@ REGIMES = {
     "toy2d-slowcritic0.5": ("slow critic: fake-score lr 0.5x", "--problem toy2d --fake-lr-scale 0.5"),
     "toy2d-slowcritic0.3": ("slow critic: fake-score lr 0.3x", "--problem toy2d --fake-lr-scale 0.3"),
     "toy2d-slowcritic": ("slow critic: fake-score lr 0.1x", "--problem toy2d --fake-lr-scale 0.1"),
-    "toy2d-distilled": ("start from a distilled generator (base, 600 it)", "--problem toy2d --init-generator ..."),
+    "toy2d-distilled": (
+        "start from a distilled generator (the toy2d regime's base, seed 0, 600 it)",
+        "--problem toy2d --init-generator benchmarks/results/regimes/toy2d/generator-base-seed0.safetensors",
+    ),
 }
 
 

@@ -9,6 +9,8 @@ BIN=${BIN:-.venv/bin}
 R=benchmarks/results
 COMMON="--seeds 0 1 2 --threads 1 --no-progress"
 
+# toy/digits/overhead predate the LoRA 3x default: their 'disback' runs recorded LoRA nodes at 1x (a rerun
+# of these commands now records at 3x; add degradation_lr_scale=1 to a LoRA variant to reproduce them).
 toy() {
   for a in dmd2 di sid; do  # seeds 0-2 were first run together, seeds 3-7 added with --resume
     $BIN/disback bench --problem toy2d --adapter $a --seeds 0 1 2 3 4 5 6 7 --threads 1 --no-progress --iterations 1500 \
@@ -42,28 +44,45 @@ digits_ablations() {
 }
 
 regimes() {  # issue 11: where DisBack helps (docs/WHEN_DISBACK_HELPS.md); 600 iterations, DMD2
+  # The paper's path (LoRA nodes recorded at the training lr) is named with degradation_lr_scale=1 here:
+  # 'disback' itself now records LoRA nodes at 3x (the default these runs chose).
   local C="--adapter dmd2 --seeds 0 1 2 --threads 1 --no-progress --resume" RR=$R/regimes
-  local V="base disback disback:node_mode=full disback:degradation_lr_scale=3 disback:schedule=linear \
-    disback:schedule=budget,share=0.3 disback:schedule=warm_start"
+  local V="base disback:degradation_lr_scale=1 disback:node_mode=full disback:degradation_lr_scale=3 disback:schedule=linear,degradation_lr_scale=1 \
+    disback:schedule=budget,share=0.3,degradation_lr_scale=1 disback:schedule=warm_start,degradation_lr_scale=1"
   $BIN/disback bench --problem toy2d $C --variants $V --out $RR/toy2d
   $BIN/disback bench --problem toy2d-edm $C --variants $V --out $RR/toy2d-edm
   $BIN/disback bench --problem grid25 $C --variants $V --out $RR/grid25
   $BIN/disback bench --problem toy2d --student fresh $C --variants $V --out $RR/toy2d-fresh
   $BIN/disback bench --problem toy2d --student small $C --variants $V --out $RR/toy2d-small
   $BIN/disback bench --problem toy2d --critic-steps 1 $C --variants $V --out $RR/toy2d-critic1
-  $BIN/disback bench --problem toy2d --fake-lr-scale 0.3 $C --variants $V --out $RR/toy2d-slowcritic0.3
   $BIN/disback bench --problem toy2d --fake-lr-scale 0.1 $C --variants $V --out $RR/toy2d-slowcritic
-  $BIN/disback bench --problem toy2d --critic-steps 2 $C --variants base disback disback:node_mode=full --out $RR/toy2d-critic2
-  $BIN/disback bench --problem toy2d --fake-lr-scale 0.5 $C --variants base disback disback:node_mode=full \
+  $BIN/disback bench --problem toy2d --critic-steps 2 $C --variants base disback:degradation_lr_scale=1 disback:degradation_lr_scale=3 \
+    --out $RR/toy2d-critic2
+  $BIN/disback bench --problem toy2d --fake-lr-scale 0.5 $C --variants base disback:degradation_lr_scale=1 disback:degradation_lr_scale=3 \
     --out $RR/toy2d-slowcritic0.5
+  $BIN/disback bench --problem toy2d --fake-lr-scale 0.3 $C --variants $V disback:degradation_steps=200,degradation_lr_scale=1 \
+    disback:degradation_steps=200,degradation_lr_scale=2.5 --out $RR/toy2d-slowcritic0.3
+  $BIN/disback bench --problem toy2d --init-generator $RR/toy2d/generator-base-seed0.safetensors $C \
+    --variants base disback:degradation_lr_scale=3 --out $RR/toy2d-distilled
+  # 5 seeds for base, the paper's path (LoRA at 1x) and the default (LoRA at 3x), from a copy of the 3-seed results
+  for spec in "toy2d:--problem toy2d" "toy2d-edm:--problem toy2d-edm" "grid25:--problem grid25" \
+      "toy2d-fresh:--problem toy2d --student fresh" "toy2d-small:--problem toy2d --student small" \
+      "toy2d-critic1:--problem toy2d --critic-steps 1" "toy2d-slowcritic0.3:--problem toy2d --fake-lr-scale 0.3" \
+      "toy2d-slowcritic:--problem toy2d --fake-lr-scale 0.1"; do
+    local name=${spec%%:*} flags=${spec#*:}
+    mkdir -p $RR/5seeds/$name
+    [ -f $RR/5seeds/$name/results.json ] || cp $RR/$name/results.json $RR/5seeds/$name/results.json
+    $BIN/disback bench $flags --adapter dmd2 --seeds 0 1 2 3 4 --threads 1 --no-progress --resume \
+      --variants base disback:degradation_lr_scale=1 disback:degradation_lr_scale=3 --out $RR/5seeds/$name
+  done
   local PS="python benchmarks/path_shape.py --seeds 0 1"
-  $BIN/$PS --problem toy2d --out $R/path_shape-toy2d.json --variants disback disback:rank=32 disback:node_mode=svd \
+  $BIN/$PS --problem toy2d --out $R/path_shape-toy2d.json --variants disback:degradation_lr_scale=1 disback:rank=32,degradation_lr_scale=1 disback:node_mode=svd \
     disback:node_mode=full disback:degradation_lr_scale=2 disback:degradation_lr_scale=3 disback:degradation_lr_scale=5 \
     disback:degradation_lr_scale=10
   $BIN/$PS --problem toy2d --student fresh --out $R/path_shape-toy2d-fresh.json \
-    --variants disback disback:node_mode=full disback:degradation_lr_scale=3
+    --variants disback:degradation_lr_scale=1 disback:node_mode=full disback:degradation_lr_scale=3
   $BIN/$PS --problem toy2d-edm --out $R/path_shape-toy2d-edm.json \
-    --variants disback disback:node_mode=full disback:degradation_lr_scale=3
+    --variants disback:degradation_lr_scale=1 disback:node_mode=full disback:degradation_lr_scale=3
   $BIN/python benchmarks/regimes.py
 }
 

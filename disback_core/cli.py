@@ -6,7 +6,9 @@
 - ``disback bench``: the same runner with any list of variants, for the committed benchmarks.
   A variant is ``base``, ``disback``, or ``disback:key=value,...`` overriding DisBack settings
   (``nodes``, ``degradation_steps``, ``node_mode``, ``rank``, ``schedule``, ``share``,
-  ``adaptive_ratio``, ``merge``), e.g. ``disback:share=0.3`` or ``disback:schedule=adaptive``.
+  ``adaptive_ratio``, ``merge``, ``degradation_lr_scale``), e.g. ``disback:share=0.3`` or
+  ``disback:schedule=budget``. ``disback`` records LoRA nodes at 3x the learning rate (the measured
+  default, docs/WHEN_DISBACK_HELPS.md); ``disback:degradation_lr_scale=1`` is the paper's path.
   ``--student-steps 1 2 4`` trains K-step students (DMD2's multi-step generator) per variant.
 - ``disback guide``: the trained students of bench folders with and without Distillation++
   teacher guidance, the metric against network evaluations (:mod:`disback_core.bench.guide`).

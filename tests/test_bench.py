@@ -284,3 +284,17 @@ def test_regime_options_change_the_student_the_critic_and_the_start(tmp_path, ca
                                  disback=disback, degradation_steps=10, student="small"), seed=0)
         assert r["spec"]["student"] == "small" and len(r["evals"]) == 2
     assert seen == [(1, pytest.approx(1e-4), 1e-3)] * 4
+
+
+def test_the_default_records_lora_nodes_at_3x_and_resume_never_reuses_older_runs():
+    from disback_core.bench.runner import RunSpec, degradation_lr, same_spec
+
+    assert degradation_lr(RunSpec(lr=1e-4)) == pytest.approx(3e-4)  # LoRA nodes: the full fine-tuning path
+    assert degradation_lr(RunSpec(lr=1e-4, node_mode="full")) == pytest.approx(1e-4)
+    assert degradation_lr(RunSpec(lr=1e-4, node_mode="svd")) == pytest.approx(1e-4)
+    assert degradation_lr(RunSpec(lr=1e-4, degradation_lr_scale=1.0)) == pytest.approx(1e-4)
+    want = RunSpec(disback=True).to_json()
+    older = {k: v for k, v in want.items() if k != "degradation_lr_scale"}  # stored before the field: ran at 1x
+    assert not same_spec(older, want)
+    assert same_spec(older, RunSpec(disback=True, degradation_lr_scale=1.0).to_json())
+    assert same_spec(want, want) and not same_spec({**want, "share": 0.3}, want)

@@ -133,13 +133,34 @@ class RunSpec:
     fake_lr_scale: float = 1.0  # fake-score learning rate = lr * fake_lr_scale (a slow critic: < 1)
     critic_steps: int = 0  # fake-score updates per generator update (0: the adapter's default, DMD2 5)
     init_generator: str = ""  # start the generator from these weights (safetensors), e.g. a distilled one
-    degradation_lr_scale: float = 1.0  # DisBack: degradation learning rate = lr * this (LoRA nodes move slower)
+    # DisBack: recording learning rate = lr * this. None (the default): 3 for LoRA nodes, whose path then
+    # matches full fine-tuning's node by node (benchmarks/path_shape.py), 1 for full and SVD nodes
+    # (docs/WHEN_DISBACK_HELPS.md: the measured default)
+    degradation_lr_scale: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 _DEFAULT_SPEC = RunSpec().to_json()
+# Fields whose default changed: what a stored spec without them ran with (so --resume never reuses it wrongly)
+_ABSENT_MEANT = {"degradation_lr_scale": 1.0}
+LORA_LR_SCALE = 3.0  # the default recording learning-rate factor of LoRA nodes
+
+
+def degradation_lr(spec: RunSpec) -> float:
+    """The recording learning rate of a DisBack run: ``lr * degradation_lr_scale``, the scale by node
+    mode when unset (3 for LoRA, 1 for full and SVD nodes)."""
+    scale = spec.degradation_lr_scale
+    if scale is None:
+        scale = LORA_LR_SCALE if spec.node_mode == "lora" else 1.0
+    return spec.lr * scale
+
+
+def same_spec(stored: dict[str, Any], want: dict[str, Any]) -> bool:
+    """Whether a stored run's spec is the requested one: fields it lacks take the value they had when
+    it ran (``_ABSENT_MEANT``) or the current default."""
+    return {**_DEFAULT_SPEC, **_ABSENT_MEANT, **stored} == want
 
 
 def weights_name(label: str, seed: int) -> str:
@@ -206,7 +227,7 @@ def record_path(
         next_batch,
         steps=interval * spec.nodes,
         interval=interval,
-        lr=spec.lr * spec.degradation_lr_scale,
+        lr=degradation_lr(spec),
         mode=spec.node_mode,
         lora=LoraSpec(rank=spec.rank),
         merge=spec.merge,
@@ -514,7 +535,7 @@ def compare(
     ``results.json`` is rewritten after every run (with ``"partial": true`` until the end), so an
     interrupted benchmark loses at most one run. With ``resume``, runs stored there whose label,
     seed and spec equal the requested ones are reused instead of rerun (a stored spec lacking a
-    newer RunSpec field is compared with that field's default). With ``save_weights``, each new
+    newer RunSpec field is compared with the value it ran with: :func:`same_spec`). With ``save_weights``, each new
     run's generator is saved as ``generator-LABEL-seedS.safetensors`` (for ``disback guide``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -540,7 +561,7 @@ def compare(
         for seed in seeds:
             old = stored.get((spec.label, seed))
             # compare with defaults filled in: results stored before a RunSpec field existed still match
-            if old is not None and {**_DEFAULT_SPEC, **old["spec"]} == want:
+            if old is not None and same_spec(old["spec"], want):
                 log.info("%s seed %d: reusing the stored run", spec.label, seed)
                 runs.append(old)
                 continue
