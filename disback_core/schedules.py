@@ -225,20 +225,22 @@ class Budgeted:
     def bind(self, cursor: NodeCursor) -> None:
         self._cursor = cursor
 
-    def deadline(self, node: int) -> int:
-        """The generator update by which ``node`` is left (``node`` < the start node's index + 1)."""
+    def _bound(self) -> NodeCursor:
         if self._cursor is None:
             raise RuntimeError("Budgeted is used through a NodeCursor (Backtrack or attach), which binds it")
-        start = max(self._cursor.start, 1)
+        return self._cursor
+
+    def deadline(self, node: int) -> int:
+        """The generator update by which ``node`` (a degraded target, 1..start) is left."""
+        start = max(self._bound().start, 1)
         return math.ceil((start - node + 1) * self.share * self.total_steps / start)
 
     def reset(self) -> None:
         self.rule.reset()
 
     def advance(self, steps_in_node: int, stat: float | None) -> bool:
-        if self._cursor is None:
-            raise RuntimeError("Budgeted is used through a NodeCursor (Backtrack or attach), which binds it")
-        if self._cursor.generator_steps >= self.deadline(self._cursor.node):
+        cursor = self._bound()
+        if cursor.generator_steps >= self.deadline(cursor.node):
             return True
         return bool(self.rule.advance(steps_in_node, stat))
 

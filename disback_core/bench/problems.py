@@ -204,6 +204,7 @@ class Toy2D(Problem):
     ):
         if layout not in self.LAYOUTS:
             raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
+        self.layout = layout
         if layout == "ring8":
             ang = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
             self.means = torch.stack([2 * ang.cos(), 2 * ang.sin()], 1)
@@ -262,8 +263,8 @@ class Toy2D(Problem):
 
     def _draw(self, n: int, g: torch.Generator) -> Tensor:
         k = (
-            torch.randint(0, 8, (n,), generator=g)
-            if len(self.means) == 8
+            torch.randint(0, 8, (n,), generator=g)  # equal weights: the ring's draws as they always were
+            if self.layout == "ring8"
             else torch.multinomial(self.weights, n, replacement=True, generator=g)
         )
         return (self.means[k] + self.std * torch.randn(n, 2, generator=g, dtype=torch.float64)).float()
