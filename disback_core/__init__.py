@@ -31,6 +31,14 @@ from .fewstep import (
     sample_fewstep,
     timesteps_to_sigmas,
 )
+from .flow import (
+    FlowMatchDenoiser,
+    flow_generator,
+    flow_shift,
+    flow_sigmas,
+    flux_mu,
+    make_flow_generator,
+)
 from .freezing import FreezeReport, apply_freezing, freeze_modules, gddi_frozen_modules
 from .gan import GANHead, capture_features
 from .guidance import default_final_sigma, distillation_pp_sample
@@ -38,10 +46,21 @@ from .interpolate import target_at, write_position
 from .lora import LoraSpec, LoraTarget, lora_targets
 from .losses import DSMLoss, abs_mean_normaliser, check_finite, gan_discriminator_loss, gan_generator_loss, r1_penalty
 from .nets import MLPNet, UNetNet, edm_mlp, edm_unet
+from .presets import TINY_PRESETS, build_model, example_cond, sample_shape
 from .protocol import DSMFakeScore, LossDict, ScoreDistiller
 from .recording import DegradationRecorder, probe_inputs, record_degradation
 from .schedules import AdaptiveGap, Budgeted, FixedInterval, LinearPath, NodeCursor, TeacherOnly, score_gap
-from .sigmas import KarrasContinuousSigma, KarrasIndexSigma, LogNormalSigma, SigmaSampler, edm_weight, karras_sigmas
+from .sigmas import (
+    KarrasContinuousSigma,
+    KarrasIndexSigma,
+    LogitNormalSigma,
+    LogNormalSigma,
+    SigmaSampler,
+    UniformTimeSigma,
+    edm_weight,
+    flow_weight,
+    karras_sigmas,
+)
 from .state import latest_state, list_states, load_state, save_state
 from .step import Batch, as_batch, call_generator, critic_step, generator_step, train_step
 from .storage import StorageError
@@ -53,6 +72,19 @@ __all__ = [
     "Denoiser",
     "EDMPrecond",
     "DiffusersDenoiser",
+    "FlowMatchDenoiser",
+    "flow_generator",
+    "make_flow_generator",
+    "flow_sigmas",
+    "flow_shift",
+    "flux_mu",
+    "LogitNormalSigma",
+    "UniformTimeSigma",
+    "flow_weight",
+    "TINY_PRESETS",
+    "build_model",
+    "example_cond",
+    "sample_shape",
     "CFGDenoiser",
     "OneStepGenerator",
     "make_generator",

@@ -8,10 +8,16 @@ A sampler is called as ``sampler(n, device=None, generator=None) -> sigma`` of s
   (generator: indices 20..980 of 1000; fake score and GAN: 0..999).
 - :class:`KarrasContinuousSigma`: a continuous position on the Karras ramp, ``u ~ U(0, u_max)``;
   SiD's generator loss (``u_max = tmax / 1000 = 0.8``).
+- :class:`LogitNormalSigma`: SD3's flow-time distribution ``logit t ~ N(m, s^2)`` (Esser et al.
+  2024, Sec. 3.1), optionally shifted; :class:`UniformTimeSigma`: rectified flow's ``t ~ U`` (shifted).
+  With ``sigma = t / (1 - t)`` (the flow frame, :mod:`disback_core.flow`), ``logit t = ln sigma``, so
+  logit-normal in ``t`` is log-normal in ``sigma``, and a timestep shift ``s`` multiplies sigma by ``s``.
+- :func:`flow_weight`: the DSM weight that makes the x0 loss the flow-matching velocity loss.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +33,9 @@ __all__ = [
     "KarrasContinuousSigma",
     "karras_sigmas",
     "edm_weight",
+    "LogitNormalSigma",
+    "UniformTimeSigma",
+    "flow_weight",
 ]
 
 
@@ -119,6 +128,55 @@ class KarrasContinuousSigma:
         u = torch.rand(n, generator=generator, device=device) * self.u_max
         lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
         return (hi + (1 - u) * (lo - hi)) ** self.rho
+
+
+@dataclass(frozen=True)
+class LogitNormalSigma:
+    """SD3's logit-normal flow times, shifted: ``logit t ~ N(mean, std^2)``, ``sigma = shift * t / (1 - t)``.
+
+    Since ``ln(t / (1 - t)) = logit t``, this is ``ln sigma ~ N(mean + ln shift, std^2)``: exactly
+    :class:`LogNormalSigma` (same draws for the same generator). SD3 trains with ``(0, 1)`` (Esser
+    et al. 2024, Sec. 3.1 and Table 1, "lognorm(0.00, 1.00)") and samples with ``shift = 3``.
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+    shift: float = 1.0
+
+    def __post_init__(self):
+        check_number("mean", self.mean)
+        check_number("std", self.std, low=0.0, low_open=True)
+        check_number("shift", self.shift, low=0.0, low_open=True)
+
+    def __call__(self, n: int, device=None, generator=None) -> Tensor:
+        return LogNormalSigma(self.mean + math.log(self.shift), self.std)(n, device, generator)
+
+
+@dataclass(frozen=True)
+class UniformTimeSigma:
+    """Rectified flow's uniform times, shifted: ``t ~ U(t_min, t_max)``, ``sigma = shift * t / (1 - t)``
+    (Liu et al. 2023; SD3's shift, Esser et al. 2024, Sec. 5.3.2). ``t_max < 1`` keeps sigma finite."""
+
+    t_min: float = 1e-3
+    t_max: float = 0.999
+    shift: float = 1.0
+
+    def __post_init__(self):
+        if not 0 < self.t_min < self.t_max < 1:
+            raise ValueError(f"need 0 < t_min < t_max < 1, got t_min={self.t_min}, t_max={self.t_max}")
+        check_number("shift", self.shift, low=0.0, low_open=True)
+
+    def __call__(self, n: int, device=None, generator=None) -> Tensor:
+        check_number("n", n, low=1, integer=True)
+        t = self.t_min + (self.t_max - self.t_min) * torch.rand(n, generator=generator, device=device)
+        return self.shift * t / (1 - t)
+
+
+def flow_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
+    """``(1 + sigma)^2 / sigma^2 = 1 / t^2``: with it the DSM loss on x0 is the flow-matching loss on
+    the velocity, ``||v_hat - (eps - x0)||^2`` (``x0_hat - x0 = -t (v_hat - v)``); ``sigma_data`` unused.
+    Pass it as ``DSMLoss(..., weight=flow_weight)``."""
+    return (1 + sigma) ** 2 / sigma**2
 
 
 def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
