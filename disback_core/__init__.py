@@ -40,10 +40,21 @@ from .flow import (
     make_flow_generator,
 )
 from .freezing import FreezeReport, apply_freezing, freeze_modules, gddi_frozen_modules
-from .gan import GANHead, capture_features
+from .gan import GANHead, capture_features, default_feature_module
 from .guidance import default_final_sigma, distillation_pp_sample
 from .interpolate import target_at, write_position
-from .lora import LoraSpec, LoraTarget, lora_targets
+from .lora import (
+    FLUX_TARGETS,
+    SANA_FF_TARGETS,
+    SANA_TARGETS,
+    SD3_FF_TARGETS,
+    SD3_TARGETS,
+    WAN_FF_TARGETS,
+    WAN_TARGETS,
+    LoraSpec,
+    LoraTarget,
+    lora_targets,
+)
 from .losses import DSMLoss, abs_mean_normaliser, check_finite, gan_discriminator_loss, gan_generator_loss, r1_penalty
 from .nets import MLPNet, UNetNet, edm_mlp, edm_unet
 from .presets import TINY_PRESETS, build_model, example_cond, sample_shape
@@ -110,6 +121,14 @@ __all__ = [
     "gan_generator_loss",
     "r1_penalty",
     "GANHead",
+    "default_feature_module",
+    "SD3_TARGETS",
+    "SD3_FF_TARGETS",
+    "FLUX_TARGETS",
+    "SANA_TARGETS",
+    "SANA_FF_TARGETS",
+    "WAN_TARGETS",
+    "WAN_FF_TARGETS",
     "capture_features",
     "ScoreDistiller",
     "DSMFakeScore",

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .denoisers import check_sample, pad_dims
-from .gan import GANHead, capture_features
+from .gan import GANHead
 from .sigmas import SigmaSampler
 
 __all__ = [
@@ -186,9 +186,12 @@ class TeacherFeatureDiscriminator(nn.Module):
         *,
         sigma_sampler: SigmaSampler | None = None,
         hidden: int | None = None,
+        output_index: int | None = None,
     ) -> TeacherFeatureDiscriminator:
-        """Probe the features of ``feature_module`` on ``example_x`` and build a matching head."""
-        return cls(teacher, GANHead.build(teacher, feature_module, example_x, cond, sigma_sampler, hidden))
+        """Probe the features of ``feature_module`` on ``example_x`` and build a matching head
+        (``output_index``: the element of a tuple output, e.g. 1 for SD3/FLUX blocks' image stream)."""
+        head = GANHead.build(teacher, feature_module, example_x, cond, sigma_sampler, hidden, output_index=output_index)
+        return cls(teacher, head)
 
     def forward(self, x: Tensor, cond: Any = None) -> Tensor:
         check_sample(x, "x")
@@ -196,7 +199,7 @@ class TeacherFeatureDiscriminator(nn.Module):
         x_t = x + pad_dims(sigma, x) * torch.randn_like(x)
         # the math attention kernel: R1 differentiates twice, and the fused CPU/flash kernels have no double backward
         with sdpa_kernel([SDPBackend.MATH]):
-            feats = capture_features(self.teacher, self.head.feature_module, x_t, sigma, cond)
+            feats = self.head.features(self.teacher, x_t, sigma, cond)
         return self.head.head(feats.float()).reshape(x.shape[0])
 
 

@@ -18,6 +18,28 @@ The rule per architecture (anything else raises; pass your own ``rule`` callable
   the LayerNorms stay trainable (they are neither 3x3 convs nor attention output projections,
   like qkv in EDM). ``conv_in``, ``conv_out``, ``time_embedding``, ``time_emb_proj``,
   ``conv_shortcut`` and class embeddings stay trainable.
+- diffusers flow-matching transformers ``SD3Transformer2DModel``, ``FluxTransformer2DModel``,
+  ``SanaTransformer2DModel``, ``WanTransformer3DModel`` (GDD-I defines no transformer rule; this is
+  our analogue). Inside every transformer block (``JointTransformerBlock``,
+  ``FluxTransformerBlock``, ``FluxSingleTransformerBlock``, ``SanaTransformerBlock``,
+  ``WanTransformerBlock``): every attention module's (diffusers ``Attention`` or an
+  ``AttentionModuleMixin`` such as ``FluxAttention`` / ``WanAttention``) output projections
+  ``to_out.0`` and, in joint attention, ``to_add_out``; every feed-forward (``FeedForward``: ``ff``,
+  ``ff_context``, Wan's ``ffn``; SANA's ``GLUMBConv`` ``ff``, with its depthwise 3x3 conv); in a
+  FLUX single-stream block, whose attention has no output projection, its MLP ``proj_mlp`` and
+  fused attention/MLP output projection ``proj_out``. Trainable stay: q/k/v and the added (context)
+  q/k/v projections, the qk norms, the AdaLN modulation (``norm1.linear``, ``norm1_context.linear``,
+  ``norm.linear``, ``scale_shift_table``, ``time_embed.linear``), all embedders
+  (time/text/guidance, ``context_embedder``, ``x_embedder``, caption projection, Wan's image
+  embedder and its ``ff``), the patch embedding, ``norm_out`` and the final ``proj_out``.
+  Reasoning: a transformer has no 3x3 convolutions; the per-token channel transforms that carry
+  the features are the feed-forwards and the attention output projections, which together hold
+  most of a block's weights (8d^2 + d^2 of a stream's 12d^2 at MLP ratio 4), like the UNet's 3x3
+  convs. GDD-I keeps qkv trainable and freezes the attention output, so we do the same; and it
+  trains each block's embedding affine (the per-block timestep modulation), whose transformer
+  counterpart is AdaLN, and the first/last layers, i.e. the patch embedding and ``proj_out`` here.
+  The rule is by module class, not name; FeedForwards outside blocks (Wan's I2V image embedder)
+  are not frozen.
 - NVlabs-EDM-style ``SongUNet`` / ``DhariwalUNet`` (recognised by class name, as NVlabs' code is
   not an installable package): in every ``UNetBlock`` its 3x3 ``conv0`` and ``conv1`` and, with
   attention, its output projection ``proj``; ``affine``, ``skip``, ``qkv``, the norms, the mapping
@@ -30,6 +52,7 @@ combines with any method (GDD, DMD2, SiD, ...).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +104,74 @@ def _diffusers_classes() -> tuple[Any, Any, Any, Any]:
     return (UNet2DModel, UNet2DConditionModel), (Downsample2D, Upsample2D), ResnetBlock2D, Attention
 
 
+def _diffusers_class(module: str, name: str) -> Any:
+    """``diffusers.<module>.<name>``, or ``None`` without diffusers or in an older one (typed Any, as above)."""
+    try:
+        return getattr(importlib.import_module(f"diffusers.{module}"), name)
+    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover
+        return None
+
+
+def _present(*classes: Any) -> tuple[Any, ...]:
+    return tuple(c for c in classes if c is not None)
+
+
+def _transformer_nets() -> tuple[Any, ...]:
+    return _present(
+        *(
+            _diffusers_class("models", n)
+            for n in (
+                "SD3Transformer2DModel",
+                "FluxTransformer2DModel",
+                "SanaTransformer2DModel",
+                "WanTransformer3DModel",
+            )
+        )
+    )
+
+
+def _weight_holder(m: nn.Module | None) -> bool:
+    return isinstance(getattr(m, "weight", None), nn.Parameter)
+
+
+def _transformer_rule(net: nn.Module, prefix: str) -> list[str]:
+    tf = "models.transformers"
+    blocks = _present(
+        _diffusers_class("models.attention", "JointTransformerBlock"),
+        _diffusers_class(f"{tf}.transformer_flux", "FluxTransformerBlock"),
+        _diffusers_class(f"{tf}.sana_transformer", "SanaTransformerBlock"),
+        _diffusers_class(f"{tf}.transformer_wan", "WanTransformerBlock"),
+    )
+    flux_single = _present(_diffusers_class(f"{tf}.transformer_flux", "FluxSingleTransformerBlock"))
+    attention = _present(
+        _diffusers_class("models.attention_processor", "Attention"),
+        _diffusers_class("models.attention", "AttentionModuleMixin"),
+    )
+    feed_forward = _present(
+        _diffusers_class("models.attention", "FeedForward"),
+        _diffusers_class(f"{tf}.sana_transformer", "GLUMBConv"),
+    )
+    out: list[str] = []
+    for name, block in net.named_modules():
+        if not isinstance(block, blocks + flux_single):
+            continue
+        full = _join(prefix, name)
+        for sub_name, m in block.named_modules():
+            if attention and isinstance(m, attention):
+                for proj in ("to_out.0", "to_add_out"):
+                    try:
+                        layer = m.get_submodule(proj)
+                    except AttributeError:
+                        continue
+                    if _weight_holder(layer):
+                        out.append(f"{_join(full, sub_name)}.{proj}")
+            elif feed_forward and isinstance(m, feed_forward):
+                out.append(_join(full, sub_name))
+        if flux_single and isinstance(block, flux_single):
+            out += [f"{full}.{c}" for c in ("proj_mlp", "proj_out")]
+    return out
+
+
 def _is_3x3_conv(m: nn.Module | None) -> bool:
     """A 3x3 convolution: ``nn.Conv2d`` or any layer (NVlabs' ``Conv2d``) with a 4-D ``weight`` of kernel 3x3."""
     w = getattr(m, "weight", None)
@@ -120,11 +211,13 @@ def _edm_rule(net: nn.Module, prefix: str) -> list[str]:
 def gddi_frozen_modules(model: nn.Module) -> list[str]:
     """The exact module names (as in ``model.named_modules()``) that GDD-I freezes in ``model``.
 
-    ``model`` is, or contains, a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` or an
-    NVlabs-EDM-style ``SongUNet`` / ``DhariwalUNet``; see the module docstring for the rule.
+    ``model`` is, or contains, a diffusers ``UNet2DModel`` / ``UNet2DConditionModel``, an SD3 /
+    FLUX / SANA / Wan transformer or an NVlabs-EDM-style ``SongUNet`` / ``DhariwalUNet``; see the
+    module docstring for the rules.
     Raises ``ValueError`` for any other architecture.
     """
     unets, *_ = _diffusers_classes()
+    transformers = _transformer_nets()
     out: list[str] = []
     found: list[str] = []
     for name, m in model.named_modules():
@@ -132,6 +225,8 @@ def gddi_frozen_modules(model: nn.Module) -> list[str]:
             continue  # inside a network already handled
         if unets and isinstance(m, unets):
             out += _diffusers_rule(m, name)
+        elif transformers and isinstance(m, transformers):
+            out += _transformer_rule(m, name)
         elif type(m).__name__ in _EDM_NETS:
             out += _edm_rule(m, name)
         else:
@@ -139,8 +234,8 @@ def gddi_frozen_modules(model: nn.Module) -> list[str]:
         found.append(name)
     if not found:
         raise ValueError(
-            f"GDD-I freezing knows diffusers UNet2DModel / UNet2DConditionModel and NVlabs EDM "
-            f"SongUNet / DhariwalUNet; {type(model).__name__} contains none of them. Pass "
+            f"GDD-I freezing knows diffusers UNet2DModel / UNet2DConditionModel, the SD3 / FLUX / SANA / Wan "
+            f"transformers and NVlabs EDM SongUNet / DhariwalUNet; {type(model).__name__} contains none of them. Pass "
             f"rule=<callable(model) -> list of module names> or call freeze_modules(model, names)"
         )
     return out

@@ -55,6 +55,13 @@ __all__ = [
     "EDM_TARGETS",
     "UNET2D_TARGETS",
     "UNET2D_CONDITION_TARGETS",
+    "SD3_TARGETS",
+    "SD3_FF_TARGETS",
+    "FLUX_TARGETS",
+    "SANA_TARGETS",
+    "SANA_FF_TARGETS",
+    "WAN_TARGETS",
+    "WAN_FF_TARGETS",
 ]
 
 ADAPTER = "disback"
@@ -65,6 +72,60 @@ UNET2D_CONDITION_TARGETS = UNET2D_TARGETS + ("proj_in", "proj_out", "ff.net.0.pr
 # projection, the skip conv and attention, i.e. the analogue of diffusers' set above.
 EDM_TARGETS = ("conv0", "conv1", "affine", "skip", "qkv", "proj")
 _EDM_CLASSES = ("SongUNet", "DhariwalUNet", "UNetBlock")
+
+# Flow-matching transformers (diffusers). Each set holds the attention projections (to_q, to_k, to_v,
+# to_out.0) and, where the block has them, the added/context-stream projections; the feed-forward
+# only where diffusers' own LoRA script trains it. Never AdaLN modulation (norm1.linear, ...),
+# embedders, the patch embedding or proj_out. Add a *_FF_TARGETS tuple for the feed-forward:
+# LoraSpec(target_modules=SD3_TARGETS + SD3_FF_TARGETS).
+# SD3: the default --lora_layers of diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py
+# (joint attention of every JointTransformerBlock; the last block has no to_add_out).
+SD3_TARGETS = (
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+)
+# SD3 feed-forward (image and context streams), which that script leaves out by default.
+SD3_FF_TARGETS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+# FLUX: the default target_modules of train_dreambooth_lora_flux.py: joint attention and both
+# feed-forwards of the dual-stream blocks; q/k/v of the single-stream blocks (whose attention has no
+# to_out: their MLP proj_mlp and fused output proj_out are left out, as by that script).
+FLUX_TARGETS = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+# SANA: train_dreambooth_lora_sana.py's to_k/to_q/to_v (self-attention attn1 and cross-attention
+# attn2) plus to_out.0, the attention set of the others; no feed-forward, as that script.
+SANA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+# SANA feed-forward (GLUMBConv): 1x1 convs and the depthwise 3x3 (grouped: the delta backend).
+SANA_FF_TARGETS = ("ff.conv_inverted", "ff.conv_depth", "ff.conv_point")
+# Wan: HF finetrainers' Wan LoRA recipe "blocks.*(to_q|to_k|to_v|to_out.0)" (diffusers has no Wan
+# LoRA script): self-attention attn1 and text cross-attention attn2, plus the I2V image-context
+# projections of attn2 (add_k_proj, add_v_proj; only in image-conditioned models).
+WAN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj")
+# Wan feed-forward (ffn of every block; not the I2V image embedder's ff).
+WAN_FF_TARGETS = ("ffn.net.0.proj", "ffn.net.2")
+_TRANSFORMER_TARGETS = {
+    "SD3Transformer2DModel": SD3_TARGETS,
+    "FluxTransformer2DModel": FLUX_TARGETS,
+    "SanaTransformer2DModel": SANA_TARGETS,
+    "WanTransformer3DModel": WAN_TARGETS,
+}
 _PEFT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
@@ -99,20 +160,43 @@ def _is_peft_layer(m: nn.Module) -> bool:
     return isinstance(m, LoraLayer)
 
 
+def _transformer_classes() -> list[tuple[Any, tuple[str, ...]]]:
+    """(diffusers class, its target set) for the flow-matching transformers this diffusers has."""
+    try:
+        import diffusers
+    except ImportError:  # pragma: no cover
+        return []
+    out = []
+    for name, targets in _TRANSFORMER_TARGETS.items():
+        try:
+            out.append((getattr(diffusers, name), targets))
+        except (AttributeError, ImportError, RuntimeError):  # pragma: no cover - an older diffusers
+            continue
+    return out
+
+
 def default_target_modules(model: nn.Module) -> list[str]:
     """Default LoRA targets: the usual diffusers UNet sets (the LCM-LoRA set for
-    ``UNet2DConditionModel``), :data:`EDM_TARGETS` for NVlabs EDM UNets (recognised by their class
-    names ``SongUNet``/``DhariwalUNet``/``UNetBlock``), else every layer with a weight matrix or
-    kernel except embeddings (lookup tables, which LoRA sets leave out)."""
+    ``UNet2DConditionModel``), :data:`SD3_TARGETS` / :data:`FLUX_TARGETS` / :data:`SANA_TARGETS` /
+    :data:`WAN_TARGETS` for diffusers' ``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` /
+    ``SanaTransformer2DModel`` / ``WanTransformer3DModel`` (attention projections, after diffusers'
+    LoRA scripts; see the comments on each constant), :data:`EDM_TARGETS` for NVlabs EDM UNets
+    (recognised by their class names ``SongUNet``/``DhariwalUNet``/``UNetBlock``), else every layer
+    with a weight matrix or kernel except embeddings (lookup tables, which LoRA sets leave out).
+    The first recognised network in module order decides."""
     try:
         from diffusers import UNet2DConditionModel, UNet2DModel
     except ImportError:  # pragma: no cover
         UNet2DConditionModel = UNet2DModel = ()  # type: ignore[assignment,misc]
+    transformers = _transformer_classes()
     for m in model.modules():
         if isinstance(m, UNet2DConditionModel):
             return list(UNET2D_CONDITION_TARGETS)
         if isinstance(m, UNet2DModel):
             return list(UNET2D_TARGETS)
+        for cls, targets in transformers:
+            if isinstance(m, cls):
+                return list(targets)
         if type(m).__name__ in _EDM_CLASSES:
             return list(EDM_TARGETS)
     names = [n for n, m in _candidates(model) if not isinstance(m, nn.Embedding)]

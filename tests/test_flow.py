@@ -213,3 +213,22 @@ def test_flow_noise_distributions_in_closed_form():
         v_hat = _raw_velocity(model, x_flow, t.flatten(), cond)
     want = ((v_hat - (noise - x0)) ** 2).mean(dim=(1, 2, 3))
     assert torch.allclose(loss.detach(), want, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_teacher_cfg_on_a_flow_model_is_guidance_on_the_velocity():
+    """CFGDenoiser on x0 equals SD3's pipeline guidance on v: v_u + s (v_c - v_u), since x0 = x_flow - t v."""
+    from disback_core import CFGDenoiser
+
+    model, d, cond, _ = _setup("tiny-sd3")
+    null = {"encoder_hidden_states": torch.zeros(5, 16), "pooled_projections": torch.zeros(8)}
+    guided = CFGDenoiser(d, 4.5, null)
+    x_flow = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.7, 0.2], dtype=torch.float64)
+    sigma = t / (1 - t)
+    got = guided(x_flow * (1 + sigma).view(-1, 1, 1, 1), sigma, cond)
+    uncond = {k: v.expand(2, *v.shape) for k, v in null.items()}
+    v_c = _raw_velocity(model, x_flow.float(), t.float(), cond).double()
+    v_u = _raw_velocity(model, x_flow.float(), t.float(), uncond).double()
+    want = x_flow - t.view(-1, 1, 1, 1) * (v_u + 4.5 * (v_c - v_u))
+    assert (got - want).abs().max() < 1e-5
