@@ -71,3 +71,36 @@ def test_wrapped_user_loops_switch_their_own_teacher(name, args, limit, monkeypa
     assert min(gaps) > 1e-4, gaps  # the nodes really differ from the teacher: a switch is visible
     _, added, _ = show.changed_lines(mod.PLAIN, mod.DISBACK)
     assert added <= limit
+
+
+def test_wrapped_flow_loop_switches_the_raw_transformer(monkeypatch):
+    """The SD3 flow-matching DMD2 loop (raw ``SD3Transformer2DModel`` keyword calls, the user's own
+    flow-matching fake-score loss): after every switch the user's transformer gives node k's recorded
+    probe outputs through its own keyword call, node 0 is the teacher bit-exactly, 10 lines change."""
+    from disback_core.attach import Attachment
+
+    seen, step = [], Attachment.step
+
+    def checked_step(self, stat=None):
+        switched = step(self, stat)
+        if switched:
+            seen.append((self.node, self.verify()))
+        return switched
+
+    monkeypatch.setattr(Attachment, "step", checked_step)
+    show = _load("show_diff")
+    mod = show.load_example("wrap_flow_loop")
+    out = mod.main(["--iterations", "16", "--record-steps", "10"])
+    assert [n for _, n in out["switches"]] == [4, 3, 2, 1, 0]
+    assert [n for n, _ in seen] == [3, 2, 1, 0]
+    assert max(e for _, e in seen) < 1e-5 and seen[-1][1] == 0.0
+    assert out["node0_exact"]  # the user's transformer holds its original weights bit-exactly at node 0
+    att = out["attachment"]
+    assert att.call is mod.sd3_call  # the probe runs the transformer's own keyword call
+    probe = att.trajectory.probe
+    assert set(probe.cond) == {"encoder_hidden_states", "pooled_projections"}
+    assert float(probe.sigma.min()) > 0 and float(probe.sigma.max()) < 1000  # timesteps 1000 t, not sigmas
+    gaps = [float((o - probe.outputs[0]).abs().max()) for o in probe.outputs[1:]]
+    assert min(gaps) > 1e-4, gaps  # the nodes really differ from the teacher: a switch is visible
+    _, added, _ = show.changed_lines(mod.PLAIN, mod.DISBACK)
+    assert added == 10
