@@ -9,8 +9,10 @@ parametrisations to it without copying the models:
 - :class:`DiffusersDenoiser`: a diffusers eps-, v- or x0-prediction model with its DDPM
   schedule (``alphas_cumprod``), in the variance-exploding frame ``x_t = x_vp / sqrt(abar)``.
 - :class:`CFGDenoiser`: classifier-free guidance, for a teacher.
-- :class:`OneStepGenerator`: ``G(z) = D(sigma_init * z, sigma_init)``, a one-step generator made
-  from a copy of the teacher.
+- :class:`OneStepGenerator`: ``G(z) = D(noise_scale * z, sigma_init)`` (``noise_scale = sigma_init``
+  unless given), a one-step generator made from a copy of the teacher; :func:`first_step` is that
+  first call, shared by every few-step sampler, and with ``sigma_init = inf`` it is
+  ``D.from_noise(z)`` (a flow-matching model started from pure noise).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ __all__ = [
     "DiffusersDenoiser",
     "CFGDenoiser",
     "OneStepGenerator",
+    "check_start",
+    "first_step",
+    "first_noise",
     "timestep_generator",
     "make_generator",
     "trainable_copy",
@@ -286,9 +291,14 @@ class DiffusersDenoiser(nn.Module):
             if scheduler is None:
                 raise ValueError("pass alphas_cumprod or scheduler")
             if not hasattr(scheduler, "alphas_cumprod"):
+                flow = type(scheduler).__name__.startswith("FlowMatch")
                 raise ValueError(
                     f"scheduler {type(scheduler).__name__} has no alphas_cumprod; "
-                    "pass a DDPM-family scheduler or alphas_cumprod directly"
+                    + (
+                        "it is a flow-matching scheduler: wrap the model with disback_core.FlowMatchDenoiser(model, scheduler)"
+                        if flow
+                        else "pass a DDPM-family scheduler or alphas_cumprod directly"
+                    )
                 )
             alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod)
         if prediction_type is None and scheduler is not None:
@@ -432,31 +442,104 @@ def _broadcast_like(u: Any, c: Any, name: str) -> Tensor:
     raise ValueError(f"{name} of shape {tuple(u.shape)} does not match cond of shape {tuple(c.shape)}")
 
 
+def check_start(denoiser: Any, sigma0: float, noise_scale: float | None = None, *, name: str = "sigma_init") -> float:
+    """Check a student's first noise level and return the scale its noise ``z`` is multiplied by.
+
+    ``sigma0`` (named ``name`` in errors) must be > 0 and finite, or ``math.inf`` for a start from
+    pure noise, which needs a ``denoiser`` with a callable ``from_noise(z, cond)`` (the x0 prediction
+    at flow time t = 1, sigma = inf in the library's VE frame). ``noise_scale`` must be finite and
+    > 0 when given; the returned scale is ``noise_scale``, ``sigma0`` when it is None, and 1.0 at
+    ``sigma0 = inf``, where no scale applies (:func:`first_step` calls ``from_noise(z)``) and a given
+    ``noise_scale`` is ignored.
+    """
+    s0 = _number(sigma0, name)
+    ns = None if noise_scale is None else _number(noise_scale, "noise_scale")
+    if ns is not None and not (math.isfinite(ns) and ns > 0):
+        raise ValueError(f"noise_scale must be finite and > 0, got {noise_scale}")
+    if s0 == math.inf:
+        _from_noise(denoiser, name)
+        return 1.0
+    if not (math.isfinite(s0) and s0 > 0):
+        raise ValueError(f"{name} must be finite and > 0 (or math.inf with a from_noise denoiser), got {sigma0}")
+    return s0 if ns is None else ns
+
+
+def _number(v: Any, name: str) -> float:
+    if isinstance(v, (bool, str, bytes)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}") from None
+
+
+def _from_noise(denoiser: Any, name: str = "sigma_init") -> Any:
+    fn = getattr(denoiser, "from_noise", None)
+    if not callable(fn):
+        raise ValueError(
+            f"{name} is inf (a start from pure noise), but the denoiser {type(denoiser).__name__} cannot start "
+            "from pure noise: it has no from_noise(z, cond) method (a flow-matching denoiser has one); "
+            "use a finite sigma"
+        )
+    return fn
+
+
+def first_step(denoiser: Any, z: Tensor, sigma0: float, noise_scale: float, cond: Any = None) -> Tensor:
+    """A student's first call, the x0 from its noise ``z``: ``D(noise_scale * z, sigma0, cond)``, or
+    ``D.from_noise(z, cond)`` at ``sigma0 = inf`` (``noise_scale`` unused there).
+
+    Every student starts here: :class:`OneStepGenerator`, :class:`~disback_core.fewstep.MultiStepGenerator`,
+    :func:`~disback_core.fewstep.sample_fewstep` and :func:`~disback_core.guidance.distillation_pp_sample`;
+    ``noise_scale`` is the one :func:`check_start` returned.
+    """
+    if sigma0 == math.inf:
+        return _from_noise(denoiser)(z, cond)
+    # sigma as a [batch] float32 tensor: NVlabs' EDMPrecond calls sigma.to(...), a float would fail
+    sigma = torch.full((z.shape[0],), sigma0, device=z.device, dtype=torch.float32)
+    return denoiser(noise_scale * z, sigma, cond)
+
+
+def first_noise(z: Tensor, x0: Tensor, sigma0: float, noise_scale: float) -> Tensor:
+    """The noise the first step implies, ``eps = (x - x0) / sigma0`` with the real first input
+    ``x = noise_scale * z``: the deterministic (DDIM-style) sampler continues with
+    ``x_1 = x0 + sigma_1 eps``.
+
+    At ``sigma0 = inf`` it is ``z``: the limit of ``(noise_scale z - x0) / sigma0`` as ``sigma0 -> inf``
+    with ``noise_scale / sigma0 -> 1`` (VE: ``noise_scale = sigma``; VP seen in the VE frame:
+    ``sqrt(1 + sigma^2)``; flow matching: ``1 + sigma``, since ``x_VE = x_flow / (1 - t)`` and
+    ``sigma = t / (1 - t)``) and ``x0`` bounded, so ``x0 / sigma0 -> 0``.
+    """
+    if sigma0 == math.inf:
+        return z
+    return (noise_scale * z - x0) / sigma0
+
+
 class OneStepGenerator(nn.Module):
     """A one-step generator ``G(z, cond) = D(noise_scale * z, sigma_init, cond)``, ``noise_scale =
-    sigma_init`` unless given.
+    sigma_init`` unless given (the call is :func:`first_step`).
 
     Initialised from a copy of the teacher, it starts as the teacher's one-step denoise from pure
     noise (DMD2-EDM and GDD use ``sigma_init = 80``, SiD 2.5, Diff-Instruct small values).
+
+    Args:
+        denoiser: the trainable ``D(x_t, sigma, cond)``.
+        sigma_init: the noise level of the call, > 0 and finite; or ``math.inf`` for a flow-matching
+            denoiser with ``from_noise(z, cond)`` (flow time t = 1): then ``G(z) = D.from_noise(z, cond)``.
+        noise_scale: keyword-only, what ``z`` is multiplied by: ``sigma_init`` by default (``x_t =
+            sigma z``, the EDM convention), ``sqrt(1 + sigma^2)`` for a DMD2-style diffusers
+            generator fed raw noise at a fixed timestep (:func:`timestep_generator`). Ignored (stored
+            as 1.0) at ``sigma_init = inf``.
     """
 
     def __init__(self, denoiser: nn.Module, sigma_init: float, *, noise_scale: float | None = None):
         super().__init__()
-        if not (math.isfinite(sigma_init) and sigma_init > 0):
-            raise ValueError(f"sigma_init must be finite and > 0, got {sigma_init}")
-        if noise_scale is not None and not (math.isfinite(noise_scale) and noise_scale > 0):
-            raise ValueError(f"noise_scale must be finite and > 0, got {noise_scale}")
+        self.noise_scale = check_start(denoiser, sigma_init, noise_scale, name="sigma_init")
         self.denoiser = denoiser
         self.sigma_init = float(sigma_init)
-        # What z is multiplied by: sigma_init (x_t = sigma z, the EDM convention), or e.g.
-        # sqrt(1 + sigma^2) for a DMD2-style diffusers generator fed raw noise at a fixed timestep.
-        self.noise_scale = self.sigma_init if noise_scale is None else float(noise_scale)
 
     def forward(self, z: Tensor, cond: Any = None) -> Tensor:
         check_sample(z, "z")
-        # sigma as a [batch] float32 tensor: NVlabs' EDMPrecond calls sigma.to(...), a float would fail
-        sigma = torch.full((z.shape[0],), self.sigma_init, device=z.device, dtype=torch.float32)
-        return self.denoiser(self.noise_scale * z, sigma, cond)
+        return first_step(self.denoiser, z, self.sigma_init, self.noise_scale, cond)
 
 
 def timestep_generator(
@@ -498,6 +581,12 @@ def check_denoiser(net: Any, name: str) -> Any:
     """Refuse, at once and with what to pass, a ``net`` that cannot be called as ``D(x_t, sigma, cond)``."""
     if not callable(net):
         raise TypeError(f"{name} must be a denoiser called as D(x_t, sigma, cond) -> x0, got {type(net).__name__}")
+    raw = _raw_diffusers_wrapper(net)
+    if raw is not None:
+        raise TypeError(
+            f"{name} is a raw diffusers {type(net).__name__}, called (sample, timestep, ...) in its own units; "
+            f"the library calls D(x_t, sigma, cond) -> x0: wrap it, {raw}"
+        )
     if not takes_args(net, 3):
         if takes_args(net, 2):
             raise TypeError(
@@ -506,6 +595,21 @@ def check_denoiser(net: Any, name: str) -> Any:
             )
         raise TypeError(f"{name} ({type(net).__name__}) cannot be called as D(x_t, sigma, cond) -> x0")
     return net
+
+
+def _raw_diffusers_wrapper(net: Any) -> str | None:
+    """The wrapper to use when ``net`` is a raw diffusers model (by class name), else ``None``."""
+    for cls in type(net).__mro__:
+        if cls.__name__ in (
+            "SD3Transformer2DModel",
+            "FluxTransformer2DModel",
+            "SanaTransformer2DModel",
+            "WanTransformer3DModel",
+        ):
+            return "disback_core.FlowMatchDenoiser(model, scheduler)"
+        if cls.__name__ in ("UNet2DModel", "UNet2DConditionModel"):
+            return "disback_core.DiffusersDenoiser(model, scheduler=ddpm_scheduler)"
+    return None
 
 
 class Unconditional(nn.Module):

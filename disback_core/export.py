@@ -1,7 +1,8 @@
 """The distilled generator as a model folder you can ship: export, verified load, checkpoints.
 
 :func:`export_generator` writes a one-step generator (a :class:`~disback_core.denoisers.OneStepGenerator`
-made by this library, or a raw diffusers UNet trained DMD2-style at a fixed timestep) as a folder.
+made by this library, or a raw diffusers UNet trained DMD2-style at a fixed timestep) or a K-step
+student (:class:`~disback_core.fewstep.MultiStepGenerator`) as a folder.
 For a diffusers model the folder is a ``save_pretrained`` folder (``UNet2DConditionModel.from_pretrained(folder)``
 loads it) with two files of ours beside the model's own::
 
@@ -9,13 +10,21 @@ loads it) with two files of ours beside the model's own::
     diffusion_pytorch_model.safetensors   the weights, every LoRA merged in (lora.merged_state_dict)
     disback_schedule.safetensors          log sigma_t of the training schedule (float64), for the wrapper
     disback_generator.json                how to sample: sigma_init (and a K-step student's sigmas),
-                                          the timestep(s), the noise scale,
+                                          the timestep(s), the noise scale (what z is multiplied by),
                                           the prediction type; the sha256 of every file; your metadata;
                                           a digest of all of it
 
 Any other generator (an EDM network, an MLP) is written as ``model.safetensors`` plus the note;
 loading it needs the module to load into (``load_generator(folder, model=...)``), because a
 class is never constructed from a file.
+
+A student that starts from pure noise (``sigma_init = inf``, a flow-matching denoiser with
+``from_noise``) has no finite first sigma, and JSON has no inf: its note says so explicitly,
+``"start": "pure_noise"`` with ``"sigma_init": null``, ``"sigmas": [null, s_1, ...]`` and
+``"noise_scale": 1.0`` (unused there). The field ``start`` is absent from every other note (a
+finite start, as in notes written before it existed). Such an export is always a ``module`` export
+(a diffusers pipeline has no timestep for it), and loading it needs a ``model=`` with a callable
+``from_noise``; anything else is refused.
 
 :func:`load_generator` checks the note, every file's sha256 (streamed, before any tensor is
 allocated), that the weights' keys and shapes fit the config, and returns a
@@ -119,9 +128,9 @@ def _describe(
         if timestep is not None or scheduler is not None or alphas_cumprod is not None:
             raise ValueError("timestep, scheduler and alphas_cumprod are for a raw diffusers model")
         d = _unwrap(g.denoiser)
-        sampling = {"sigma_init": g.sigmas[0], "noise_scale": g.sigmas[0], "sigmas": list(g.sigmas)}
+        sampling = {"sigma_init": g.sigmas[0], "noise_scale": g.noise_scale, "sigmas": list(g.sigmas)}
         if isinstance(d, DiffusersDenoiser) and _is_diffusers_model(_unwrap(d.model)):
-            return _unwrap(d.model), sampling, d
+            return _unwrap(d.model), _finite_start(sampling), d
         return d, sampling, None
     if isinstance(g, OneStepGenerator):
         if timestep is not None or scheduler is not None or alphas_cumprod is not None:
@@ -132,7 +141,7 @@ def _describe(
         d = _unwrap(g.denoiser)
         sampling = {"sigma_init": g.sigma_init, "noise_scale": g.noise_scale}
         if isinstance(d, DiffusersDenoiser) and _is_diffusers_model(_unwrap(d.model)):
-            return _unwrap(d.model), sampling, d
+            return _unwrap(d.model), _finite_start(sampling), d
         return d, sampling, None
     if _is_diffusers_model(g):
         if timestep is None:
@@ -143,6 +152,28 @@ def _describe(
         tg = timestep_generator(g, timestep, alphas_cumprod, prediction_type, scheduler=scheduler)
         return g, {"sigma_init": tg.sigma_init, "noise_scale": tg.noise_scale}, cast(DiffusersDenoiser, tg.denoiser)
     raise TypeError(f"generator must be a OneStepGenerator or a diffusers model, got {type(generator).__name__}")
+
+
+def _finite_start(sampling: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers export needs a finite first sigma (its timestep): refuse a pure-noise start."""
+    if sampling["sigma_init"] == math.inf:
+        raise ValueError(
+            "a generator that starts from pure noise (sigma_init = inf) has no diffusers timestep for its "
+            "first step; it cannot be exported as a diffusers folder"
+        )
+    return sampling
+
+
+PURE_NOISE = "pure_noise"
+
+
+def _sampling_note(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """The note's sampling fields; a pure-noise start as JSON (no inf): ``start: "pure_noise"``,
+    ``sigma_init: null``, ``sigmas[0]: null``, ``noise_scale: 1.0``."""
+    sigmas = list(sampling.get("sigmas", [sampling["sigma_init"]]))
+    if sampling["sigma_init"] != math.inf:
+        return {"sigma_init": sampling["sigma_init"], "noise_scale": sampling["noise_scale"], "sigmas": sigmas}
+    return {"start": PURE_NOISE, "sigma_init": None, "noise_scale": 1.0, "sigmas": [None, *sigmas[1:]]}
 
 
 # --------------------------------------------------------------------------- export
@@ -248,8 +279,10 @@ def export_generator(
     """Write ``generator`` as a model folder (layout in the module docstring); returns the folder.
 
     Args:
-        generator: a :class:`OneStepGenerator` (over a :class:`DiffusersDenoiser` for a diffusers
-            folder, or any denoiser), or a raw diffusers model trained at a fixed ``timestep``.
+        generator: a :class:`OneStepGenerator` or a :class:`~disback_core.fewstep.MultiStepGenerator`
+            (over a :class:`DiffusersDenoiser` for a diffusers folder, or any denoiser; its
+            ``noise_scale`` and sigmas go into the note, a pure-noise start as described in the
+            module docstring), or a raw diffusers model trained at a fixed ``timestep``.
         timestep, scheduler, alphas_cumprod, prediction_type: for a raw diffusers model only: the
             timestep it generates at and its DDPM schedule (as :class:`DiffusersDenoiser` takes them).
         dtype: cast floating weights to this dtype (e.g. ``torch.float16`` for a release).
@@ -285,9 +318,7 @@ def export_generator(
         "format": FORMAT,
         "version": VERSION,
         "class": type(model).__name__,
-        "sigma_init": sampling["sigma_init"],
-        "noise_scale": sampling["noise_scale"],
-        "sigmas": sampling.get("sigmas", [sampling["sigma_init"]]),
+        **_sampling_note(sampling),
         "metadata": meta,
     }
     files: dict[str, dict[str, Any]] = {}
@@ -322,7 +353,8 @@ def export_generator(
             files[MODULE_WEIGHTS] = _file_entry(sha, (new / MODULE_WEIGHTS).stat().st_size)
         note["files"] = files
         note["digest"] = body_digest(note)
-        atomic_write_bytes(new / NOTE_NAME, (json.dumps(note, indent=2, sort_keys=True) + "\n").encode())
+        text = json.dumps(note, indent=2, sort_keys=True, allow_nan=False)  # no NaN/Infinity: not JSON
+        atomic_write_bytes(new / NOTE_NAME, (text + "\n").encode())
         _switch(new, folder)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
@@ -391,6 +423,50 @@ def _positive(note: Mapping[str, Any], key: str, path: Path) -> float:
     return float(v)
 
 
+def _check_start(note: Mapping[str, Any], path: Path) -> None:
+    """sigma_init, noise_scale and sigmas: numbers (a finite start), or exactly the pure-noise form."""
+    sig = note["sigmas"]
+    pure = "start" in note
+    if pure:
+        if not isinstance(note["start"], str) or note["start"] != PURE_NOISE:
+            raise StorageError(f"export note {path}: start must be {PURE_NOISE!r} (or absent), got {note['start']!r}")
+        if note["sigma_init"] is not None:
+            raise StorageError(
+                f"export note {path}: a pure-noise start has sigma_init null, got {note['sigma_init']!r}"
+            )
+        if _positive(note, "noise_scale", path) != 1.0:
+            raise StorageError(
+                f"export note {path}: a pure-noise start has noise_scale 1.0, got {note['noise_scale']!r}"
+            )
+        if note["kind"] != "module":
+            raise StorageError(
+                f"export note {path}: a pure-noise start is a 'module' export, got kind {note['kind']!r}"
+            )
+        if not isinstance(sig, list) or not sig or sig[0] is not None:
+            raise StorageError(f"export note {path}: a pure-noise start's sigmas must be a list starting with null")
+        rest = sig[1:]
+    else:
+        _positive(note, "sigma_init", path)
+        _positive(note, "noise_scale", path)
+        if not isinstance(sig, list) or not sig or sig[0] != note["sigma_init"]:
+            raise StorageError(f"export note {path}: sigmas must be a list of numbers starting at sigma_init")
+        rest = sig
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rest):
+        raise StorageError(f"export note {path}: sigmas must be a list of numbers starting at sigma_init")
+    try:
+        check_sigmas(_note_sigmas(note), "sigmas", allow_inf_first=pure)  # finite, > 0, strictly decreasing
+    except (TypeError, ValueError) as e:
+        raise StorageError(f"export note {path}: {e}") from None
+
+
+def _note_sigmas(note: Mapping[str, Any]) -> list[float]:
+    """The note's sigmas as numbers: the pure-noise start's null first sigma is ``math.inf``."""
+    sig = list(note["sigmas"])
+    if "start" in note:
+        sig[0] = math.inf
+    return sig
+
+
 def _where(folder: Path) -> Path:
     """The folder to read: ``folder``, or the previous complete export of an interrupted switch."""
     if folder.is_dir() and not folder.is_symlink():
@@ -419,7 +495,7 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
         raise StorageError(f"export note {path}: not a {FORMAT} note")
     if note.get("version") != VERSION or isinstance(note.get("version"), bool):
         raise StorageError(f"export note {path}: version {note.get('version')!r} is not {VERSION}")
-    if set(note) - {"diffusers"} != _NOTE_KEYS:
+    if set(note) - {"diffusers", "start"} != _NOTE_KEYS:
         raise StorageError(f"export note {path}: fields {sorted(set(note))} are not {sorted(_NOTE_KEYS)}")
     if note["digest"] != body_digest(note):
         raise StorageError(f"export note {path}: its digest does not match its fields: it was edited")
@@ -433,22 +509,7 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
         raise StorageError(f"export note {path}: kind {kind!r} is not 'diffusers' or 'module'")
     if not isinstance(note["class"], str) or not note["class"].isidentifier():
         raise StorageError(f"export note {path}: class {note['class']!r} is not a class name")
-    _positive(note, "sigma_init", path)
-    _positive(note, "noise_scale", path)
-    sig = note["sigmas"]
-    if (
-        not isinstance(sig, list)
-        or not sig
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sig)
-        or sig[0] != note["sigma_init"]
-    ):
-        raise StorageError(f"export note {path}: sigmas must be a list of numbers starting at sigma_init")
-    try:
-        check_sigmas(sig, "sigmas")  # finite, > 0, strictly decreasing
-    except (TypeError, ValueError) as e:
-        raise StorageError(f"export note {path}: {e}") from None
-    if len(sig) > 1 and note["noise_scale"] != sig[0]:
-        raise StorageError(f"export note {path}: a multi-step student's noise_scale is its first sigma")
+    _check_start(note, path)
     if not isinstance(note["metadata"], dict):
         raise StorageError(f"export note {path}: metadata must be an object")
     files = note["files"]
@@ -516,7 +577,9 @@ def load_generator(
     folder: str | os.PathLike, *, model: nn.Module | None = None, device: str | torch.device = "cpu"
 ) -> OneStepGenerator | MultiStepGenerator:
     """Load an export as a :class:`OneStepGenerator`, or a :class:`~disback_core.fewstep.MultiStepGenerator`
-    for a K-step student (its ``sigmas``; sample it with ``sample_fewstep``), in eval mode, no gradients.
+    for a K-step student (its ``sigmas`` and ``noise_scale``; sample it with ``sample_fewstep``), in
+    eval mode, no gradients. A pure-noise start (``sigma_init = inf``) needs a ``model=`` with a
+    callable ``from_noise``.
 
     A diffusers export builds its model from ``config.json`` (the class must be a diffusers model
     class); a ``module`` export needs ``model=``, a module of the exported architecture, into which
@@ -529,6 +592,11 @@ def load_generator(
             raise ValueError(
                 f"export {folder} holds a {note['class']} (kind 'module'): pass model=, a module of "
                 "that architecture to load the weights into"
+            )
+        if "start" in note and not callable(getattr(model, "from_noise", None)):
+            raise StorageError(
+                f"export note {root / NOTE_NAME}: the generator starts from pure noise (sigma_init = inf), but "
+                f"model {type(model).__name__} has no from_noise(z, cond) method: it cannot start from pure noise"
             )
         _load_weights(model, *_sized(root, note, MODULE_WEIGHTS))
         denoiser: nn.Module = model
@@ -604,11 +672,15 @@ def load_generator(
                     f"noise_scale give {want!r}"
                 )
         denoiser = wrapper
+    sigmas = _note_sigmas(note)
     gen: OneStepGenerator | MultiStepGenerator
-    if len(note["sigmas"]) > 1:
-        gen = MultiStepGenerator(denoiser, note["sigmas"])
-    else:
-        gen = OneStepGenerator(denoiser, note["sigma_init"], noise_scale=note["noise_scale"])
+    try:
+        if len(sigmas) > 1:
+            gen = MultiStepGenerator(denoiser, sigmas, noise_scale=note["noise_scale"])
+        else:
+            gen = OneStepGenerator(denoiser, sigmas[0], noise_scale=note["noise_scale"])
+    except (TypeError, ValueError) as e:  # checked above already; never a bare ValueError from a file
+        raise StorageError(f"export note {root / NOTE_NAME}: {e}") from None
     return gen.to(device).eval().requires_grad_(False)
 
 

@@ -43,8 +43,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .denoisers import CFGDenoiser, DiffusersDenoiser, check_denoiser, check_sample
-from .fewstep import _next_input, _randn_like, _sigma_batch, check_noise_mode, timesteps_to_sigmas, unwrap_student
+from .denoisers import CFGDenoiser, DiffusersDenoiser, check_denoiser, check_sample, first_step
+from .fewstep import (
+    _implied_noise,
+    _next_input,
+    _randn_like,
+    _sigma_batch,
+    check_noise_mode,
+    timesteps_to_sigmas,
+    unwrap_student,
+)
 
 __all__ = ["distillation_pp_sample", "default_final_sigma", "TEACHER_NOISE_MODES"]
 
@@ -55,6 +63,8 @@ def default_final_sigma(sigmas: Sequence[float], *, sigma_min: float = 0.002, rh
     """The teacher's noise level after the last student step: the Karras-ramp midpoint between
     ``sigmas[-1]`` and ``sigma_min``, ``((sigmas[-1]^(1/rho) + sigma_min^(1/rho)) / 2)^rho``."""
     last = float(sigmas[-1])
+    if last == math.inf:
+        raise ValueError("the only student sigma is inf (a start from pure noise): pass final_sigma")
     if not last > sigma_min:
         raise ValueError(f"the last student sigma ({last}) must exceed sigma_min ({sigma_min}); pass final_sigma")
     return ((last ** (1 / rho) + sigma_min ** (1 / rho)) / 2) ** rho
@@ -88,9 +98,12 @@ def distillation_pp_sample(
 
     Args:
         student: a :class:`~disback_core.fewstep.MultiStepGenerator` / ``OneStepGenerator`` (own
-            sigmas) or a denoiser with ``sigmas`` or ``timesteps``.
+            sigmas and ``noise_scale``) or a denoiser with ``sigmas`` or ``timesteps``. Its first
+            call is :func:`~disback_core.denoisers.first_step`, as in ``sample_fewstep``
+            (``sigmas[0] = inf``: ``from_noise(z)``, a flow-matching student from pure noise).
         teacher: the teacher denoiser ``D(x_t, sigma, cond)``.
-        sigmas: the student's noise levels, strictly decreasing.
+        sigmas: the student's noise levels, strictly decreasing (see
+            :func:`~disback_core.fewstep.unwrap_student` for how they meet a generator's ``noise_scale``).
         timesteps: instead of ``sigmas``, a diffusers schedule's timesteps (e.g. DMD2's
             ``(999, 749, 499, 249)``), converted with the student's (or else the teacher's)
             :meth:`DiffusersDenoiser.t_to_sigma`.
@@ -102,7 +115,8 @@ def distillation_pp_sample(
         noise: the student's update between steps, ``"fresh"`` (DMD2) or ``"deterministic"`` (DDIM).
         teacher_noise: the noise ``n`` of ``x_s``: ``"student"`` reuses the noise the student's next
             step then uses (with ``noise="deterministic"``, the student's implied noise
-            ``(x - x0_S) / s_i``), so student and teacher see the same ``x_s``; ``"fresh"`` draws
+            ``(x - x0_S) / s_i``, at the first step with ``x = noise_scale z``, or ``z`` at
+            ``sigmas[0] = inf``), so student and teacher see the same ``x_s``; ``"fresh"`` draws
             new noise from ``teacher_generator`` (default ``generator``). After the last step the
             student draws no noise, so ``"student"`` draws it fresh there.
         generator: ``torch.Generator`` for the student's noise (default: the global RNG).
@@ -121,7 +135,7 @@ def distillation_pp_sample(
         if not isinstance(sched, DiffusersDenoiser):
             raise TypeError("timesteps needs a DiffusersDenoiser student or teacher (for its schedule); pass sigmas")
         sigmas = timesteps_to_sigmas(sched, timesteps)
-    denoiser, sig = unwrap_student(student, sigmas)
+    denoiser, sig, scale = unwrap_student(student, sigmas)
     check_denoiser(teacher, "teacher")
     k = len(sig)
     if not (isinstance(guided_steps, int) and 0 <= guided_steps <= k):
@@ -138,15 +152,14 @@ def distillation_pp_sample(
             raise ValueError(f"final_sigma must be finite and > 0, got {final_sigma}")
     t_gen = generator if teacher_generator is None else teacher_generator
     teacher_evals = 0
-    x = sig[0] * z
-    x0 = x
+    x = z  # the input of step i; step 0 takes the noise z itself (first_step scales it)
     for i, s in enumerate(sig):
-        x0 = denoiser(x, _sigma_batch(s, x), cond)
+        x0 = first_step(denoiser, z, s, scale, cond) if i == 0 else denoiser(x, _sigma_batch(s, x), cond)
         last = i + 1 == k
         n: Tensor | None = None
         if not last and teacher_noise == "student" and i < guided_steps:
             # the student's own noise for its next step, drawn once and shared with the teacher
-            n = (x - x0) / s if noise == "deterministic" else _randn_like(x0, generator)
+            n = _implied_noise(z, x, x0, sig, i, scale) if noise == "deterministic" else _randn_like(x0, generator)
         if i < guided_steps:
             s_t = final_sigma if last else sig[i + 1]
             assert s_t is not None
@@ -159,7 +172,7 @@ def distillation_pp_sample(
             if n is not None:
                 x = x0 + sig[i + 1] * n
             else:
-                x = _next_input(x, x0, s, sig[i + 1], noise, generator)
+                x = _next_input(z, x, x0, sig, i, scale, noise, generator)
     if stats is not None:
         stats["student_evals"] = stats.get("student_evals", 0) + k
         stats["teacher_evals"] = stats.get("teacher_evals", 0) + teacher_evals

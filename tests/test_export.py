@@ -454,3 +454,141 @@ def test_copy_of_generator_export_is_independent(tmp_path):
         next(gen.parameters()).add_(1.0)
     assert _digests(tmp_path / "g") == a
     assert _digests(export_generator(copy.deepcopy(gen), tmp_path / "g")) != a
+
+
+# --------------------------------------------------------------------------- noise_scale and pure-noise starts
+
+
+def test_a_few_step_students_noise_scale_round_trips(tmp_path):
+    import math
+
+    from disback_core import MultiStepGenerator, sample_fewstep
+
+    torch.manual_seed(0)
+    d = DiffusersDenoiser(tiny_unet2d_condition(), scheduler=DDPMScheduler())
+    s0 = 14.0
+    ns = math.sqrt(1 + s0 * s0)  # a DMD2-style student fed raw noise
+    student = MultiStepGenerator(d, [s0, 2.0, 0.3], noise_scale=ns)
+    note = read_export_note(export_generator(student, tmp_path / "k3"))
+    assert note["noise_scale"] == ns and note["sigmas"] == [s0, 2.0, 0.3] and "start" not in note
+    assert note["diffusers"]["latent_scale"] == pytest.approx(1.0, abs=1e-12)  # raw noise into the UNet
+    loaded = load_generator(tmp_path / "k3")
+    assert isinstance(loaded, MultiStepGenerator) and loaded.noise_scale == ns and loaded.sigmas == student.sigmas
+    z, c = _inputs()
+    with torch.no_grad():
+        for noise in ("fresh", "deterministic"):
+            a = sample_fewstep(student, z, c, noise=noise, generator=torch.Generator().manual_seed(5))
+            b = sample_fewstep(loaded, z, c, noise=noise, generator=torch.Generator().manual_seed(5))
+            assert torch.equal(a, b)
+        assert torch.equal(loaded.sample(z, c, noise="deterministic"), a)
+        # K = 1 loads as the OneStepGenerator it equals
+        one = load_generator(export_generator(MultiStepGenerator(d, [s0], noise_scale=ns), tmp_path / "k1"))
+        assert isinstance(one, OneStepGenerator) and one.noise_scale == ns
+        assert torch.equal(one(z, c), OneStepGenerator(d, s0, noise_scale=ns)(z, c))
+    # a module export keeps it too
+    torch.manual_seed(1)
+    net = edm_mlp(dim=2, width=16, depth=2)
+    out = export_generator(MultiStepGenerator(net, [80.0, 1.0], noise_scale=3.0), tmp_path / "m")
+    loaded = load_generator(out, model=edm_mlp(dim=2, width=16, depth=2))
+    assert loaded.noise_scale == 3.0
+    z = torch.randn(5, 2)
+    with torch.no_grad():
+        assert torch.equal(sample_fewstep(loaded, z, noise="deterministic"),
+                           sample_fewstep(MultiStepGenerator(net, [80.0, 1.0], noise_scale=3.0), z, noise="deterministic"))
+    _edit_note(out, lambda n: n.update(noise_scale=0.0))
+    with pytest.raises(StorageError, match="noise_scale"):
+        load_generator(out, model=edm_mlp(dim=2, width=16, depth=2))
+
+
+class _NoFromNoise(torch.nn.Module):
+    """LinearFlow's weights, without from_noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x, sigma, cond=None):
+        return self.a * x
+
+
+def test_a_pure_noise_student_exports_explicitly_and_round_trips(tmp_path):
+    from test_fewstep import INF, LinearFlow
+
+    from disback_core import MultiStepGenerator, sample_fewstep
+
+    student = MultiStepGenerator(LinearFlow(0.5), [INF, 2.0, 0.5])
+    out = export_generator(student, tmp_path / "k3")
+    text = (out / "disback_generator.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    note = read_export_note(out)
+    assert note["start"] == "pure_noise" and note["sigma_init"] is None and note["noise_scale"] == 1.0
+    assert note["sigmas"] == [None, 2.0, 0.5] and note["kind"] == "module"
+    loaded = load_generator(out, model=LinearFlow(0.1))
+    assert isinstance(loaded, MultiStepGenerator) and loaded.sigmas == (INF, 2.0, 0.5) and loaded.noise_scale == 1.0
+    z = torch.randn(6, 2)
+    with torch.no_grad():
+        for noise in ("fresh", "deterministic"):
+            a = sample_fewstep(student, z, noise=noise, generator=torch.Generator().manual_seed(2))
+            assert torch.equal(sample_fewstep(loaded, z, noise=noise, generator=torch.Generator().manual_seed(2)), a)
+        one = OneStepGenerator(LinearFlow(0.5), INF)
+        out1 = export_generator(one, tmp_path / "k1")
+        assert read_export_note(out1)["sigmas"] == [None]
+        back = load_generator(out1, model=LinearFlow(0.1))
+        assert isinstance(back, OneStepGenerator) and back.sigma_init == INF and torch.equal(back(z), 0.5 * z)
+    # loading into a model that cannot start from pure noise is refused, naming the note
+    with pytest.raises(StorageError, match="cannot start from pure noise") as e:
+        load_generator(out, model=_NoFromNoise())
+    assert str(out) in str(e.value)
+    # a diffusers folder has no timestep for sigma = inf: refused before anything is written
+    class FlowishDiffusers(DiffusersDenoiser):
+        def from_noise(self, z, cond=None):
+            return z
+
+    torch.manual_seed(0)
+    flowish = OneStepGenerator(FlowishDiffusers(tiny_unet2d_condition(), scheduler=DDPMScheduler()), INF)
+    with pytest.raises(ValueError, match="pure noise.*cannot be exported as a diffusers folder"):
+        export_generator(flowish, tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+_WRONG = [None, True, False, 0, -1, 1.5, float("nan"), float("inf"), 2 ** 80, "", "x", "sigma", [], [1], [None], {},
+          {"a": 1}]
+
+
+def test_a_pure_noise_note_is_checked_strictly(tmp_path):
+    """Every field of the pure-noise form set to a wrong value (the digest rewritten, so the value
+    reaches the checks) is a StorageError naming the folder; so is that form on a finite start."""
+    from test_fewstep import INF, LinearFlow
+
+    from disback_core import MultiStepGenerator
+
+    pristine = export_generator(MultiStepGenerator(LinearFlow(0.5), [INF, 2.0, 0.5]), tmp_path / "p")
+    cases = [(key, v) for key in ("start", "sigma_init", "noise_scale", "sigmas", "kind") for v in _WRONG
+             if (key, v) not in (("sigma_init", None), ("sigmas", [None]))]  # the pristine value; a valid one-step note
+    cases += [("sigmas", [None, 2.0, 2.0]), ("sigmas", [None, 2.0, "0.5"]), ("sigmas", [3.0, 2.0, 0.5]),
+              ("sigmas", [None, None, 0.5]), ("sigma_init", 3.0), ("noise_scale", 2.0), ("start", "PURE_NOISE")]
+    for i, (key, v) in enumerate(cases):
+        folder = tmp_path / f"c{i}"
+        shutil.copytree(pristine, folder)
+        _edit_note(folder, lambda n, key=key, v=v: n.update({key: copy.deepcopy(v)}))
+        with pytest.raises(StorageError) as e:
+            load_generator(folder, model=LinearFlow(0.1))
+        assert str(folder) in str(e.value), (key, v, str(e.value))
+    folder = tmp_path / "one"  # a forgery that is a valid note: the one-step pure-noise generator
+    shutil.copytree(pristine, folder)
+    _edit_note(folder, lambda n: n.update(sigmas=[None]))
+    one = load_generator(folder, model=LinearFlow(0.1))
+    assert isinstance(one, OneStepGenerator) and one.sigma_init == INF
+    folder = tmp_path / "removed"
+    shutil.copytree(pristine, folder)
+    _edit_note(folder, lambda n: n.pop("start"))
+    with pytest.raises(StorageError, match="sigma_init must be a finite number"):
+        load_generator(folder, model=LinearFlow(0.1))
+    # the pure-noise form on a finite-start note, and a finite note keeps refusing null
+    finite = export_generator(OneStepGenerator(edm_mlp(dim=2, width=16, depth=2), 2.5), tmp_path / "f")
+    for edit, match in ((lambda n: n.update(start="pure_noise"), "sigma_init null"),
+                        (lambda n: n.update(sigma_init=None, sigmas=[None]), "sigma_init must be a finite number")):
+        _edit_note(finite, edit)
+        with pytest.raises(StorageError, match=match):
+            load_generator(finite, model=edm_mlp(dim=2, width=16, depth=2))
+        export_generator(OneStepGenerator(edm_mlp(dim=2, width=16, depth=2), 2.5), finite)

@@ -280,3 +280,207 @@ def test_two_step_student_trains_and_beats_one_step_at_init():
     sw2 = sw(2)
     assert sw2 < 0.5 * sw2_init, (sw2_init, sw2)
     assert sw2 < 0.4, sw2
+
+
+# --------------------------------------------------------------------------- the generator's input scale
+
+
+def _ddpm_generator(seed=0):
+    """DMD2's SDXL one-step setting on a tiny UNet: raw noise at timestep 399, noise_scale sqrt(1 + sigma^2)."""
+    from conftest import tiny_unet2d
+    from diffusers import DDPMScheduler
+
+    from disback_core import timestep_generator
+
+    torch.manual_seed(seed)
+    return timestep_generator(tiny_unet2d(), 399, scheduler=DDPMScheduler())
+
+
+def test_samplers_feed_a_timestep_generator_its_noise_scale_bit_exactly():
+    g = _ddpm_generator()
+    s0 = g.sigma_init
+    assert g.noise_scale == pytest.approx((1 + s0 * s0) ** 0.5, rel=1e-15) and g.noise_scale > 1.1 * s0
+    z = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = g(z)
+        # G(z) is D(noise_scale z, sigma) (here 11% more than sigma z): the call the UNet was trained on
+        assert torch.equal(ref, g.denoiser(g.noise_scale * z, torch.full((4,), s0)))
+        assert (ref - g.denoiser(s0 * z, torch.full((4,), s0))).abs().max() > 0.1
+        for noise in ("fresh", "deterministic"):
+            assert torch.equal(sample_fewstep(g, z, noise=noise), ref)
+        multi = MultiStepGenerator(g.denoiser, [s0], noise_scale=g.noise_scale)
+        assert torch.equal(multi(z), ref) and torch.equal(sample_fewstep(multi, z), ref)
+        # a plain denoiser with sigmas keeps the EDM convention noise_scale = sigmas[0]
+        assert torch.equal(sample_fewstep(g.denoiser, z, sigmas=[s0]), g.denoiser(s0 * z, torch.full((4,), s0)))
+
+
+def test_multistep_noise_scale_first_step_simulation_and_k1():
+    net = mlp()
+    z = torch.randn(16, 2)
+    s = (80.0, 2.5, 0.2)
+    assert MultiStepGenerator(net, s).noise_scale == 80.0  # the default: sigmas[0], as before
+    g = MultiStepGenerator(net, s, noise_scale=3.0, generator=torch.Generator().manual_seed(4), step=0)
+    with torch.no_grad():
+        x0 = net(3.0 * z, torch.full((16,), 80.0))
+        assert torch.equal(g(z), x0)  # the training call at k = 0
+        g.step = 1
+        want = net(x0 + 2.5 * torch.randn(16, 2, generator=torch.Generator().manual_seed(4)), torch.full((16,), 2.5))
+        assert torch.equal(g(z), want)  # backward simulation starts from 3 z as well
+        assert torch.equal(g.simulate(z, None, 0), 3.0 * z)
+        # the deterministic sampler's first noise comes from the real first input 3 z
+        eps = (3.0 * z - x0) / 80.0
+        x1 = x0 + 2.5 * eps
+        x01 = net(x1, torch.full((16,), 2.5))
+        x2 = x01 + 0.2 * ((x1 - x01) / 2.5)
+        assert torch.equal(sample_fewstep(g, z, noise="deterministic"), net(x2, torch.full((16,), 0.2)))
+        # K = 1: OneStepGenerator with the same noise_scale, bit for bit
+        one, k1 = OneStepGenerator(net, 80.0, noise_scale=3.0), MultiStepGenerator(net, [80.0], noise_scale=3.0)
+        assert torch.equal(k1(z), one(z)) and torch.equal(k1(z), x0)
+        assert torch.equal(sample_fewstep(k1, z), one(z)) and torch.equal(sample_fewstep(one, z), x0)
+    made = make_fewstep_generator(net, s, noise_scale=3.0)
+    assert made.noise_scale == 3.0 and made.denoiser is not net
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="noise_scale"):
+            MultiStepGenerator(net, s, noise_scale=bad)
+
+
+def test_sampler_sigmas_override_keeps_or_refuses_the_noise_scale():
+    net = mlp()
+    z = torch.randn(8, 2)
+    g = MultiStepGenerator(net, (80.0, 2.5), noise_scale=3.0)
+    with torch.no_grad():
+        x0 = net(3.0 * z, torch.full((8,), 80.0))
+        # the same first sigma: the generator's own noise_scale
+        assert torch.equal(sample_fewstep(g, z, sigmas=[80.0]), x0)
+        # another first sigma: a custom scale belongs to its own sigma, refused loudly
+        with pytest.raises(ValueError, match="noise_scale 3.0 belongs to its own first sigma 80.0"):
+            sample_fewstep(g, z, sigmas=[40.0, 2.5])
+        # the EDM convention (noise_scale = sigma) carries over to another first sigma
+        edm = MultiStepGenerator(net, (80.0, 2.5))
+        assert torch.equal(sample_fewstep(edm, z, sigmas=[40.0]), net(40.0 * z, torch.full((8,), 40.0)))
+
+
+# --------------------------------------------------------------------------- starting from pure noise
+
+
+class LinearFlow(torch.nn.Module):
+    """A closed-form stand-in for a flow-matching denoiser: ``D(x, sigma, c) = a x / (1 + sigma) + c``,
+    i.e. x0 = a x_flow + c with ``x_flow = x / (1 + sigma)`` (the VE input at flow time
+    ``t = sigma / (1 + sigma)``); ``from_noise(z, c) = a z + c``, its limit at sigma = inf
+    (``x = (1 + sigma) z``, flow time t = 1)."""
+
+    def __init__(self, a=0.5):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(float(a)))
+
+    def forward(self, x, sigma, cond=None):
+        out = self.a * x / (1 + sigma.reshape(-1, *[1] * (x.ndim - 1)))
+        return out if cond is None else out + cond
+
+    def from_noise(self, z, cond=None):
+        out = self.a * z
+        return out if cond is None else out + cond
+
+
+INF = float("inf")
+
+
+def test_one_step_generator_from_pure_noise():
+    lf, z, c = LinearFlow(0.5), torch.randn(8, 2), torch.randn(8, 2)
+    g = OneStepGenerator(lf, INF)
+    assert g.sigma_init == INF and g.noise_scale == 1.0
+    out = g(z, c)
+    assert torch.equal(out, 0.5 * z + c) and out.requires_grad
+    out.sum().backward()
+    assert torch.allclose(lf.a.grad, z.sum(), rtol=1e-6)  # d/da sum(a z + c)
+    # a given noise_scale is ignored there (stored as 1.0)
+    g2 = OneStepGenerator(lf, INF, noise_scale=5.0)
+    assert g2.noise_scale == 1.0 and torch.equal(g2(z, c), out)
+    # the limit the pure-noise start stands for: a huge sigma with the flow's scale 1 + sigma
+    with torch.no_grad():
+        near = OneStepGenerator(lf, 1e6, noise_scale=1e6 + 1)(z, c)
+    assert torch.allclose(near, out, atol=1e-5)
+
+
+def test_multistep_generator_from_pure_noise_trains_at_every_step():
+    lf, z, c = LinearFlow(0.5), torch.randn(8, 2), torch.randn(8, 2)
+    sig = (INF, 2.0, 0.5)
+    g = MultiStepGenerator(lf, sig, generator=torch.Generator().manual_seed(3), step=0)
+    assert g.sigma_init == INF and g.noise_scale == 1.0 and g.steps == 3
+    out = g(z, c)
+    assert torch.equal(out, 0.5 * z + c) and out.requires_grad
+    out.sum().backward()
+    assert torch.allclose(lf.a.grad, z.sum(), rtol=1e-6)
+    for k in (1, 2):
+        lf.a.grad = None
+        g.step, g.generator = k, torch.Generator().manual_seed(3)
+        out = g(z, c)
+        n = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # the closed form of the backward simulation: a z + c, then a x / (1 + s) + c
+            x = 0.5 * z + c + 2.0 * torch.randn(8, 2, generator=n)
+            if k == 2:
+                x = 0.5 * x / 3.0 + c + 0.5 * torch.randn(8, 2, generator=n)
+        s = sig[k]
+        assert torch.allclose(out, 0.5 * x / (1 + s) + c, atol=1e-6)
+        out.sum().backward()  # the gradient goes through the last call only, on the detached x_k
+        assert torch.allclose(lf.a.grad, (x / (1 + s)).sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match="step 0 has no input"):
+        g.simulate(z, c, 0)
+
+
+def _ddim_closed_form(a, s1, s2):
+    """The deterministic sampler's output coefficient (x0 = k z) for LinearFlow(a), sigmas (inf, s1, s2), cond 0:
+    x0 = a z, eps = z, x1 = (a + s1) z, x0 = a (a + s1) / (1 + s1) z, eps = (x1 - x0) / s1, x2 = x0 + s2 eps."""
+    x1 = a + s1
+    b1 = a * x1 / (1 + s1)
+    x2 = b1 + s2 * (x1 - b1) / s1
+    return a * x2 / (1 + s2)
+
+
+def test_sample_fewstep_from_pure_noise_fresh_and_deterministic():
+    lf, z = LinearFlow(0.5), torch.randn(64, 2, dtype=torch.float64)
+    sig = (INF, 2.0, 0.5)
+    with torch.no_grad():
+        det = sample_fewstep(lf, z, sigmas=sig, noise="deterministic")
+        assert torch.allclose(det, _ddim_closed_form(0.5, 2.0, 0.5) * z, rtol=1e-6)
+        # the same through the generator, and eps = z is the limit of a huge first sigma with scale 1 + sigma
+        g = MultiStepGenerator(lf, sig)
+        assert torch.equal(sample_fewstep(g, z, noise="deterministic"), det)
+        near = MultiStepGenerator(lf, (1e6, 2.0, 0.5), noise_scale=1e6 + 1)
+        assert torch.allclose(sample_fewstep(near, z, noise="deterministic"), det, atol=1e-5)
+        c = torch.randn(64, 2, dtype=torch.float64)
+        fresh = sample_fewstep(g, z, c, generator=torch.Generator().manual_seed(9))
+        n = torch.Generator().manual_seed(9)
+        x = 0.5 * z + c + 2.0 * torch.randn(64, 2, generator=n, dtype=torch.float64)
+        x = 0.5 * x / 3.0 + c + 0.5 * torch.randn(64, 2, generator=n, dtype=torch.float64)
+        assert torch.allclose(fresh, 0.5 * x / 1.5 + c, rtol=1e-12, atol=1e-12)
+        assert torch.equal(sample_fewstep(g, z, c, sigmas=[INF]), 0.5 * z + c)
+
+
+def test_pure_noise_errors_name_the_sigma_and_the_missing_from_noise():
+    z = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="sigma_init is inf.*cannot start from pure noise"):
+        OneStepGenerator(mlp(), INF)
+    with pytest.raises(ValueError, match=r"sigmas\[0\] is inf.*cannot start from pure noise"):
+        MultiStepGenerator(mlp(), [INF, 1.0])
+    with pytest.raises(ValueError, match=r"sigmas\[0\] is inf.*cannot start from pure noise"):
+        sample_fewstep(mlp(), z, sigmas=[INF, 1.0])
+    with pytest.raises(ValueError, match="only sigmas\\[0\\] may be inf"):
+        MultiStepGenerator(LinearFlow(), [INF, INF])
+    for bad in ([80.0, INF], [INF, 2.0, INF]):
+        with pytest.raises(ValueError, match="finite"):
+            MultiStepGenerator(LinearFlow(), bad)
+        with pytest.raises(ValueError, match="finite"):
+            sample_fewstep(LinearFlow(), z, sigmas=bad)
+    from disback_core.fewstep import check_sigmas
+
+    with pytest.raises(ValueError, match="finite"):
+        check_sigmas([INF, 1.0])  # strict by default
+    assert check_sigmas([INF, 1.0], allow_inf_first=True) == (INF, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        OneStepGenerator(LinearFlow(), -INF)
+    # a denoiser swapped in later without from_noise is caught at the call
+    g = MultiStepGenerator(LinearFlow(), [INF, 1.0], step=0)
+    g.denoiser = Recorder(LinearFlow())
+    with pytest.raises(ValueError, match="cannot start from pure noise"):
+        g(z)

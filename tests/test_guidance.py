@@ -197,3 +197,66 @@ def test_bench_k_step_students_resume_and_guide(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run_one", lambda *a, **k: pytest.fail("rerun instead of reused"))
     again = runner.compare(specs, [0], out, progress=False, problem=problem, resume=True)
     assert [r["final"] for r in again["runs"]] == [r["final"] for r in res["runs"]]
+
+
+# --------------------------------------------------------------------------- the student's first step
+
+
+def test_guided_sampling_feeds_a_timestep_generator_its_noise_scale():
+    """DMD2's SDXL one-step setting (timestep 399, raw noise: noise_scale sqrt(1 + sigma^2)) on a tiny
+    UNet: unguided it is G(z) bit for bit; guided, the teacher starts from G(z)."""
+    from conftest import tiny_unet2d
+    from diffusers import DDPMScheduler
+    from test_fewstep import _ddpm_generator
+
+    g = _ddpm_generator()
+    tea = DiffusersDenoiser(tiny_unet2d(), scheduler=DDPMScheduler(), clamp=True)
+    z = torch.randn(4, 2, 8, 8, generator=gen(1))
+    with torch.no_grad():
+        ref = g(z)
+        for noise in ("fresh", "deterministic"):
+            assert torch.equal(distillation_pp_sample(g, tea, z, guided_steps=0, noise=noise), ref)
+        got = distillation_pp_sample(g, tea, z, guided_steps=1, lam=1.0, final_sigma=0.5, generator=gen(2))
+        want = tea(ref + 0.5 * torch.randn(4, 2, 8, 8, generator=gen(2)), torch.full((4,), 0.5))
+    assert torch.equal(got, want)
+
+
+def test_deterministic_guidance_uses_the_noise_of_the_real_first_input():
+    s = MultiStepGenerator(student(2).denoiser, fewstep_sigmas(2), noise_scale=3.0)
+    t, z = teacher(), torch.randn(32, 2)
+    s0, s1 = s.sigmas
+    with torch.no_grad():
+        assert torch.equal(distillation_pp_sample(s, t, z, guided_steps=2, lam=0.0, noise="deterministic"),
+                           sample_fewstep(s, z, noise="deterministic"))
+        got = distillation_pp_sample(s, t, z, guided_steps=1, lam=1.0, noise="deterministic", teacher_noise="student")
+        x0 = s.denoiser(3.0 * z, torch.full((32,), s0))
+        n = (3.0 * z - x0) / s0  # the student's implied noise: from 3 z, not from s0 z
+        x0 = t(x0 + s1 * n, torch.full((32,), s1))
+        want = s.denoiser(x0 + s1 * n, torch.full((32,), s1))
+    assert torch.equal(got, want)
+
+
+def test_guided_sampling_of_a_pure_noise_student():
+    from test_fewstep import INF, LinearFlow
+
+    lf, t, z = LinearFlow(0.5), teacher(), torch.randn(16, 2)
+    s = MultiStepGenerator(lf, (INF, 2.0))
+    with torch.no_grad():
+        for noise in ("fresh", "deterministic"):
+            assert torch.equal(distillation_pp_sample(s, t, z, guided_steps=2, lam=0.0, noise=noise, generator=gen(5)),
+                               sample_fewstep(s, z, noise=noise, generator=gen(5)))
+        got = distillation_pp_sample(s, t, z, guided_steps=1, lam=1.0, teacher_noise="student", generator=gen(3))
+        n = torch.randn(16, 2, generator=gen(3))
+        x0 = t(0.5 * z + 2.0 * n, torch.full((16,), 2.0))  # from_noise(z) = a z, re-noised to the next sigma
+        assert torch.equal(got, lf(x0 + 2.0 * n, torch.full((16,), 2.0)))
+        # deterministic: the implied first noise is z itself
+        got = distillation_pp_sample(s, t, z, guided_steps=1, lam=1.0, noise="deterministic")
+        x0 = t(0.5 * z + 2.0 * z, torch.full((16,), 2.0))
+        assert torch.equal(got, lf(x0 + 2.0 * z, torch.full((16,), 2.0)))
+        one = MultiStepGenerator(lf, [INF])
+        with pytest.raises(ValueError, match="pass final_sigma"):
+            distillation_pp_sample(one, t, z, guided_steps=1)
+        got = distillation_pp_sample(one, t, z, guided_steps=1, lam=1.0, final_sigma=0.5, generator=gen(4))
+        assert torch.equal(got, t(0.5 * z + 0.5 * torch.randn(16, 2, generator=gen(4)), torch.full((16,), 0.5)))
+    with pytest.raises(ValueError, match="cannot start from pure noise"):
+        distillation_pp_sample(student(1).denoiser, t, z, sigmas=[INF, 1.0])
