@@ -86,11 +86,38 @@ regimes() {  # issue 11: where DisBack helps (docs/WHEN_DISBACK_HELPS.md); 600 i
   $BIN/python benchmarks/regimes.py
 }
 
+images() {  # issue 20: the critic-lag regimes on images; base vs the default DisBack (LoRA nodes at 3x), 600 iterations
+  local C="--seeds 0 1 2 --threads 1 --no-progress --resume --variants base disback" RI=$R/image-regimes
+  $BIN/disback bench --problem digits --adapter dmd2 --critic-steps 1 $C --out $RI/digits-dmd2-critic1
+  $BIN/disback bench --problem digits --adapter dmd2 --fake-lr-scale 0.3 $C --out $RI/digits-dmd2-slowcritic0.3
+  $BIN/disback bench --problem digits --adapter di $C --out $RI/digits-di
+  $BIN/disback bench --problem digits --adapter sid $C --out $RI/digits-sid
+  $BIN/disback bench --problem digits --adapter dmd2 --student small $C --out $RI/digits-dmd2-small
+  $BIN/disback bench --problem digits --adapter dmd2 --init-generator $RI/digits-dmd2-critic1/generator-base-seed0.safetensors \
+    --critic-steps 1 $C --out $RI/digits-dmd2-distilled-critic1
+  $BIN/disback bench --problem digits-cond --adapter dmd2 --critic-steps 1 $C --out $RI/digits-cond-dmd2-critic1
+  $BIN/disback bench --problem digits-cond --adapter dmd2 --fake-lr-scale 0.3 $C --out $RI/digits-cond-dmd2-slowcritic0.3
+  $BIN/disback bench --problem digits-cond --adapter di $C --out $RI/digits-cond-di
+  $BIN/disback bench --problem digits-cond --adapter sid $C --out $RI/digits-cond-sid
+}
+
+diagnostic() {  # issue 20: base logs for the regimes run before the logs existed, then the leave-one-out table
+  local C="--adapter dmd2 --seeds 0 1 2 --threads 1 --no-progress --resume --no-save-weights --variants base" RD=$R/diagnostic
+  $BIN/disback bench --problem grid25 $C --out $RD/grid25
+  $BIN/disback bench --problem toy2d-edm $C --out $RD/toy2d-edm
+  $BIN/disback bench --problem toy2d --student fresh $C --out $RD/toy2d-fresh
+  $BIN/disback bench --problem toy2d --student small $C --out $RD/toy2d-small
+  $BIN/disback bench --problem toy2d --fake-lr-scale 0.1 $C --out $RD/toy2d-slowcritic
+  $BIN/python benchmarks/diagnostic.py
+}
+
 case "${1:-all}" in
   toy) toy ;;
   digits) digits ;;
   digits-ablations) digits_ablations ;;
   overhead) overhead ;;
   regimes) regimes ;;
+  images) images ;;
+  diagnostic) diagnostic ;;
   all) toy & digits & wait; overhead ;;
 esac
