@@ -9,6 +9,7 @@ for tests, examples and ``disback train --model tiny-sd3`` (nothing is downloade
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "example_cond",
     "model_class",
     "sample_shape",
+    "spec_class_name",
 ]
 
 FLOW_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel", "WanTransformer3DModel")
@@ -132,9 +134,7 @@ def build_model(spec: str | Path | dict[str, Any], *, seed: int | None = 0) -> n
     else:
         folder = Path(spec)
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{spec}: neither a preset ({', '.join(TINY_PRESETS)}) nor a model folder with config.json"
-            )
+            raise FileNotFoundError(_not_found(spec))
         name = json.loads((folder / "config.json").read_text()).get("_class_name")
         if not isinstance(name, str):
             raise ValueError(f"{folder / 'config.json'}: no _class_name; cannot tell which model class to build")
@@ -154,6 +154,34 @@ def build_model(spec: str | Path | dict[str, Any], *, seed: int | None = 0) -> n
             torch.manual_seed(seed)
             return cls(**cfg)
     return cls(**cfg)
+
+
+def _not_found(spec: str | Path) -> str:
+    close = difflib.get_close_matches(str(spec), TINY_PRESETS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{spec}: neither a preset ({', '.join(TINY_PRESETS)}) nor a model folder with config.json{hint}"
+
+
+def spec_class_name(spec: str | Path | dict[str, Any]) -> str:
+    """The class :func:`build_model` would build for ``spec``, checked, without building anything:
+    a preset's or a config's ``_class_name``, or the one in a folder's ``config.json``. Raises what
+    :func:`build_model` raises for a bad spec (an unknown preset or folder, an unknown class)."""
+    if isinstance(spec, dict):
+        name = spec.get("_class_name")
+    elif isinstance(spec, str) and spec in TINY_PRESETS:
+        name = TINY_PRESETS[spec]["_class_name"]
+    else:
+        path = Path(spec) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(_not_found(spec))
+        name = json.loads(path.read_text()).get("_class_name")
+        if not isinstance(name, str):
+            raise ValueError(f"{path}: no _class_name; cannot tell which model class to build")
+    if not isinstance(name, str):
+        raise ValueError(f"a model config needs _class_name (one of {', '.join(MODEL_CLASSES)})")
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"model class {name!r} is not supported; the library knows {', '.join(MODEL_CLASSES)}")
+    return name
 
 
 def example_cond(model: nn.Module, batch: int, *, tokens: int = 5, generator: torch.Generator | None = None) -> Any:

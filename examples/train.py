@@ -4,7 +4,23 @@
     accelerate launch --num_processes 2 examples/train.py --problem toy2d --method dmd2 --disback
     torchrun --nproc-per-node 2 examples/train.py --problem digits --method sid --fsdp
     python examples/train.py --unet tiny-text --method dmd2 --disback     # a diffusers UNet2DConditionModel
+    python examples/train.py --model tiny-sd3 --disback --shift 3         # a flow transformer (SD3, FLUX, SANA, Wan)
+    python examples/train.py --model path/to/sd3 ...                      # a save_pretrained or pipeline folder
     python examples/train.py ... --resume                                  # continue exactly where it stopped
+
+Models (``--unet``, alias ``--model`` / ``--pretrained_model_name_or_path``): a preset of
+:data:`disback_core.presets.TINY_PRESETS` (random weights, nothing downloaded) or a local folder
+(``save_pretrained``, or a diffusers pipeline folder: its ``transformer/`` or ``unet/``); the class is
+read from ``config.json``'s ``_class_name`` (:func:`disback_core.presets.build_model`). UNets
+(``UNet2DModel``, ``UNet2DConditionModel``) are wrapped by ``DiffusersDenoiser`` (DDPM schedule) with
+the method's own generator noise level; flow transformers (``SD3Transformer2DModel``,
+``FluxTransformer2DModel``, ``SanaTransformer2DModel``, ``WanTransformer3DModel``) by
+``FlowMatchDenoiser`` with a ``FlowMatchEulerDiscreteScheduler`` (``--shift``, else the pipeline
+folder's scheduler, else 3.0), a one-step generator from pure noise (flow time 1,
+``make_flow_generator``), and every method's noise levels drawn as SD3 trains (``LogitNormalSigma``
+with the shift; the fake score's DSM weighted by ``flow_weight``, i.e. the flow-matching velocity
+loss the teacher was trained with). The synthetic data are noise and random conditions of the shapes
+the config expects (``example_cond``, ``sample_shape``: Wan's are 5-d video latents).
 
 Roles: the generator and the fake score are wrapped by DDP (``accelerator.prepare``) or sharded by
 FSDP2 (``--fsdp``, ``fully_shard`` on every child module and the root); the teacher and the
@@ -38,18 +54,13 @@ from disback_core import (Backtrack, Batch, DiffusersDenoiser, FixedInterval, Lo
 from disback_core.adapters import DMD2, DiffInstruct, SiD
 from disback_core.distributed import any_rank, full_state_from, full_state_to, share_trajectory
 from disback_core.faults import NonFiniteGuard
+from disback_core.losses import DSMLoss
+from disback_core.presets import FLOW_CLASSES, TINY_PRESETS, spec_class_name
+from disback_core.sigmas import LogitNormalSigma, flow_weight
 from disback_core.step import optimizer_params
 
 METHODS = {"dmd2": (DMD2, 80.0), "di": (DiffInstruct, 1.0), "sid": (SiD, 2.5)}
-UNETS = {  # random-weight diffusers configs (no downloads); a local model folder works too
-    "tiny-text": dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                      attention_head_dim=8, norm_num_groups=8),
-    "tiny-class": dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, num_class_embeds=11),
-}
+DEFAULT_SHIFT = 3.0  # SD3's sampling shift, when neither --shift nor a pipeline scheduler gives one
 # Which options define a run: a saved state from another configuration is refused on --resume.
 RUN_KEYS = ("problem", "unet", "method", "disback", "iterations", "batch_size", "grad_accum", "lr", "seed",
             "record_steps", "nodes", "rank", "node_mode", "share", "mixed_precision", "fsdp", "max_grad_norm",
@@ -57,10 +68,17 @@ RUN_KEYS = ("problem", "unet", "method", "disback", "iterations", "batch_size", 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--problem", choices=["toy2d", "digits", "digits-cond"], help="a built-in problem (default toy2d)")
-    src.add_argument("--unet", help=f"a diffusers UNet: {sorted(UNETS)} (random weights) or a local model folder")
+    src.add_argument("--unet", "--model", "--pretrained_model_name_or_path", "--pretrained-model-name-or-path",
+                     dest="unet", metavar="MODEL",
+                     help=f"a diffusers model: a preset ({', '.join(TINY_PRESETS)}; random weights) or a local "
+                          "folder (save_pretrained, or a pipeline's, using its transformer/ or unet/) of a "
+                          "UNet2DModel, UNet2DConditionModel or flow transformer (" + ", ".join(FLOW_CLASSES) + ")")
+    ap.add_argument("--shift", type=float, default=None,
+                    help="flow transformers: the timestep shift (sigma factor) of the teacher's schedule and of the "
+                         f"methods' noise levels (default: the pipeline folder's scheduler, else {DEFAULT_SHIFT})")
     ap.add_argument("--method", choices=sorted(METHODS), default="dmd2")
     ap.add_argument("--disback", action="store_true", help="record the degradation path, then backtrack along it")
     ap.add_argument("--iterations", type=int, default=1000, help="generator updates")
@@ -93,6 +111,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.problem is None and args.unet is None:
         args.problem = "toy2d"
+    args.model_class = None
+    if args.unet is not None:  # refuse an unknown preset or class before anything starts
+        try:
+            args.model_class = spec_class_name(resolve_model(args.unet)[0])
+        except (OSError, ValueError) as e:
+            ap.error(f"--unet: {e}" if args.unet in str(e) else f"--unet {args.unet}: {e}")
+    if args.shift is not None:
+        if args.model_class not in FLOW_CLASSES:
+            ap.error("--shift is for flow-matching transformers (" + ", ".join(FLOW_CLASSES) + ")")
+        if not (math.isfinite(args.shift) and args.shift > 0):
+            ap.error(f"--shift must be a finite number > 0, got {args.shift}")
     for name in ("iterations", "batch_size", "grad_accum", "nodes", "rank", "record_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -113,32 +142,78 @@ def build_task(args: argparse.Namespace, accelerator: Any) -> dict[str, Any]:
         z, c = problem.eval_inputs()
         return {"teacher": problem.teacher, "sigma_data": problem.sigma_data, "sample": problem.batch,
                 "evaluate": lambda g: problem.evaluate(_generate(g, z, c), c)}
-    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+    return build_model_task(args)
 
-    if args.unet in UNETS:
-        cfg = UNETS[args.unet]
-        torch.manual_seed(args.seed)
-        unet = (UNet2DConditionModel if "cross_attention_dim" in cfg else UNet2DModel)(**cfg)
+
+def resolve_model(spec: str) -> tuple[str, Path | None]:
+    """``--unet``'s model (a preset name or a folder with ``config.json``; a pipeline folder, with
+    ``model_index.json``, gives its ``transformer/`` or ``unet/``) and the scheduler folder saved
+    with it (the pipeline's ``scheduler/``), if any."""
+    if spec in TINY_PRESETS:
+        return spec, None
+    folder = Path(spec)
+    if not (folder / "config.json").is_file() and (folder / "model_index.json").is_file():
+        folder = next((folder / sub for sub in ("transformer", "unet") if (folder / sub / "config.json").is_file()),
+                      folder)
+    pipeline = [d for d in (folder, folder.parent) if (d / "model_index.json").is_file()]
+    scheduler = next((d / "scheduler" for d in pipeline if (d / "scheduler" / "scheduler_config.json").is_file()),
+                     None)
+    return str(folder), scheduler
+
+
+def flow_scheduler(shift: float | None, folder: Path | None) -> Any:
+    """The teacher's ``FlowMatchEulerDiscreteScheduler``: ``--shift``, else the pipeline's scheduler
+    (a FlowMatch* config as saved, FLUX's dynamic shift included; SANA's/Wan's ``flow_shift``), else 3.0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if shift is None and folder is not None:
+        cfg = json.loads((folder / "scheduler_config.json").read_text())
+        if str(cfg.get("_class_name", "")).startswith("FlowMatch"):
+            return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        if isinstance(cfg.get("flow_shift"), (int, float)):
+            shift = float(cfg["flow_shift"])
+    return FlowMatchEulerDiscreteScheduler(shift=DEFAULT_SHIFT if shift is None else shift)
+
+
+def build_model_task(args: argparse.Namespace) -> dict[str, Any]:
+    """``--unet``: the model of its config's class (:func:`disback_core.presets.build_model`), its
+    denoiser and synthetic batches: noise and random conditions of the shapes the config expects."""
+    from diffusers import DDPMScheduler
+
+    from disback_core.flow import FlowMatchDenoiser
+    from disback_core.presets import build_model, example_cond, sample_shape
+
+    spec, scheduler_dir = resolve_model(args.unet)
+    model = build_model(spec, seed=args.seed).eval().requires_grad_(False)
+    flow = type(model).__name__ in FLOW_CLASSES
+    teacher: nn.Module
+    if flow:
+        teacher = FlowMatchDenoiser(model, flow_scheduler(args.shift, scheduler_dir))
+        shift = teacher.shift_factor(torch.zeros(sample_shape(model, 1)))  # FLUX's dynamic shift: at this size
     else:
-        folder = Path(args.unet)
-        cfg = json.loads((folder / "config.json").read_text())
-        cls = UNet2DConditionModel if cfg.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
-        unet = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    teacher = DiffusersDenoiser(unet.eval().requires_grad_(False), scheduler=DDPMScheduler(), clamp=True)
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    text = getattr(unet.config, "cross_attention_dim", None)
-    classes = getattr(unet.config, "num_class_embeds", None)
+        scheduler = DDPMScheduler() if scheduler_dir is None else DDPMScheduler.from_pretrained(scheduler_dir)
+        teacher = DiffusersDenoiser(model, scheduler=scheduler, clamp=True)
+        shift = None
 
-    def sample(n: int, g: torch.Generator) -> Batch:
-        if text:  # text-like conditions: random "prompt embeddings", 7 tokens
-            cond = torch.randn(n, 7, int(text), generator=g)
-        elif classes:
-            cond = torch.randint(0, int(classes), (n,), generator=g)
-        else:
-            cond = None
-        return Batch(torch.randn(n, *shape, generator=g), cond)
+    def sample(n: int, g: torch.Generator) -> Batch:  # conditions first, then the noise (7 text tokens)
+        cond = example_cond(model, n, tokens=7, generator=g)
+        return Batch(torch.randn(sample_shape(model, n), generator=g), cond)
 
-    return {"teacher": teacher, "sigma_data": 0.5, "sample": sample, "evaluate": None}
+    return {"teacher": teacher, "sigma_data": 1.0 if flow else 0.5, "sample": sample, "evaluate": None,
+            "flow": flow, "shift": shift}
+
+
+def make_method(args: argparse.Namespace, task: dict[str, Any]) -> Any:
+    """The method; for a flow teacher its noise levels are SD3's logit-normal flow times with the
+    teacher's shift (generator side and fake score alike), and the fake score's DSM loss is weighted
+    by ``flow_weight`` (it then equals the flow-matching velocity loss the teacher was trained with)."""
+    method_cls = METHODS[args.method][0]
+    if not task.get("flow"):
+        return method_cls(sigma_data=task["sigma_data"])
+    times = LogitNormalSigma(shift=task["shift"])
+    method = method_cls(sigma_sampler=times, fake_sigma_sampler=times, sigma_data=task["sigma_data"])
+    method.dsm = DSMLoss(times, task["sigma_data"], reduction=method.dsm.reduction, weight=flow_weight)
+    return method
 
 
 def _generate(generator: nn.Module, z: torch.Tensor, cond: Any, chunk: int = 1024) -> torch.Tensor:
@@ -224,13 +299,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     config = {k: getattr(args, k) for k in RUN_KEYS} | {"world_size": world}
     task = build_task(args, accelerator)
+    if task.get("flow"):  # only flow runs carry the key: states of earlier UNet and problem runs still resume
+        config["shift"] = task["shift"]
     teacher = task["teacher"].to(accelerator.device)
-    method_cls, sigma_init = METHODS[args.method]
-    method = method_cls(sigma_data=task["sigma_data"])
+    method = make_method(args, task)
     set_seed(args.seed)  # Python, numpy and torch: identical initial models on every rank
     data = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data stream
     draw = lambda: _to(task["sample"](micro, data), accelerator.device)  # noqa: E731
-    generator = make_generator(teacher, sigma_init).to(accelerator.device)
+    if task.get("flow"):  # one step from pure noise: flow time 1, sigma = inf (its input is exactly z)
+        from disback_core.flow import make_flow_generator
+
+        generator = make_flow_generator(teacher).to(accelerator.device)
+    else:
+        generator = make_generator(teacher, METHODS[args.method][1]).to(accelerator.device)
     fake: nn.Module = trainable_copy(teacher)
     distiller: Any = method
     target: nn.Module = teacher
@@ -338,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "generator_change": moved, "skipped_updates": guard.skipped}  # max |W - W_0|: proof that the generator trained
     if args.disback:
         result["switches"] = distiller.switches
+    accelerator.print("final losses " + ", ".join(f"{k} {v:.6g}" for k, v in logs.items())
+                      + (f"; switches {distiller.switches}" if args.disback else ""))
     if task["evaluate"] is not None:  # on every rank: a sharded generator's forward needs them all
         result["metrics"] = task["evaluate"](gen_unwrapped)
         accelerator.print(f"final metrics {result['metrics']}")
@@ -348,7 +431,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
-    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    def move(t: Any) -> Any:  # tensors, and the tensors of dict conditions (SD3's and FLUX's)
+        if isinstance(t, torch.Tensor):
+            return t.to(device)
+        return {k: move(v) for k, v in t.items()} if isinstance(t, dict) else t
+
     return Batch(move(batch.z), move(batch.cond), move(batch.real), move(batch.real_cond))
 
 

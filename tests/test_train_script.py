@@ -1,5 +1,8 @@
-"""examples/train.py: one process and two (torchrun, gloo), DDP and FSDP2, and exact resume."""
+"""examples/train.py: one process and two (torchrun, gloo), DDP and FSDP2, and exact resume; the model
+class from the config (UNets and SD3/FLUX/SANA/Wan flow transformers), with and without DisBack."""
+import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -7,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 
@@ -70,3 +74,146 @@ def test_fsdp2_with_gradient_accumulation_on_two_cpu_ranks(tmp_path, cache):
     result = json.loads((tmp_path / "fsdp" / "result.json").read_text())
     assert result["world_size"] == 2 and result["generator_change"] > 1e-5
     assert [n for _, n in result["switches"]] == [2, 1, 0]
+
+
+# ------------------------------------------------------------------ --unet/--model: the class from the config
+# In-process (``main(argv)``): a few updates of a tiny random model at batch 2 take about a second.
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("examples_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _main(train, *argv):
+    """``main(argv)`` in this process, leaving accelerate's singleton state and torch's threads as found."""
+    from accelerate.state import AcceleratorState
+
+    threads = torch.get_num_threads()
+    try:
+        return train.main([str(a) for a in argv])
+    finally:
+        AcceleratorState._reset_state(True)
+        torch.set_num_threads(threads)
+
+
+def _tiny(out, model, *extra, flag="--model"):
+    return [flag, model, "--iterations", "6", "--record-steps", "6", "--nodes", "3", "--batch-size", "2",
+            "--no-progress", "--out", out, *extra]
+
+
+def _saved_config(out):
+    return json.loads(next(Path(out, "state").glob("step-*/manifest.json")).read_text())["config"]
+
+
+@pytest.mark.parametrize("preset,extra", [
+    ("tiny-sd3", ["--disback"]),
+    ("tiny-flux", ["--disback", "--shift", "1.0"]),
+    ("tiny-sana", ["--method", "sid"]),
+    ("tiny-wan", ["--disback", "--method", "di"]),
+])
+def test_flow_transformer_presets_train_with_and_without_disback(tmp_path, train, preset, extra):
+    out = tmp_path / preset
+    result = _main(train, *_tiny(out, preset, *extra))
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["world_size"] == 1 and saved["updates"] == 6 and saved["skipped_updates"] == 0
+    assert math.isfinite(saved["logs"]["critic"]) and math.isfinite(saved["logs"]["generator"])
+    assert saved["generator_change"] > 0  # the one-step generator trained
+    config = _saved_config(out)
+    assert config["unet"] == preset and config["shift"] == (1.0 if "--shift" in extra else train.DEFAULT_SHIFT)
+    if "--disback" in extra:  # LoRA nodes on the transformer's attention, then backtracked: 2 -> 1 -> 0
+        assert [n for _, n in saved["switches"]] == [2, 1, 0] == [n for _, n in result["switches"]]
+        manifest = json.loads((out / "trajectory" / "manifest.json").read_text())
+        assert manifest["kind"] == "lora" and manifest["node_count"] == 3
+        targets = manifest["lora"]["target_modules"] if isinstance(manifest["lora"], dict) else manifest["lora"]
+        assert "attn" in str(targets)
+    else:
+        assert "switches" not in saved
+
+
+def test_flow_task_conditions_fit_and_the_teacher_is_the_flow_wrapper(train):
+    from disback_core.flow import FlowMatchDenoiser
+    from disback_core.sigmas import LogitNormalSigma, flow_weight
+
+    for preset, ndim in (("tiny-sd3", 4), ("tiny-flux", 4), ("tiny-sana", 4), ("tiny-wan", 5)):
+        args = train.parse_args(["--model", preset, "--shift", "2"])
+        task = train.build_model_task(args)
+        assert isinstance(task["teacher"], FlowMatchDenoiser) and task["flow"] and task["shift"] == 2.0
+        batch = task["sample"](3, torch.Generator().manual_seed(0))
+        assert batch.z.ndim == ndim and batch.z.shape[0] == 3
+        with torch.no_grad():
+            assert task["teacher"](batch.z, torch.full((3,), 1.5), batch.cond).shape == batch.z.shape
+        method = train.make_method(args, task)
+        assert method.sigma_sampler == LogitNormalSigma(shift=2.0) and method.dsm.weight is flow_weight
+
+
+def test_a_save_pretrained_sd3_folder_and_a_pipeline_folder_train(tmp_path, train):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from disback_core.presets import build_model
+
+    model = build_model("tiny-sd3", seed=7)  # other weights than the preset's seed-0 ones: loaded, not rebuilt
+    model.save_pretrained(tmp_path / "sd3")
+    task = train.build_model_task(train.parse_args(["--unet", str(tmp_path / "sd3")]))
+    assert type(task["teacher"].model).__name__ == "SD3Transformer2DModel" and task["shift"] == train.DEFAULT_SHIFT
+    assert all(torch.equal(a, b) for a, b in zip(task["teacher"].model.state_dict().values(),
+                                                  model.state_dict().values()))
+    result = _main(train, *_tiny(tmp_path / "run", str(tmp_path / "sd3"), "--disback", "--iterations", "3"))
+    assert math.isfinite(result["logs"]["generator"]) and result["generator_change"] > 0
+    assert [n for _, n in result["switches"]] == [2, 1, 0]
+
+    root = tmp_path / "pipe"  # a pipeline folder: its transformer/ and the shift of its scheduler/
+    model.save_pretrained(root / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=2.5).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    _main(train, *_tiny(tmp_path / "run-pipe", root, "--iterations", "2", flag="--pretrained_model_name_or_path"))
+    assert _saved_config(tmp_path / "run-pipe")["shift"] == 2.5
+
+
+def test_a_flow_run_resumes_bit_exactly_and_refuses_another_shift(tmp_path, train):
+    def run(out, *extra):
+        return _main(train, *_tiny(tmp_path / out, "tiny-sd3", "--disback", "--iterations", "8", "--save-every", "4",
+                                   *extra))
+
+    run("whole")
+    run("cut", "--stop-after", "5")
+    assert run("cut", "--resume")["updates"] == 8
+    whole, cut = _final_files(tmp_path / "whole"), _final_files(tmp_path / "cut")
+    assert set(whole) == set(cut) and all(whole[n] == cut[n] for n in whole)
+    with pytest.raises(Exception, match="shift: 3.0 in the state, 2.0 given"):
+        run("cut", "--resume", "--shift", "2")
+
+
+def test_an_unknown_model_class_is_refused_by_name(tmp_path, train, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"_class_name": "FooTransformer2DModel"}))
+    with pytest.raises(SystemExit) as e:
+        _main(train, "--unet", tmp_path / "m", "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "FooTransformer2DModel" in err
+    assert all(name in err for name in ("UNet2DConditionModel", "SD3Transformer2DModel", "WanTransformer3DModel"))
+    assert not (tmp_path / "out").exists()  # refused before anything started
+
+
+def test_an_unknown_preset_is_refused_listing_the_presets(tmp_path, train, capsys):
+    from disback_core.presets import TINY_PRESETS
+
+    with pytest.raises(SystemExit) as e:
+        _main(train, "--unet", "tiny-txt", "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "tiny-txt" in err and "did you mean 'tiny-text'" in err
+    assert all(name in err for name in TINY_PRESETS) and "Traceback" not in err
+
+
+def test_model_flag_aliases_no_abbreviations_and_shift_only_for_flow(train, capsys):
+    for flag in ("--unet", "--model", "--pretrained_model_name_or_path", "--pretrained-model-name-or-path"):
+        assert train.parse_args([flag, "tiny-wan"]).unet == "tiny-wan"
+    for argv in (["--mod", "tiny-sd3"], ["--unet", "tiny-sd3", "--iter", "3"],  # abbreviations are refused
+                 ["--unet", "tiny-text", "--shift", "3"], ["--unet", "tiny-sd3", "--shift", "0"],
+                 ["--problem", "toy2d", "--model", "tiny-sd3"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+    assert "flow-matching transformers" in capsys.readouterr().err
