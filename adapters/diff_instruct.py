@@ -13,6 +13,7 @@ Paper optimiser: Adam, betas (0, 0.999), lr 1e-5 for both networks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,13 +23,18 @@ from disback_core.checks import check_number
 from disback_core.denoisers import check_sample, pad_dims
 from disback_core.losses import DSMLoss, check_finite, reduce_per_sample
 from disback_core.protocol import DSMFakeScore, LossDict, check_roles
-from disback_core.sigmas import LogNormalSigma, SigmaSampler
+from disback_core.sigmas import LogNormalSigma, SigmaSampler, edm_weight
 
 __all__ = ["DiffInstruct"]
 
 
 class DiffInstruct(DSMFakeScore):
-    """Diff-Instruct's IKL generator loss and EDM DSM critic; implements ``ScoreDistiller``."""
+    """Diff-Instruct's IKL generator loss and EDM DSM critic; implements ``ScoreDistiller``.
+    Args:
+        dsm_weight: keyword-only, the fake score's DSM weight: EDM's ``edm_weight`` (Karras et al. 2022,
+            Table 1) by default; ``flow_weight`` for a flow-matching model (SD3, FLUX, ...), which makes
+            the fake-score loss the velocity loss those models are trained with.
+    """
 
     def __init__(
         self,
@@ -36,9 +42,11 @@ class DiffInstruct(DSMFakeScore):
         sigma_data: float = 0.5,
         fake_sigma_sampler: SigmaSampler | None = None,
         critic_steps: int = 1,
+        *,
+        dsm_weight: Callable[[Tensor, float], Tensor] = edm_weight,
     ):
         self.sigma_sampler = sigma_sampler or LogNormalSigma()
-        self.dsm = DSMLoss(fake_sigma_sampler or LogNormalSigma(), sigma_data, reduction="sum")
+        self.dsm = DSMLoss(fake_sigma_sampler or LogNormalSigma(), sigma_data, reduction="sum", weight=dsm_weight)
         self.critic_steps = int(check_number("critic_steps", critic_steps, low=1, integer=True))
 
     def generator_loss(self, x: Tensor, target: Any, fake: Any, cond: Any = None) -> LossDict:

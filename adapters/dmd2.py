@@ -16,6 +16,7 @@ critic updates per generator update. Paper optimiser: AdamW (0.9, 0.999), wd 0.0
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from disback_core.losses import (
     reduce_per_sample,
 )
 from disback_core.protocol import DSMFakeScore, LossDict, check_roles
-from disback_core.sigmas import KarrasIndexSigma, SigmaSampler
+from disback_core.sigmas import KarrasIndexSigma, SigmaSampler, edm_weight
 
 __all__ = ["DMD2"]
 
@@ -45,6 +46,9 @@ class DMD2(DSMFakeScore):
     Args:
         gan_head: a :class:`~disback_core.gan.GANHead` reading the fake score's bottleneck, or
             ``None`` for DMD2 without GAN. With a head, :meth:`fake_score_loss` needs ``real``.
+        dsm_weight: keyword-only, the fake score's DSM weight: EDM's ``edm_weight`` (Karras et al. 2022,
+            Table 1) by default; ``flow_weight`` for a flow-matching model (SD3, FLUX, ...), which makes
+            the fake-score loss the velocity loss those models are trained with.
     """
 
     def __init__(
@@ -56,9 +60,11 @@ class DMD2(DSMFakeScore):
         gan_generator_weight: float = 3e-3,
         gan_critic_weight: float = 1e-2,
         critic_steps: int = 5,
+        *,
+        dsm_weight: Callable[[Tensor, float], Tensor] = edm_weight,
     ):
         self.sigma_sampler = sigma_sampler or KarrasIndexSigma(index_min=20, index_max=980)
-        self.dsm = DSMLoss(fake_sigma_sampler or KarrasIndexSigma(), sigma_data, reduction="mean")
+        self.dsm = DSMLoss(fake_sigma_sampler or KarrasIndexSigma(), sigma_data, reduction="mean", weight=dsm_weight)
         self.gan_head = gan_head
         self.gan_generator_weight = check_number("gan_generator_weight", gan_generator_weight, low=0.0)
         self.gan_critic_weight = check_number("gan_critic_weight", gan_critic_weight, low=0.0)

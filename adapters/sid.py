@@ -14,6 +14,7 @@ critic update per generator update. Paper optimiser: Adam (0, 0.999), lr 1e-5; s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,13 +24,18 @@ from disback_core.checks import check_number
 from disback_core.denoisers import check_sample, pad_dims
 from disback_core.losses import DSMLoss, abs_mean_normaliser, check_finite, reduce_per_sample
 from disback_core.protocol import DSMFakeScore, LossDict, check_roles
-from disback_core.sigmas import KarrasContinuousSigma, LogNormalSigma, SigmaSampler
+from disback_core.sigmas import KarrasContinuousSigma, LogNormalSigma, SigmaSampler, edm_weight
 
 __all__ = ["SiD"]
 
 
 class SiD(DSMFakeScore):
-    """SiD's generator loss and EDM DSM critic; implements ``ScoreDistiller``."""
+    """SiD's generator loss and EDM DSM critic; implements ``ScoreDistiller``.
+    Args:
+        dsm_weight: keyword-only, the fake score's DSM weight: EDM's ``edm_weight`` (Karras et al. 2022,
+            Table 1) by default; ``flow_weight`` for a flow-matching model (SD3, FLUX, ...), which makes
+            the fake-score loss the velocity loss those models are trained with.
+    """
 
     def __init__(
         self,
@@ -41,10 +47,12 @@ class SiD(DSMFakeScore):
         fake_loss_scale: float = 1.0,
         normaliser_min: float = 1e-5,
         critic_steps: int = 1,
+        *,
+        dsm_weight: Callable[[Tensor, float], Tensor] = edm_weight,
     ):
         self.alpha = check_number("alpha", alpha)
         self.sigma_sampler = sigma_sampler or KarrasContinuousSigma(u_max=0.8)
-        self.dsm = DSMLoss(fake_sigma_sampler or LogNormalSigma(), sigma_data, reduction="sum")
+        self.dsm = DSMLoss(fake_sigma_sampler or LogNormalSigma(), sigma_data, reduction="sum", weight=dsm_weight)
         self.generator_loss_scale = check_number("generator_loss_scale", generator_loss_scale, low=0.0, low_open=True)
         self.fake_loss_scale = check_number("fake_loss_scale", fake_loss_scale, low=0.0, low_open=True)
         self.normaliser_min = check_number("normaliser_min", normaliser_min, low=0.0)

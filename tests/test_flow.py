@@ -232,3 +232,19 @@ def test_teacher_cfg_on_a_flow_model_is_guidance_on_the_velocity():
     v_u = _raw_velocity(model, x_flow.float(), t.float(), uncond).double()
     want = x_flow - t.view(-1, 1, 1, 1) * (v_u + 4.5 * (v_c - v_u))
     assert (got - want).abs().max() < 1e-5
+
+
+def test_adapters_train_a_flow_fake_score_with_the_velocity_loss():
+    from disback_core.adapters import DMD2, SiD, DiffInstruct
+    from disback_core.losses import DSMLoss
+    from disback_core.sigmas import LogitNormalSigma, flow_weight
+
+    model, d, cond, x0 = _setup("tiny-sd3")
+    times = LogitNormalSigma(shift=3.0)
+    for cls, reduction in ((DMD2, "mean"), (SiD, "sum"), (DiffInstruct, "sum")):
+        method = cls(sigma_sampler=times, fake_sigma_sampler=times, dsm_weight=flow_weight)
+        torch.manual_seed(5)
+        got = method.fake_score_loss(x0, d, cond)["loss"]
+        torch.manual_seed(5)
+        want = DSMLoss(times, reduction=reduction, weight=flow_weight)(d, x0, cond).mean()
+        assert torch.equal(got, want)
