@@ -30,6 +30,7 @@ __all__ = ["DiffInstruct"]
 
 class DiffInstruct(DSMFakeScore):
     """Diff-Instruct's IKL generator loss and EDM DSM critic; implements ``ScoreDistiller``.
+
     Args:
         dsm_weight: keyword-only, the fake score's DSM weight: EDM's ``edm_weight`` (Karras et al. 2022,
             Table 1) by default; ``flow_weight`` for a flow-matching model (SD3, FLUX, ...), which makes

@@ -31,6 +31,7 @@ __all__ = ["SiD"]
 
 class SiD(DSMFakeScore):
     """SiD's generator loss and EDM DSM critic; implements ``ScoreDistiller``.
+
     Args:
         dsm_weight: keyword-only, the fake score's DSM weight: EDM's ``edm_weight`` (Karras et al. 2022,
             Table 1) by default; ``flow_weight`` for a flow-matching model (SD3, FLUX, ...), which makes
