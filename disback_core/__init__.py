@@ -62,7 +62,7 @@ from .losses import DSMLoss, abs_mean_normaliser, check_finite, gan_discriminato
 from .nets import MLPNet, UNetNet, edm_mlp, edm_unet
 from .presets import TINY_PRESETS, build_model, example_cond, sample_shape
 from .protocol import DSMFakeScore, LossDict, ScoreDistiller
-from .recording import DegradationRecorder, probe_inputs, record_degradation
+from .recording import DegradationRecorder, probe_inputs, probe_inputs_raw, record_degradation
 from .schedules import AdaptiveGap, Budgeted, FixedInterval, LinearPath, NodeCursor, TeacherOnly, score_gap
 from .sigmas import (
     KarrasContinuousSigma,
@@ -78,7 +78,7 @@ from .sigmas import (
 from .state import latest_state, list_states, load_state, save_state
 from .step import Batch, as_batch, call_generator, critic_step, generator_step, train_step
 from .storage import StorageError
-from .trajectory import Probe, Trajectory, TrajectoryTarget
+from .trajectory import Probe, Trajectory, TrajectoryTarget, call_conventions, register_call
 
 __version__ = "0.1.0"
 
@@ -150,6 +150,9 @@ __all__ = [
     "LoraTarget",
     "lora_targets",
     "Trajectory",
+    "register_call",
+    "call_conventions",
+    "probe_inputs_raw",
     "TrajectoryTarget",
     "Probe",
     "record_degradation",

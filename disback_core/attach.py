@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .interpolate import write_position
 from .schedules import NodeCursor, TeacherOnly
 from .storage import lowest_float_dtype, tensors_fingerprint
-from .trajectory import Trajectory, _state, call_module, probe_error
+from .trajectory import Trajectory, _state, probe_error
 
 __all__ = ["attach", "Attachment"]
 
@@ -83,10 +83,12 @@ class Attachment:
         fake: nn.Module | None = None,
         start: int | None = None,
         prefix: str | None = None,
-        call: Callable[..., Tensor] = call_module,
+        call: Callable[..., Tensor] | None = None,
         check_weights: bool = True,
         originals_device: str | torch.device = "cpu",
     ):
+        if call is not None and not callable(call):
+            raise TypeError(f"call must be a function fn(module, x, sigma, cond), got {call!r}")
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"trajectory must be a Trajectory, got {type(trajectory).__name__}")
         if not isinstance(module, nn.Module):
@@ -199,16 +201,26 @@ class Attachment:
 
     def verify(self) -> float:
         """Max abs difference between the module's output on the trajectory's probe now and the
-        output recorded for the node it holds (``call`` runs the module; default ``module(x, sigma, cond)``;
-        a module inside the trajectory's teacher runs through that teacher)."""
-        if self.trajectory.probe is None:
+        output recorded for the node it holds. The probe is run by ``call`` if given to :func:`attach`,
+        else by the trajectory's call convention (``trajectory.call_name``, saved with it); a module
+        inside the trajectory's teacher (the UNet of a ``DiffusersDenoiser``, the transformer of a
+        ``FlowMatchDenoiser``) runs through that teacher, in whose units the probe was recorded."""
+        traj = self.trajectory
+        if traj.probe is None:
             raise ValueError("the trajectory has no probe to verify against")
-        # A module inside the trajectory's teacher (the UNet of a DiffusersDenoiser) is probed
-        # through that teacher, which records the probe in its own convention.
-        inside = any(m is self.module for m in self.trajectory.teacher.modules())
-        return probe_error(
-            self.trajectory.teacher if inside else self.module, self.trajectory.probe, self.node, self.call
-        )
+        # A module inside the trajectory's teacher is probed through that teacher, with the
+        # trajectory's convention: the probe was recorded on the teacher.
+        inside = any(m is self.module for m in traj.teacher.modules())
+        if inside:
+            return probe_error(traj.teacher, traj.probe, self.node, self.call or traj.probe_runner())
+        if self.call is None and self.prefix:
+            raise ValueError(
+                f"the probe was recorded on the trajectory's teacher ({type(traj.teacher).__name__}) in its "
+                f"units; this module ({type(self.module).__name__}) is a copy of its submodule "
+                f"{self.prefix[:-1]!r}, which cannot run it: attach the teacher's own submodule, or pass "
+                "attach(..., call=fn) that runs this module on the probe"
+            )
+        return probe_error(self.module, traj.probe, self.node, traj.probe_runner(self.call))
 
     def detach(self) -> None:
         """Restore the module's original weights exactly and release it (a second call does nothing)."""
@@ -246,7 +258,7 @@ def attach(
     fake: nn.Module | None = None,
     start: int | None = None,
     prefix: str | None = None,
-    call: Callable[..., Tensor] = call_module,
+    call: Callable[..., Tensor] | None = None,
     check_weights: bool = True,
     originals_device: str | torch.device = "cpu",
 ) -> Attachment:
@@ -262,7 +274,8 @@ def attach(
         fake: the user's fake score (a copy of the teacher); node N is loaded into it in place.
         start: the first node (default N-1, as in DisBack; 0 = the teacher).
         prefix: the module's name inside the trajectory's teacher (found automatically).
-        call: how to run the module on the probe for :meth:`Attachment.verify`.
+        call: how to run the module on the probe for :meth:`Attachment.verify` (default: the
+            trajectory's call convention, ``trajectory.call_name``).
         check_weights: refuse a module whose weights are not the trajectory's teacher's.
         originals_device: where the copy of the original weights is kept (CPU by default).
     """

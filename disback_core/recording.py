@@ -38,9 +38,9 @@ from .denoisers import check_denoiser, cond_rows, freeze, map_cond, pad_dims, ta
 from .lora import LoraSpec, inject_lora, lora_parameters, lora_state, lora_targets, node_weight, remove_lora, svd_lora
 from .step import as_batch, call_generator
 from .storage import lowest_float_dtype, tensors_fingerprint
-from .trajectory import Probe, Trajectory, _state, call_module
+from .trajectory import DEFAULT_CALL, Probe, Trajectory, _state, resolve_call
 
-__all__ = ["record_degradation", "DegradationRecorder", "probe_inputs", "MODES"]
+__all__ = ["record_degradation", "DegradationRecorder", "probe_inputs", "probe_inputs_raw", "MODES"]
 
 log = logging.getLogger(__name__)
 MODES = ("lora", "svd", "full")
@@ -56,6 +56,67 @@ def probe_inputs(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
     return x0 + pad_dims(sigma, x0) * noise, sigma, cond
+
+
+def probe_inputs_raw(
+    model: nn.Module,
+    x0: Tensor,
+    cond: Any = None,
+    scheduler: Any = None,
+    *,
+    t_min: float = 0.05,
+    t_max: float = 0.95,
+    time_scale: float | None = None,
+    seed: int = 1234,
+) -> tuple[Tensor, Tensor, Any]:
+    """Fixed probe inputs ``(x_t, timestep, cond)`` in a raw diffusers model's own units, to record it
+    with its own call convention (``DegradationRecorder(model, ..., call="flow-transformer" or
+    "diffusers-unet", probe=probe_inputs_raw(model, x0, cond, scheduler))``). One noise level per
+    sample, evenly spaced in ``[t_min, t_max]`` (fractions of the schedule), seeded noise:
+
+    - a flow transformer (SD3, FLUX, SANA, Wan; or a ``FlowMatch*`` scheduler): flow time ``t``,
+      ``x_t = (1 - t) x0 + t eps``, ``timestep = time_scale * t`` (``1000 t`` for SD3 and Wan, ``t``
+      for FLUX, ``1000 t * timestep_scale`` for SANA; ``time_scale=`` for another model);
+    - a DDPM-family scheduler (with ``alphas_cumprod``): integer timesteps ``round(f (T - 1))``,
+      ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` (as ``scheduler.add_noise``, in float64).
+
+    Timesteps are returned as float32 (integer values exact), which every convention saves and loads.
+    ``x0`` is in the layout the model takes (FLUX: packed tokens, with ``img_ids``/``txt_ids`` in ``cond``
+    repeated per sample, ``[B, N, 3]``).
+    """
+    from .flow import flow_arch, is_flow_scheduler
+
+    if not isinstance(x0, Tensor) or x0.ndim < 2:
+        raise ValueError(f"x0 must be a batch of samples [B, ...], got {getattr(x0, 'shape', x0)!r}")
+    if not 0.0 <= t_min <= t_max <= 1.0:
+        raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    n = x0.shape[0]
+    frac = torch.linspace(t_min, t_max, n, dtype=torch.float64) if n > 1 else torch.tensor([(t_min + t_max) / 2])
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device, torch.float64)
+    x64 = x0.detach().to(torch.float64)
+    arch = flow_arch(model)
+    if arch is not None or time_scale is not None or (scheduler is not None and is_flow_scheduler(scheduler)):
+        if time_scale is None:
+            if arch is None:
+                raise ValueError(f"{type(model).__name__} is not a known flow transformer: pass time_scale=")
+            time_scale = arch.time_scale
+            if arch.name == "sana":
+                time_scale *= float(getattr(getattr(model, "config", None), "timestep_scale", 1.0))
+        t = frac.clamp(1e-6, 1.0).to(x0.device)
+        x = (1 - pad_dims(t, x64)) * x64 + pad_dims(t, x64) * noise
+        return x.to(x0.dtype), (t * time_scale).to(torch.float32), cond
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is None:
+        raise ValueError(
+            "scheduler must be a diffusers DDPM-family scheduler (with alphas_cumprod) for a UNet, or a "
+            f"FlowMatch scheduler for a flow transformer; got {type(scheduler).__name__}"
+        )
+    abar = torch.as_tensor(abar, dtype=torch.float64)
+    idx = (frac * (len(abar) - 1)).round().long()
+    a = abar[idx].to(x0.device)
+    x = pad_dims(a.sqrt(), x64) * x64 + pad_dims((1 - a).sqrt(), x64) * noise
+    return x.to(x0.dtype), idx.to(x0.device, torch.float32), cond
 
 
 def _run(module: nn.Module, call: Callable[..., Tensor], probe: tuple[Tensor, Tensor, Any]) -> Tensor:
@@ -93,9 +154,16 @@ class DegradationRecorder:
         mode: ``"lora"``, ``"svd"`` or ``"full"``.
         lora: rank, alpha and targets (default rank 8, :func:`~disback_core.lora.default_target_modules`).
         probe: clean G0 samples ``x0`` (noised by :func:`probe_inputs`), or ready inputs ``(x, sigma, cond)``
-            for ``call``; each node's outputs on it are recorded for :meth:`Trajectory.verify`.
-        call: how to run a module on the probe (default ``module(x, sigma, cond)``; e.g.
-            ``lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample`` for a raw diffusers UNet).
+            for ``call`` (for a raw diffusers model, :func:`probe_inputs_raw`); each node's outputs on
+            it are recorded for :meth:`Trajectory.verify`.
+        call: how to run a module on the probe, saved by name with the trajectory: a registered
+            convention (:func:`~disback_core.trajectory.register_call`): ``"denoiser"`` (default,
+            ``module(x, sigma, cond)``), ``"diffusers-unet"`` (``m(x, t, encoder_hidden_states=c).sample``
+            for a raw UNet), ``"flow-transformer"`` (``m(hidden_states=x, timestep=t, **c)`` for a raw
+            SD3/FLUX/SANA/Wan transformer); or a function ``fn(module, x, sigma, cond)``.
+        call_name: the name a function ``call`` is saved under (registered to it in this process;
+            register it in the loading process too). Without it an unregistered function is saved as
+            ``"custom"``, and verifying the loaded path needs it again (``verify(call=fn)``).
         lr / optimizer / max_grad_norm: the optimizer :meth:`update` uses (Adam at ``lr`` unless a
             factory ``optimizer(params)`` is given); unused if you step your own optimizer and call :meth:`step`.
     """
@@ -111,7 +179,8 @@ class DegradationRecorder:
         mode: str = "lora",
         lora: LoraSpec | None = None,
         probe: Tensor | tuple[Tensor, Any, Any] | None = None,
-        call: Callable[..., Tensor] = call_module,
+        call: str | Callable[..., Tensor] = DEFAULT_CALL,
+        call_name: str | None = None,
         merge: bool = True,
         lr: float = 1e-4,
         optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
@@ -122,7 +191,9 @@ class DegradationRecorder:
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         self.interval, self.max_nodes = _interval(interval, steps, nodes)
-        self.teacher, self.mode, self.call, self.merge = teacher, mode, call, merge
+        self.call_name, fn = resolve_call(call, call_name)
+        self.call: Callable[..., Tensor] = fn
+        self.teacher, self.mode, self.merge = teacher, mode, merge
         self._make_optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=lr))
         self.max_grad_norm = max_grad_norm
         self.optimizer: torch.optim.Optimizer | None = None  # made by the first update()
@@ -278,6 +349,8 @@ class DegradationRecorder:
             merge=self.merge,
             probe=probe,
             meta=info,
+            call=self.call,
+            call_name=self.call_name,
         )
         return self._finished
 

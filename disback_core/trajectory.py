@@ -14,6 +14,17 @@ removes files no manifest names any more: a crash at any point leaves the previo
 or the new one, and the same trajectory gives the same bytes. Loading checks every field, file,
 hash, header, key, shape and dtype and raises :class:`~disback_core.storage.StorageError` naming
 the file and the first problem.
+
+The probe is run by a *call convention* stored by name in the manifest (``"call"``), so that a path
+recorded on a raw model with its own call signature verifies after a load:
+
+- ``"denoiser"`` (the default): ``D(x, sigma, cond)``, the library's denoisers;
+- ``"diffusers-unet"``: ``m(x, t, encoder_hidden_states=c)`` (``UNet2DConditionModel``) or
+  ``m(x, t, class_labels=c)`` (``UNet2DModel``), a dict ``c`` as keywords, ``.sample`` taken;
+- ``"flow-transformer"``: ``m(hidden_states=x, timestep=t, **c)`` for diffusers' SD3, FLUX, SANA
+  and Wan transformers (a tensor ``c`` is ``encoder_hidden_states``), the first output taken;
+- any name given with :func:`register_call`; ``"custom"``: a function that was never named, which
+  :meth:`Trajectory.verify` then needs again (``verify(call=fn)`` or ``Trajectory.load(..., call=fn)``).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import copy
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +52,7 @@ from .trajectory_files import (
     MANIFEST,
     VERSION,
     Probe,
+    _check_call_savable,
     _check_fingerprint,
     _check_savable,
     _dtype_name,
@@ -55,16 +68,163 @@ from .trajectory_files import (
     stale_files,
 )
 
-__all__ = ["Trajectory", "TrajectoryTarget", "Probe", "FORMAT", "VERSION", "call_module", "manifest_digest"]
+__all__ = [
+    "Trajectory",
+    "TrajectoryTarget",
+    "Probe",
+    "FORMAT",
+    "VERSION",
+    "DEFAULT_CALL",
+    "CUSTOM_CALL",
+    "call_module",
+    "call_diffusers_unet",
+    "call_flow_transformer",
+    "register_call",
+    "probe_call",
+    "call_conventions",
+    "resolve_call",
+    "manifest_digest",
+]
+
+DEFAULT_CALL = "denoiser"
+CUSTOM_CALL = "custom"
+
+
+def _first_output(out: Any) -> Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return getattr(out, "sample", out)
 
 
 def call_module(module: Callable[..., Any], x: Tensor, sigma: Any, cond: Any = None) -> Tensor:
     """``module(x, sigma, cond)`` (``module(x, sigma)`` when ``cond`` is None), unwrapping a diffusers
-    output (``.sample``) or a tuple's first element: the default way a probe is run."""
-    out = module(x, sigma) if cond is None else module(x, sigma, cond)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return getattr(out, "sample", out)
+    output (``.sample``) or a tuple's first element: the default way a probe is run (``"denoiser"``)."""
+    return _first_output(module(x, sigma) if cond is None else module(x, sigma, cond))
+
+
+def call_diffusers_unet(module: Callable[..., Any], x: Tensor, t: Any, cond: Any = None) -> Tensor:
+    """A raw diffusers UNet in its own units (``"diffusers-unet"``): ``module(x, t, **kw).sample``
+    with a tensor ``cond`` as ``encoder_hidden_states`` (a model whose config has
+    ``cross_attention_dim``, e.g. ``UNet2DConditionModel``) or ``class_labels`` (``UNet2DModel``),
+    and a dict ``cond`` as the keywords themselves (SDXL's ``added_cond_kwargs``)."""
+    if isinstance(cond, Mapping):
+        kwargs = dict(cond)
+    elif cond is None:
+        kwargs = {}
+    else:
+        text = hasattr(getattr(module, "config", None), "cross_attention_dim")
+        kwargs = {"encoder_hidden_states" if text else "class_labels": cond}
+    return _first_output(module(x, t, **kwargs))
+
+
+def call_flow_transformer(module: Callable[..., Any], x: Tensor, t: Any, cond: Any = None) -> Tensor:
+    """A raw diffusers flow transformer in its own units (``"flow-transformer"``: SD3, FLUX, SANA, Wan):
+    ``module(hidden_states=x, timestep=t, return_dict=False, **kw)[0]`` with a dict ``cond`` as the
+    keywords (SD3/FLUX: ``encoder_hidden_states``, ``pooled_projections``; FLUX: packed tokens ``x``
+    and its ``img_ids``/``txt_ids`` stored with a batch dimension, ``[B, N, 3]``, as a probe's
+    condition must be, and passed as ``ids[0]``) and a tensor ``cond`` as ``encoder_hidden_states``.
+    ``t`` is the model's own timestep (``1000 t_flow`` for SD3/SANA/Wan, ``t_flow`` for FLUX)."""
+    from .flow import flow_arch
+
+    arch = flow_arch(module) if isinstance(module, nn.Module) else None
+    if isinstance(cond, Mapping):
+        kwargs = dict(cond)
+        if arch is not None and arch.name == "flux":
+            for key in ("img_ids", "txt_ids"):
+                ids = kwargs.get(key)
+                if isinstance(ids, Tensor) and ids.ndim == 3:
+                    kwargs[key] = ids[0]  # batch-independent positions (diffusers takes [N, 3])
+    elif cond is None:
+        kwargs = {}
+    else:
+        kwargs = {arch.tensor_cond if arch is not None else "encoder_hidden_states": cond}
+    return _first_output(module(hidden_states=x, timestep=t, return_dict=False, **kwargs))
+
+
+_CALLS: dict[str, Callable[..., Tensor]] = {
+    DEFAULT_CALL: call_module,
+    "diffusers-unet": call_diffusers_unet,
+    "flow-transformer": call_flow_transformer,
+}
+_BUILTIN_CALLS = frozenset(_CALLS)
+CALL_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # what a manifest's "call" may hold
+
+
+def _check_call_name(name: Any) -> str:
+    if not isinstance(name, str) or not CALL_NAME.fullmatch(name):
+        raise ValueError(
+            f"a call convention name must be 1-64 characters of a-z, 0-9, '_', '.', '-' (starting with a "
+            f"letter or digit), got {name!r}"
+        )
+    return name
+
+
+def register_call(name: str, fn: Callable[..., Tensor], *, replace: bool = False) -> None:
+    """Register ``fn(module, x, sigma, cond) -> output`` as the call convention ``name``: a trajectory
+    recorded with it stores ``name`` in its manifest, and ``Trajectory.load`` finds ``fn`` again by that
+    name (register it in the loading process too). The built-in names and ``"custom"`` cannot be
+    replaced; another function under a registered name needs ``replace=True``."""
+    _check_call_name(name)
+    if not callable(fn):
+        raise TypeError(
+            f"call convention {name!r} must be a function fn(module, x, sigma, cond), got {type(fn).__name__}"
+        )
+    if name == CUSTOM_CALL or name in _BUILTIN_CALLS:
+        if _CALLS.get(name) is fn:
+            return
+        raise ValueError(f"{name!r} is a built-in call convention name and cannot be replaced; pick another name")
+    if name in _CALLS and _CALLS[name] is not fn and not replace:
+        raise ValueError(
+            f"call convention {name!r} is already registered to another function ({_CALLS[name]!r}); "
+            "pick another name or pass replace=True"
+        )
+    _CALLS[name] = fn
+
+
+def call_conventions() -> dict[str, Callable[..., Tensor]]:
+    """The registered call conventions by name (a copy)."""
+    return dict(_CALLS)
+
+
+def probe_call(name: str) -> Callable[..., Tensor]:
+    """The function registered as call convention ``name``; an unknown name is a ``ValueError``
+    naming it, the known ones and how to register it."""
+    fn = _CALLS.get(name) if isinstance(name, str) else None
+    if fn is None:
+        how = (
+            "it was recorded with a function that was never named: pass it again as call=fn"
+            if name == CUSTOM_CALL
+            else f"register it first with disback_core.trajectory.register_call({name!r}, fn), or pass call=fn"
+        )
+        raise ValueError(f"unknown call convention {name!r} (known: {sorted(_CALLS)}); {how}")
+    return fn
+
+
+def resolve_call(call: str | Callable[..., Tensor] | None = None, call_name: str | None = None) -> tuple[str, Any]:
+    """``(name, function)`` of a probe call given as a registered name or a function.
+
+    A function registered under a name gets that name; another function gets ``call_name`` (which is
+    then registered to it in this process; a name that holds another function is refused), or
+    ``"custom"`` when no name is given. ``call=None`` is ``call_name`` (default ``"denoiser"``);
+    ``(None, "custom")`` gives ``("custom", None)``: a convention whose function is not known here.
+    """
+    if call is None:
+        name = DEFAULT_CALL if call_name is None else _check_call_name(call_name)
+        return (name, None) if name == CUSTOM_CALL else (name, probe_call(name))
+    if isinstance(call, str):
+        if call_name is not None and call_name != call:
+            raise ValueError(f"call={call!r} names a convention; call_name={call_name!r} would rename it")
+        if call == CUSTOM_CALL:
+            raise ValueError("'custom' is not a registered convention: pass the function itself as call=fn")
+        return _check_call_name(call), probe_call(call)
+    if not callable(call):
+        raise TypeError(f"call must be a convention name or a function fn(module, x, sigma, cond), got {call!r}")
+    if call_name is None:
+        return next((n for n, f in _CALLS.items() if f is call), CUSTOM_CALL), call
+    name = _check_call_name(call_name)
+    if name != CUSTOM_CALL:
+        register_call(name, call)
+    return name, call
 
 
 def _state(module: nn.Module) -> dict[str, Tensor]:
@@ -94,6 +254,9 @@ class Trajectory:
         merge: ``target(k)`` writes node k's weights into a plain working copy (forward costs the
             teacher's); ``False`` keeps the LoRA factors unmerged (exactly the recorded slot).
         probe: inputs and recorded outputs for :meth:`verify`.
+        call / call_name: how the probe runs a module (see :func:`resolve_call`): a registered
+            convention's name (default ``"denoiser"``: ``module(x, sigma, cond)``) or a function;
+            the name is saved in the manifest (attributes ``call_name`` and ``call_fn``).
         base_fingerprint: the teacher's fingerprint if already known (``load`` passes the verified one).
 
     Every node is checked against the teacher here: a key, shape or dtype that does not fit is an
@@ -112,6 +275,8 @@ class Trajectory:
         probe: Probe | None = None,
         meta: Mapping[str, Any] | None = None,
         base_fingerprint: str | None = None,
+        call: str | Callable[..., Tensor] | None = None,
+        call_name: str | None = None,
     ):
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
@@ -134,6 +299,7 @@ class Trajectory:
         self.merge = merge
         self.probe = probe
         self.meta = dict(meta or {})
+        self.call_name, self.call_fn = resolve_call(call, call_name)
         self._template = self._node_template()
         for k in range(1, len(self.nodes) + 1):
             self._check_node(k)
@@ -312,12 +478,28 @@ class Trajectory:
         """Bytes of the stored node tensors (the teacher not included)."""
         return sum(t.numel() * t.element_size() for n in self.nodes for t in n.values())
 
-    def verify(self) -> list[float]:
+    def probe_runner(self, call: Callable[..., Tensor] | None = None) -> Callable[..., Tensor]:
+        """The function that runs a module on the probe: ``call``, else the trajectory's convention
+        (:attr:`call_fn`); a ``"custom"`` trajectory loaded without its function is refused."""
+        fn = call if call is not None else self.call_fn
+        if fn is None:
+            raise ValueError(
+                f"this trajectory's probe was recorded with a {self.call_name!r} call (a function that was "
+                "never named), which is not known here: pass it again, verify(call=fn) or "
+                "Trajectory.load(..., call=fn) (or record with call_name= / a registered convention)"
+            )
+        if not callable(fn):
+            raise TypeError(f"call must be a function fn(module, x, sigma, cond), got {fn!r}")
+        return fn
+
+    def verify(self, call: Callable[..., Tensor] | None = None) -> list[float]:
         """Max abs difference between each node's outputs now and as recorded on the probe
-        (``inf`` where an output is not finite, so a NaN node never passes a tolerance check)."""
+        (``inf`` where an output is not finite, so a NaN node never passes a tolerance check).
+        ``call`` runs a module on the probe (default: the trajectory's convention, :attr:`call_name`)."""
         if self.probe is None:
             raise ValueError("this trajectory has no probe to verify against")
-        return [probe_error(self.target(k), self.probe, k) for k in range(len(self))]
+        fn = self.probe_runner(call)
+        return [probe_error(self.target(k), self.probe, k, fn) for k in range(len(self))]
 
     # ------------------------------------------------------------------ persistence
 
@@ -330,6 +512,7 @@ class Trajectory:
         temporary files left by earlier crashes. The same trajectory gives the same bytes.
         """
         _check_savable(self.steps, self.meta)  # refused before anything is written
+        _check_call_savable(self.call_name, self.probe)
         folder = Path(path)
         created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
@@ -351,9 +534,10 @@ class Trajectory:
         from . import __version__
 
         base = self.base_tensors()
-        body = {
+        body: dict[str, Any] = {
             "format": FORMAT,
-            "version": VERSION,
+            # the lowest version that holds it: version 2 (no "call" field) is the "denoiser" convention
+            "version": 2 if self.call_name == DEFAULT_CALL else VERSION,
             "library": f"disback {__version__}",
             "kind": self.kind,
             "base_fingerprint": self.base_fingerprint,
@@ -364,33 +548,60 @@ class Trajectory:
             "probe": probe,
             "meta": self.meta,
         }
+        if self.call_name != DEFAULT_CALL:
+            body["call"] = self.call_name
         return json.loads(json.dumps(body, allow_nan=True))  # plain JSON types: the digest of what a reader parses
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, teacher: nn.Module, merge: bool = True, check_fingerprint: bool = True
+        cls,
+        path: str | os.PathLike,
+        teacher: nn.Module,
+        merge: bool = True,
+        check_fingerprint: bool = True,
+        *,
+        call: Callable[..., Tensor] | None = None,
     ) -> Trajectory:
         """Load a trajectory folder onto ``teacher``; refuse anything that does not verify.
 
         Every problem with the folder is a :class:`StorageError` naming the file and the problem
         (see docs/RELIABILITY.md for the list of checks). A teacher cast to another floating dtype
         after recording (e.g. bf16) is recognised by the manifest's per-dtype fingerprints.
-        Format versions 1 (``node-0001.safetensors`` names, no digest) and 2 are read.
+        Format versions 1 (``node-0001.safetensors`` names, no digest), 2 and 3 (a ``"call"``
+        convention other than ``"denoiser"``) are read.
+
+        ``call``: the function that runs a module on the probe (for :meth:`verify`), used instead of
+        the manifest's convention; needed for a trajectory recorded with an unnamed function
+        (``"custom"``: without it the path loads and :meth:`verify` refuses). Without ``call`` the
+        manifest's convention is looked up by name (:func:`register_call`): an unknown name is refused.
         """
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        if call is not None and not callable(call):
+            raise TypeError(f"call must be a function fn(module, x, sigma, cond), got {call!r}")
         folder = Path(path)
         if not folder.is_dir():
             raise StorageError(f"trajectory folder {folder} {'is not a folder' if folder.exists() else 'is missing'}")
         where = folder / MANIFEST
         man = read_manifest(where)
+        name = man.get("call", DEFAULT_CALL)
+        if call is None and name != CUSTOM_CALL and name not in _CALLS:
+            raise StorageError(
+                f"{where}: the probe is run by the call convention {name!r}, which is not registered here "
+                f"(known: {sorted(_CALLS)}); register it first with "
+                f"disback_core.trajectory.register_call({name!r}, fn), or pass Trajectory.load(..., call=fn)"
+            )
         fp = _check_fingerprint(man, teacher, where) if check_fingerprint else None
         lora, template, floating = _node_template(man, teacher, where)
         limit = _node_max_bytes(template)
         nodes = [_load_node(folder, e, template, floating, limit) for e in man["nodes"]]
-        probe = _load_probe(folder, man["probe"], len(nodes)) if man["probe"] is not None else None
+        probe = (
+            _load_probe(folder, man["probe"], len(nodes), integer_sigma=name != DEFAULT_CALL)
+            if man["probe"] is not None
+            else None
+        )
         try:
-            return cls(
+            traj = cls(
                 teacher,
                 nodes,
                 kind=man["kind"],
@@ -405,6 +616,9 @@ class Trajectory:
             raise
         except (TypeError, ValueError) as e:
             raise StorageError(f"{where}: the stored trajectory does not fit this teacher: {e}") from e
+        traj.call_name = name
+        traj.call_fn = call if call is not None else _CALLS.get(name)
+        return traj
 
 
 def probe_error(module: Callable[..., Any], probe: Probe, k: int, call: Callable[..., Tensor] = call_module) -> float:

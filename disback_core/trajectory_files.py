@@ -1,14 +1,22 @@
-"""A trajectory folder on disk (format version 2): writing its files, reading and checking them.
+"""A trajectory folder on disk (format versions 2 and 3): writing its files, reading and checking them.
 
     manifest.json                            format, version, base-model fingerprints, LoRA spec,
                                              node_count, nodes (index, step, file, sha256), probe,
-                                             meta, digest (sha256 over all of it but the digest)
+                                             meta, [call], digest (sha256 over all of it but the digest)
     node-0001-<16 hex of sha256>.safetensors one file per node, named by its content
     probe-<16 hex of sha256>.safetensors     fixed inputs and every node's recorded outputs (optional)
 
 :meth:`disback_core.trajectory.Trajectory.save` and ``load`` use these pieces; the checks are
 listed in docs/RELIABILITY.md. Every problem is a :class:`~disback_core.storage.StorageError`
 naming the file and the problem.
+
+Version 3 is version 2 with one more field, ``call``: the name of the convention that runs a module
+on the probe (:func:`disback_core.trajectory.register_call`), e.g. ``"flow-transformer"`` for a path
+recorded on a raw diffusers transformer. A trajectory with the default ``"denoiser"`` convention is
+written as version 2 (no ``call`` field), so libraries that read only versions 1 and 2 still read
+it, and refuse by its version, rather than verify wrongly, one whose probe needs another call.
+Manifests without the field (versions 1 and 2) are ``"denoiser"``. The probe's ``sigma`` is floating,
+or, under a convention other than ``"denoiser"``, an integer tensor (a diffusers UNet's timesteps).
 """
 
 from __future__ import annotations
@@ -42,8 +50,8 @@ from .storage import (
 )
 
 FORMAT = "disback-trajectory"
-VERSION = 2  # written; 2 adds content-named files, node_count and digest
-READ_VERSIONS = (1, 2)
+VERSION = 3  # the newest written; 2 adds content-named files, node_count and digest; 3 adds call
+READ_VERSIONS = (1, 2, 3)
 KINDS = ("lora", "full")
 FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MANIFEST = "manifest.json"
@@ -53,7 +61,9 @@ _V1_KEYS = {"format", "version", "kind", "base_fingerprint", "lora", "nodes", "p
 _KEYS = {  # version -> (required, optional) top-level manifest fields
     1: (_V1_KEYS, {"library", "base_fingerprints"}),
     2: (_V1_KEYS | {"library", "base_fingerprints", "node_count", "digest"}, set()),
+    3: (_V1_KEYS | {"library", "base_fingerprints", "node_count", "digest", "call"}, set()),
 }
+_CALL_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # = trajectory.CALL_NAME
 _LORA_KEYS = {"rank", "alpha", "use_rslora", "target_modules"}
 _ENTRY_KEYS = {"index", "step", "file", "sha256"}
 _PROBE_KEYS = {"file", "sha256"}
@@ -102,6 +112,20 @@ def _check_savable(steps: Sequence[Any], meta: Any) -> None:
         parse_json(text, "meta", "trajectory meta")
     except StorageError as e:
         raise ValueError(f"trajectory meta cannot be saved: {e}") from e
+
+
+def _check_call_savable(call_name: str, probe: Probe | None) -> None:
+    """Refuse, before writing, a probe a reader would refuse: integer sigmas under ``"denoiser"``."""
+    if probe is None or call_name != "denoiser":
+        return
+    sigma = probe.sigma
+    if not sigma.is_floating_point():
+        raise ValueError(
+            f"the probe's sigma has dtype {sigma.dtype}: a D(x, sigma, cond) denoiser (call 'denoiser') takes "
+            "real noise levels, and a saved integer sigma would not load; record the raw model with its own "
+            "call convention (call='diffusers-unet', 'flow-transformer' or a registered name), or pass the "
+            "timesteps as floats (t.float())"
+        )
 
 
 def _write_node(folder: Path, k: int, state: Mapping[str, Tensor], step: int) -> dict[str, Any]:
@@ -173,6 +197,11 @@ def read_manifest(where: Path) -> dict[str, Any]:
         _check_file_entry(man["probe"], _PROBE_KEYS, where, "the probe entry", _probe_name(man["probe"], version))
     if not isinstance(man["meta"], dict):
         raise StorageError(f"{where}: meta must be a JSON object, got {type(man['meta']).__name__}")
+    if version >= 3 and not (isinstance(man["call"], str) and _CALL_NAME.fullmatch(man["call"])):
+        raise StorageError(
+            f"{where}: call must be a call convention name (1-64 characters of a-z, 0-9, '_', '.', '-'), "
+            f"got {_short(man['call'])}"
+        )
     if version >= 2:
         if not is_sha256(man["digest"]):
             raise StorageError(f"{where}: digest must be 64 hex digits, got {_short(man['digest'])}")
@@ -377,9 +406,14 @@ def _load_node(
     return state
 
 
-def _load_probe(folder: Path, e: Mapping[str, Any], n_nodes: int) -> Probe:
+def _is_integer(t: Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+def _load_probe(folder: Path, e: Mapping[str, Any], n_nodes: int, integer_sigma: bool = False) -> Probe:
     """The probe's tensors, checked: sha256, header, exactly x, sigma, [cond], out.0..out.N, float
-    inputs and outputs, one output shape with x's batch size."""
+    inputs and outputs, one output shape with x's batch size. ``integer_sigma``: the sigma may also
+    be an integer tensor (a raw model's timesteps, under a call convention other than ``"denoiser"``)."""
     path = _member(folder, e["file"])
     t = load_tensors(path, sha256=e["sha256"])
     outs = [f"out.{k}" for k in range(n_nodes + 1)]
@@ -393,8 +427,13 @@ def _load_probe(folder: Path, e: Mapping[str, Any], n_nodes: int) -> Probe:
             f"{sorted(expected - set(t))[:3]}, unexpected {[u[:80] for u in sorted(set(t) - expected)[:3]]}"
         )
     for k in ["x", "sigma", *outs]:
+        if k == "sigma" and integer_sigma and _is_integer(t[k]):
+            continue
         if not t[k].is_floating_point():
-            raise StorageError(f"{path}: probe tensor {k} has dtype {t[k].dtype}, expected a floating dtype")
+            raise StorageError(
+                f"{path}: probe tensor {k} has dtype {t[k].dtype}, expected a floating dtype"
+                + (" (integer timesteps only under a raw-model call convention)" if k == "sigma" else "")
+            )
     x = t["x"]
     for k in ["sigma", *conds, *outs]:
         v = t.get(k)

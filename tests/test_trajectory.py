@@ -375,3 +375,163 @@ def test_bad_arguments_are_named():
         FixedInterval.from_share(100, 5, 1.5)
     with pytest.raises(ValueError, match="target_modules .*does_not_exist.* match no layer"):
         inject_lora(copy.deepcopy(t), LoraSpec(rank=2, target_modules=("does_not_exist",)))
+
+
+# ----------------------------------------------------------------------------- call conventions (manifest "call")
+
+
+def _unet_recorded(call, call_name=None, int_timesteps=True, steps=4, nodes=2):
+    """A raw diffusers UNet recorded as examples/wrap_diffusers_lora.py does: the user's eps loss inline,
+    the probe in the UNet's own units (integer diffusers timesteps)."""
+    from conftest import tiny_unet2d_condition
+    from diffusers import DDPMScheduler
+
+    from disback_core import DegradationRecorder
+
+    torch.manual_seed(0)
+    unet = tiny_unet2d_condition().requires_grad_(False)
+    sched = DDPMScheduler()
+    fake = copy.deepcopy(unet).requires_grad_(True)
+    rec = DegradationRecorder(unet, fake, steps=steps, nodes=nodes, lr=1e-2, lora=LoraSpec(rank=2), call=call,
+                              call_name=call_name)
+    for _ in range(steps):
+        ehs = torch.randn(4, 5, 12)
+        x0 = torch.randn(4, 2, 8, 8)
+        noise, t = torch.randn_like(x0), torch.randint(0, 1000, (4,))
+        noisy = sched.add_noise(x0, noise, t)
+        loss = torch.nn.functional.mse_loss(rec.module(noisy, t, encoder_hidden_states=ehs).sample, noise)
+        rec.update(loss, probe=(noisy, t if int_timesteps else t.float(), ehs))
+    return unet, rec.trajectory()
+
+
+def unet_call(m, x, t, c):
+    """The example's own probe call (a function the library does not know)."""
+    return m(x, t, encoder_hidden_states=c).sample
+
+
+def test_integer_unet_timesteps_in_the_probe_save_and_load(tmp_path):
+    """Before: an int64 probe sigma saved and never loaded ("expected a floating dtype"). Now it is kept
+    exactly under a raw-model convention, and refused before writing under "denoiser"."""
+    unet, traj = _unet_recorded("diffusers-unet")
+    assert traj.call_name == "diffusers-unet" and traj.probe.sigma.dtype == torch.int64
+    errs = traj.verify()
+    assert errs[0] == 0.0 and max(errs) < 1e-5
+    assert not torch.allclose(traj.probe.outputs[-1], traj.probe.outputs[0])  # the nodes are told apart
+    traj.save(tmp_path / "p")
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert m["version"] == 3 and m["call"] == "diffusers-unet"
+    back = Trajectory.load(tmp_path / "p", unet)
+    assert back.call_name == "diffusers-unet" and back.probe.sigma.dtype == torch.int64
+    assert torch.equal(back.probe.sigma, traj.probe.sigma)
+    assert back.verify() == errs  # the same inputs, bit for bit: the same errors
+    # the example's own unnamed function: saved as "custom", loaded, verified only with the function again
+    unet, custom = _unet_recorded(unet_call)
+    assert custom.call_name == "custom"
+    custom.save(tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["call"] == "custom"
+    loaded = Trajectory.load(tmp_path / "c", unet)
+    with pytest.raises(ValueError, match=r"recorded with a 'custom' call .*verify\(call=fn\)"):
+        loaded.verify()
+    assert max(loaded.verify(call=unet_call)) < 1e-5
+    assert max(Trajectory.load(tmp_path / "c", unet, call=unet_call).verify()) < 1e-5
+    # "denoiser" with integer timesteps would save a folder that never loads: refused before writing
+    unet, plain = _unet_recorded("denoiser")  # (m(x, t, c) runs a UNet2DConditionModel positionally)
+    with pytest.raises(ValueError, match=r"sigma has dtype torch.int64.*call='diffusers-unet'"):
+        plain.save(tmp_path / "d")
+    assert not (tmp_path / "d" / "manifest.json").exists()
+    # floats (the same integer values) save under any convention
+    unet, floats = _unet_recorded("denoiser", int_timesteps=False)
+    floats.save(tmp_path / "f")
+    assert max(Trajectory.load(tmp_path / "f", unet).verify()) < 1e-5
+
+
+def test_a_named_function_travels_by_name_and_an_unknown_name_is_refused(tmp_path):
+    from disback_core import DegradationRecorder
+    from disback_core.trajectory import _CALLS, call_conventions, register_call
+
+    def my_call(m, x, t, c):
+        return m(x, t, encoder_hidden_states=c).sample
+
+    try:
+        unet, traj = _unet_recorded(my_call, call_name="my-unet")  # registered to my_call in this process
+        assert traj.call_name == "my-unet" and call_conventions()["my-unet"] is my_call
+        traj.save(tmp_path / "p")
+        assert max(Trajectory.load(tmp_path / "p", unet).verify()) < 1e-5
+        with pytest.raises(ValueError, match="already registered to another function"):
+            _unet_recorded(unet_call, call_name="my-unet")
+        del _CALLS["my-unet"]  # a process that did not register it
+        with pytest.raises(StorageError, match=r"call convention 'my-unet'.*not registered.*register_call\('my-unet'"):
+            Trajectory.load(tmp_path / "p", unet)
+        assert max(Trajectory.load(tmp_path / "p", unet, call=my_call).verify()) < 1e-5
+        register_call("my-unet", my_call)
+        assert Trajectory.load(tmp_path / "p", unet).call_fn is my_call
+    finally:
+        _CALLS.pop("my-unet", None)
+    with pytest.raises(ValueError, match="built-in call convention"):
+        register_call("denoiser", unet_call)
+    with pytest.raises(ValueError, match="built-in call convention"):
+        register_call("custom", unet_call)
+    with pytest.raises(ValueError, match="call convention name must be"):
+        register_call("My Call!", unet_call)
+    with pytest.raises(ValueError, match=r"unknown call convention 'nope'.*register_call\('nope'"):
+        DegradationRecorder(_teacher(), interval=2, call="nope")
+
+
+def test_old_manifests_without_the_call_field_load_as_denoiser(tmp_path):
+    t = _teacher()
+    traj = _record(t)
+    traj.save(tmp_path / "v2")
+    m = json.loads((tmp_path / "v2" / "manifest.json").read_text())
+    assert m["version"] == 2 and "call" not in m  # the default convention writes the format-2 manifest unchanged
+    back = Trajectory.load(tmp_path / "v2", t)
+    assert back.call_name == "denoiser" and max(back.verify()) < 1e-5
+    # a format-3 manifest needs the field; format 2 may not hold it
+    bad = {**m, "version": 3}
+    bad["digest"] = manifest_digest(bad)
+    (tmp_path / "v2" / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(StorageError, match=r"missing fields \['call'\]"):
+        Trajectory.load(tmp_path / "v2", t)
+    for value, match in (("denoiser", None), ("Not A Name", "call must be a call convention name"),
+                         (5, "call must be a call convention name"), ("x" * 65, "call must be")):
+        bad = {**m, "version": 3, "call": value}
+        bad["digest"] = manifest_digest(bad)
+        (tmp_path / "v2" / "manifest.json").write_text(json.dumps(bad))
+        if match is None:
+            assert Trajectory.load(tmp_path / "v2", t).call_name == "denoiser"
+        else:
+            with pytest.raises(StorageError, match=match):
+                Trajectory.load(tmp_path / "v2", t)
+    extra = {**m, "call": "flow-transformer"}
+    extra["digest"] = manifest_digest(extra)
+    (tmp_path / "v2" / "manifest.json").write_text(json.dumps(extra))
+    with pytest.raises(StorageError, match=r"unknown fields \['call'\]"):
+        Trajectory.load(tmp_path / "v2", t)
+    # an edited name without the digest rewritten is caught by the digest
+    traj.call_name, traj.call_fn = "diffusers-unet", None
+    traj.save(tmp_path / "v3")
+    text = (tmp_path / "v3" / "manifest.json").read_text()
+    (tmp_path / "v3" / "manifest.json").write_text(text.replace('"diffusers-unet"', '"flow-transformer"'))
+    with pytest.raises(StorageError, match="fails its digest check"):
+        Trajectory.load(tmp_path / "v3", t)
+
+
+def test_raw_unet_probe_inputs_and_convention_are_the_diffusers_calls():
+    from conftest import tiny_unet2d, tiny_unet2d_condition
+    from diffusers import DDPMScheduler
+
+    from disback_core.recording import probe_inputs_raw
+    from disback_core.trajectory import call_diffusers_unet
+
+    sched = DDPMScheduler()
+    unet, x0, ehs = tiny_unet2d_condition(), torch.randn(5, 2, 8, 8), torch.randn(5, 4, 12)
+    x, t, cond = probe_inputs_raw(unet, x0, ehs, sched, seed=7)
+    idx = torch.tensor([50, 275, 500, 724, 949])  # round(f * 999) for f = 0.05, 0.275, 0.5, 0.725, 0.95
+    assert t.dtype == torch.float32 and torch.equal(t, idx.float()) and cond is ehs
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(x, sched.add_noise(x0, eps, idx), rtol=0, atol=1e-6)  # add_noise's closed form
+    with torch.no_grad():
+        assert torch.equal(call_diffusers_unet(unet, x, t, ehs), unet(x, t, encoder_hidden_states=ehs).sample)
+        labelled, labels = tiny_unet2d(num_class_embeds=3), torch.tensor([0, 1, 2, 0, 1])
+        assert torch.equal(call_diffusers_unet(labelled, x, t, labels), labelled(x, t, class_labels=labels).sample)
+    with pytest.raises(ValueError, match="DDPM-family scheduler"):
+        probe_inputs_raw(unet, x0, ehs, None)
