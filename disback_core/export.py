@@ -4,7 +4,7 @@
 made by this library, or a raw diffusers UNet trained DMD2-style at a fixed timestep) or a K-step
 student (:class:`~disback_core.fewstep.MultiStepGenerator`) as a folder.
 For a diffusers model the folder is a ``save_pretrained`` folder (``UNet2DConditionModel.from_pretrained(folder)``
-loads it) with two files of ours beside the model's own::
+loads it) with two files of ours beside the model's own (a flow transformer's: the note alone, see below)::
 
     config.json                           the model's diffusers config (ConfigMixin.to_json_string)
     diffusion_pytorch_model.safetensors   the weights, every LoRA merged in (lora.merged_state_dict)
@@ -22,13 +22,42 @@ A student that starts from pure noise (``sigma_init = inf``, a flow-matching den
 ``from_noise``) has no finite first sigma, and JSON has no inf: its note says so explicitly,
 ``"start": "pure_noise"`` with ``"sigma_init": null``, ``"sigmas": [null, s_1, ...]`` and
 ``"noise_scale": 1.0`` (unused there). The field ``start`` is absent from every other note (a
-finite start, as in notes written before it existed). Such an export is always a ``module`` export
-(a diffusers pipeline has no timestep for it), and loading it needs a ``model=`` with a callable
-``from_noise``; anything else is refused.
+finite start, as in notes written before it existed). Such an export is a ``diffusers-flow``
+export (below) or a ``module`` export, whose loading needs a ``model=`` with a callable
+``from_noise``; a DDPM-family (UNet) diffusers folder has no timestep for it and is refused.
+
+A generator over a :class:`~disback_core.flow.FlowMatchDenoiser` of a diffusers flow transformer
+(``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``SanaTransformer2DModel``,
+``WanTransformer3DModel``): one-step at ``t = 1`` or ``t < 1``, or a K-step student, is a
+``save_pretrained`` folder of the transformer (``config.json``, ``diffusion_pytorch_model.safetensors``,
+no schedule file: a flow model has none) with ``"kind": "diffusers-flow"`` and a ``flow`` field::
+
+    t             flow times t_i = sigma_i / (1 + sigma_i), 1.0 for a pure-noise start: the
+                  pipeline's ``sigmas=`` (already shifted: the scheduler must not shift them again)
+    timesteps     the scheduler's timesteps, 1000 t_i
+    latent_scale  what the pipeline's ``latents`` are: latent_scale * z (noise_scale / (1 + sigma_0);
+                  1 for a pure-noise start and for flow_generator's t < 1)
+    scheduler     {"class": "FlowMatchEulerDiscreteScheduler", "shift": 1.0, "use_dynamic_shifting": false}:
+                  diffusers' set_timesteps shifts custom sigmas by the scheduler's own shift, so the
+                  pipeline must sample with shift 1 and the t list above
+    shift, dynamic_shift, time_scale, cond_kwarg, guidance
+                  the FlowMatchDenoiser's settings (the shift of the training schedule, FLUX's
+                  resolution-dependent shift, the model's timestep per unit t, where a tensor cond
+                  goes, FLUX's embedded guidance), with which :func:`load_generator` rebuilds it
+
+Sampled with ``FlowMatchEulerDiscreteScheduler(shift=1.0)`` and ``sigmas=t`` (``num_inference_steps=1``
+for ``t = [1.0]``), ``latents=latent_scale * z`` and no CFG, a diffusers pipeline gives the
+generator's ``G(z)`` (one step) or ``sample_fewstep(G, z, noise="deterministic")`` (K steps: Euler on
+a flow is the deterministic DDIM-style update). The denoiser's ``extras`` are call-time arguments,
+not part of the model: a denoiser with extras is refused (pass them in ``cond``).
 
 :func:`load_generator` checks the note, every file's sha256 (streamed, before any tensor is
-allocated), that the weights' keys and shapes fit the config, and returns a
-``OneStepGenerator`` whose outputs equal the exported one's bit for bit.
+allocated), and returns a ``OneStepGenerator`` (or ``MultiStepGenerator``) whose outputs equal the
+exported one's bit for bit. A diffusers folder's model is built first on the meta device (no
+memory); the weights file's header (keys, shapes, dtypes) is checked against it, and only then is
+the model materialised and the weights loaded (``load_state_dict(assign=True)`` into a model built
+with its parameters on the meta device and its buffers real): a config asking for a model the
+weights do not fit is refused without allocating it.
 
 Sampling the exported UNet in a diffusers pipeline: call it at ``diffusers.timestep`` on latents
 ``diffusers.latent_scale * randn`` (``latent_scale = noise_scale / sqrt(1 + sigma_init^2)``; 1 for
@@ -45,6 +74,7 @@ with ``torch.load(weights_only=True)`` only.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -52,7 +82,7 @@ import math
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -61,6 +91,7 @@ from torch import Tensor, nn
 
 from .denoisers import DiffusersDenoiser, OneStepGenerator, timestep_generator
 from .fewstep import MultiStepGenerator, check_sigmas
+from .flow import FLOW_ARCHS, FlowMatchDenoiser
 from .lora import merged_state_dict
 from .storage import (
     StorageError,
@@ -73,8 +104,10 @@ from .storage import (
     parse_json,
     read_bytes,
     read_json,
+    read_tensor_header,
     save_tensors,
     sha256_bytes,
+    sha256_file,
 )
 
 __all__ = ["export_generator", "load_generator", "read_export_note", "load_checkpoint", "NOTE_NAME"]
@@ -88,6 +121,14 @@ CONFIG_NAME = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 SCHEDULE_NAME = "disback_schedule.safetensors"
 MODULE_WEIGHTS = "model.safetensors"
+DIFFUSERS, FLOW, MODULE = "diffusers", "diffusers-flow", "module"  # the kinds of export
+# How a pipeline samples a flow export: diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps shifts
+# custom sigmas by the scheduler's own shift; the note's t list is already shifted, so the shift is 1.
+PIPELINE_SCHEDULER: dict[str, Any] = {
+    "class": "FlowMatchEulerDiscreteScheduler",
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+}
 _PARTIAL, _PREVIOUS = ".partial", ".previous"
 
 
@@ -114,6 +155,36 @@ def _is_diffusers_model(m: Any) -> bool:
     return isinstance(m, ModelMixin)
 
 
+def _is_flow_transformer(m: Any) -> bool:
+    """Whether ``m`` is one of diffusers' flow transformer classes (:data:`~disback_core.flow.FLOW_ARCHS`)
+    itself, the class a ``diffusers-flow`` export is rebuilt as (a subclass is exported as a module)."""
+    name = type(m).__name__
+    if name not in FLOW_ARCHS:
+        return False
+    import diffusers
+
+    return getattr(diffusers, name, None) is type(m)
+
+
+Wrapper = DiffusersDenoiser | FlowMatchDenoiser
+
+
+def _wrapped(d: Any, sampling: dict[str, Any]) -> tuple[nn.Module, dict[str, Any], Wrapper | None]:
+    """(model to save, sampling, wrapper) for a generator's denoiser ``d``: a diffusers folder for a
+    :class:`DiffusersDenoiser` of a diffusers model (a finite start) or a :class:`FlowMatchDenoiser`
+    of a flow transformer (any start), else the denoiser itself as a module."""
+    if isinstance(d, DiffusersDenoiser) and _is_diffusers_model(_unwrap(d.model)):
+        return _unwrap(d.model), _finite_start(sampling, d), d
+    if isinstance(d, FlowMatchDenoiser) and _is_flow_transformer(_unwrap(d.model)):
+        if d.extras:
+            raise ValueError(
+                f"the FlowMatchDenoiser has extras {sorted(d.extras)}: they are call-time arguments, not part of "
+                "the model, and are not exported; build the denoiser without extras (pass them in cond)"
+            )
+        return _unwrap(d.model), sampling, d
+    return d, sampling, None
+
+
 def _describe(
     generator: Any,
     *,
@@ -121,28 +192,21 @@ def _describe(
     scheduler: Any,
     alphas_cumprod: Tensor | None,
     prediction_type: str | None,
-) -> tuple[nn.Module, dict[str, Any], DiffusersDenoiser | None]:
+) -> tuple[nn.Module, dict[str, Any], Wrapper | None]:
     """(model to save, sampling fields of the note, the diffusers wrapper or None)."""
     g = _unwrap(generator)
     if isinstance(g, MultiStepGenerator):  # a K-step student: its sigmas go into the note
         if timestep is not None or scheduler is not None or alphas_cumprod is not None:
             raise ValueError("timestep, scheduler and alphas_cumprod are for a raw diffusers model")
-        d = _unwrap(g.denoiser)
         sampling = {"sigma_init": g.sigmas[0], "noise_scale": g.noise_scale, "sigmas": list(g.sigmas)}
-        if isinstance(d, DiffusersDenoiser) and _is_diffusers_model(_unwrap(d.model)):
-            return _unwrap(d.model), _finite_start(sampling), d
-        return d, sampling, None
+        return _wrapped(_unwrap(g.denoiser), sampling)
     if isinstance(g, OneStepGenerator):
         if timestep is not None or scheduler is not None or alphas_cumprod is not None:
             raise ValueError(
                 "timestep, scheduler and alphas_cumprod are for a raw diffusers model; "
                 "a OneStepGenerator already carries its sigma_init and schedule"
             )
-        d = _unwrap(g.denoiser)
-        sampling = {"sigma_init": g.sigma_init, "noise_scale": g.noise_scale}
-        if isinstance(d, DiffusersDenoiser) and _is_diffusers_model(_unwrap(d.model)):
-            return _unwrap(d.model), _finite_start(sampling), d
-        return d, sampling, None
+        return _wrapped(_unwrap(g.denoiser), {"sigma_init": g.sigma_init, "noise_scale": g.noise_scale})
     if _is_diffusers_model(g):
         if timestep is None:
             raise ValueError(
@@ -154,12 +218,13 @@ def _describe(
     raise TypeError(f"generator must be a OneStepGenerator or a diffusers model, got {type(generator).__name__}")
 
 
-def _finite_start(sampling: dict[str, Any]) -> dict[str, Any]:
-    """A diffusers export needs a finite first sigma (its timestep): refuse a pure-noise start."""
+def _finite_start(sampling: dict[str, Any], d: nn.Module) -> dict[str, Any]:
+    """A DDPM-family diffusers export needs a finite first sigma (its timestep): refuse a pure-noise start."""
     if sampling["sigma_init"] == math.inf:
         raise ValueError(
-            "a generator that starts from pure noise (sigma_init = inf) has no diffusers timestep for its "
-            "first step; it cannot be exported as a diffusers folder"
+            f"a generator over a {type(d).__name__} that starts from pure noise (sigma_init = inf) has no "
+            "timestep of its DDPM schedule for its first step; it cannot be exported as a diffusers folder "
+            "(a FlowMatchDenoiser of a flow transformer can: a 'diffusers-flow' export starts at t = 1)"
         )
     return sampling
 
@@ -174,6 +239,33 @@ def _sampling_note(sampling: Mapping[str, Any]) -> dict[str, Any]:
     if sampling["sigma_init"] != math.inf:
         return {"sigma_init": sampling["sigma_init"], "noise_scale": sampling["noise_scale"], "sigmas": sigmas}
     return {"start": PURE_NOISE, "sigma_init": None, "noise_scale": 1.0, "sigmas": [None, *sigmas[1:]]}
+
+
+def _flow_times(sigmas: list[float]) -> list[float]:
+    """Flow times ``t = sigma / (1 + sigma)`` of VE sigmas (``inf``, a pure-noise start, is 1.0)."""
+    return [1.0 if s == math.inf else s / (1.0 + s) for s in sigmas]
+
+
+def _latent_scale(sigma0: float, noise_scale: float) -> float:
+    """What the pipeline's latents are times ``z``: ``x_flow = noise_scale z / (1 + sigma_0)`` (1 at ``inf``)."""
+    return 1.0 if sigma0 == math.inf else noise_scale / (1.0 + sigma0)
+
+
+def _flow_fields(d: FlowMatchDenoiser, note: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``flow`` field of a ``diffusers-flow`` note (see the module docstring)."""
+    sig = _note_sigmas(note)
+    t = _flow_times(sig)
+    return {
+        "t": t,
+        "timesteps": [1000.0 * v for v in t],
+        "latent_scale": _latent_scale(sig[0], note["noise_scale"]),
+        "scheduler": dict(PIPELINE_SCHEDULER),
+        "shift": d.shift,
+        "dynamic_shift": None if d.dynamic_shift is None else dict(d.dynamic_shift),
+        "time_scale": d.time_scale,
+        "cond_kwarg": d.cond_kwarg,
+        "guidance": d.guidance,
+    }
 
 
 # --------------------------------------------------------------------------- export
@@ -280,9 +372,11 @@ def export_generator(
 
     Args:
         generator: a :class:`OneStepGenerator` or a :class:`~disback_core.fewstep.MultiStepGenerator`
-            (over a :class:`DiffusersDenoiser` for a diffusers folder, or any denoiser; its
-            ``noise_scale`` and sigmas go into the note, a pure-noise start as described in the
-            module docstring), or a raw diffusers model trained at a fixed ``timestep``.
+            (over a :class:`DiffusersDenoiser` for a diffusers folder, a
+            :class:`~disback_core.flow.FlowMatchDenoiser` of SD3/FLUX/SANA/Wan for a
+            ``diffusers-flow`` folder, or any denoiser; its ``noise_scale`` and sigmas go into the
+            note, a pure-noise start as described in the module docstring), or a raw diffusers
+            model trained at a fixed ``timestep``.
         timestep, scheduler, alphas_cumprod, prediction_type: for a raw diffusers model only: the
             timestep it generates at and its DDPM schedule (as :class:`DiffusersDenoiser` takes them).
         dtype: cast floating weights to this dtype (e.g. ``torch.float16`` for a release).
@@ -321,6 +415,12 @@ def export_generator(
         **_sampling_note(sampling),
         "metadata": meta,
     }
+    if isinstance(wrapper, FlowMatchDenoiser):  # checked as the loader checks it, before anything is written
+        note["kind"], note["flow"] = FLOW, _flow_fields(wrapper, note)
+        try:
+            _check_flow(note, Path(folder) / NOTE_NAME)
+        except StorageError as e:
+            raise ValueError(f"cannot export this flow generator: {e}") from None
     files: dict[str, dict[str, Any]] = {}
     folder.parent.mkdir(parents=True, exist_ok=True)
     new = folder.parent / f".{folder.name}.{secrets.token_hex(8)}{_PARTIAL}"
@@ -330,8 +430,12 @@ def export_generator(
             config = model.to_json_string().encode()  # type: ignore[operator]
             atomic_write_bytes(new / CONFIG_NAME, config, sync_dir=False)
             files[CONFIG_NAME] = _file_entry(sha256_bytes(config), len(config))
+        if isinstance(wrapper, FlowMatchDenoiser):
+            sha = save_tensors(new / DIFFUSERS_WEIGHTS, state, {"format": "pt"}, sync_dir=False)
+            files[DIFFUSERS_WEIGHTS] = _file_entry(sha, (new / DIFFUSERS_WEIGHTS).stat().st_size)
+        elif wrapper is not None:
             ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
-            note["kind"] = "diffusers"
+            note["kind"] = DIFFUSERS
             note["diffusers"] = {
                 "timestep": ts[0],
                 "timesteps": ts,
@@ -348,7 +452,7 @@ def export_generator(
                 sha = save_tensors(new / name, tensors, md, sync_dir=False)
                 files[name] = _file_entry(sha, (new / name).stat().st_size)
         else:
-            note["kind"] = "module"
+            note["kind"] = MODULE
             sha = save_tensors(new / MODULE_WEIGHTS, state, {"format": "pt"}, sync_dir=False)
             files[MODULE_WEIGHTS] = _file_entry(sha, (new / MODULE_WEIGHTS).stat().st_size)
         note["files"] = files
@@ -414,6 +518,23 @@ _NOTE_KEYS = {
     "digest",
 }
 _DIFFUSERS_KEYS = {"timestep", "timesteps", "latent_scale", "prediction_type", "timestep_mode", "clamp", "cond_kwarg"}
+_FLOW_KEYS = {
+    "t",
+    "timesteps",
+    "latent_scale",
+    "scheduler",
+    "shift",
+    "dynamic_shift",
+    "time_scale",
+    "cond_kwarg",
+    "guidance",
+}
+_DYNAMIC_SHIFT_KEYS = {"base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"}
+_FILES = {
+    DIFFUSERS: {CONFIG_NAME, DIFFUSERS_WEIGHTS, SCHEDULE_NAME},
+    FLOW: {CONFIG_NAME, DIFFUSERS_WEIGHTS},
+    MODULE: {MODULE_WEIGHTS},
+}
 
 
 def _positive(note: Mapping[str, Any], key: str, path: Path) -> float:
@@ -438,9 +559,9 @@ def _check_start(note: Mapping[str, Any], path: Path) -> None:
             raise StorageError(
                 f"export note {path}: a pure-noise start has noise_scale 1.0, got {note['noise_scale']!r}"
             )
-        if note["kind"] != "module":
+        if note["kind"] not in (MODULE, FLOW):
             raise StorageError(
-                f"export note {path}: a pure-noise start is a 'module' export, got kind {note['kind']!r}"
+                f"export note {path}: a pure-noise start is a {MODULE!r} or {FLOW!r} export, got kind {note['kind']!r}"
             )
         if not isinstance(sig, list) or not sig or sig[0] is not None:
             raise StorageError(f"export note {path}: a pure-noise start's sigmas must be a list starting with null")
@@ -457,6 +578,68 @@ def _check_start(note: Mapping[str, Any], path: Path) -> None:
         check_sigmas(_note_sigmas(note), "sigmas", allow_inf_first=pure)  # finite, > 0, strictly decreasing
     except (TypeError, ValueError) as e:
         raise StorageError(f"export note {path}: {e}") from None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _numbers_match(got: Any, want: list[float]) -> bool:
+    """``got`` is a list of finite numbers equal to ``want`` (computed from the sigmas) to 1e-9."""
+    return (
+        isinstance(got, list)
+        and len(got) == len(want)
+        and all(_is_number(a) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(got, want))
+    )
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON, types included (``1`` is not ``1.0``, ``0`` is not ``false``)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _check_flow(note: Mapping[str, Any], path: Path) -> None:
+    """The ``flow`` field of a ``diffusers-flow`` note: every field's type and range, and the pipeline
+    facts (t, timesteps, latent_scale) consistent with the note's sigmas and noise_scale."""
+    f = note.get("flow")
+    if not isinstance(f, dict) or set(f) != _FLOW_KEYS:
+        raise StorageError(f"export note {path}: flow must hold exactly {sorted(_FLOW_KEYS)}")
+    sig = _note_sigmas(note)
+    t = _flow_times(sig)
+    if not _numbers_match(f["t"], t):
+        raise StorageError(f"export note {path}: flow.t must be the sigmas' flow times sigma / (1 + sigma), {t}")
+    if not _numbers_match(f["timesteps"], [1000.0 * v for v in t]):
+        raise StorageError(f"export note {path}: flow.timesteps must be 1000 * flow.t")
+    if not _numbers_match([f["latent_scale"]], [_latent_scale(sig[0], note["noise_scale"])]):
+        raise StorageError(
+            f"export note {path}: flow.latent_scale {f['latent_scale']!r} is not noise_scale / (1 + sigma_init)"
+        )
+    if not _same_json(f["scheduler"], PIPELINE_SCHEDULER):
+        raise StorageError(f"export note {path}: flow.scheduler must be {json.dumps(PIPELINE_SCHEDULER)}")
+    for key in ("shift", "time_scale"):
+        if not _is_number(f[key]) or f[key] <= 0:
+            raise StorageError(f"export note {path}: flow.{key} must be a finite number > 0, got {f[key]!r}")
+    if not isinstance(f["cond_kwarg"], str) or not f["cond_kwarg"].isidentifier():
+        raise StorageError(f"export note {path}: flow.cond_kwarg {f['cond_kwarg']!r} is not a keyword name")
+    if f["guidance"] is not None and not _is_number(f["guidance"]):
+        raise StorageError(f"export note {path}: flow.guidance must be null or a finite number, got {f['guidance']!r}")
+    ds = f["dynamic_shift"]
+    if ds is None:
+        return
+    if not isinstance(ds, dict) or not set(ds) <= _DYNAMIC_SHIFT_KEYS:
+        raise StorageError(
+            f"export note {path}: flow.dynamic_shift must be null or an object of {sorted(_DYNAMIC_SHIFT_KEYS)}"
+        )
+    bad = [k for k in ("base_shift", "max_shift") if k in ds and not _is_number(ds[k])]
+    bad += [k for k in ("base_image_seq_len", "max_image_seq_len") if k in ds and not (_is_number(ds[k]) and ds[k] > 0)]
+    if ds.get("time_shift_type", "exponential") not in ("exponential", "linear"):
+        bad.append("time_shift_type")
+    if bad:
+        raise StorageError(f"export note {path}: flow.dynamic_shift has bad values for {bad}")
+    if ds.get("base_image_seq_len", 256) == ds.get("max_image_seq_len", 4096):
+        raise StorageError(f"export note {path}: flow.dynamic_shift's base and max image_seq_len are equal")
+    if f["shift"] != 1.0:
+        raise StorageError(f"export note {path}: flow.shift is unused with a dynamic shift and must be 1.0")
 
 
 def _note_sigmas(note: Mapping[str, Any]) -> list[float]:
@@ -495,20 +678,21 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
         raise StorageError(f"export note {path}: not a {FORMAT} note")
     if note.get("version") != VERSION or isinstance(note.get("version"), bool):
         raise StorageError(f"export note {path}: version {note.get('version')!r} is not {VERSION}")
-    if set(note) - {"diffusers", "start"} != _NOTE_KEYS:
+    if set(note) - {"diffusers", "flow", "start"} != _NOTE_KEYS:
         raise StorageError(f"export note {path}: fields {sorted(set(note))} are not {sorted(_NOTE_KEYS)}")
     if note["digest"] != body_digest(note):
         raise StorageError(f"export note {path}: its digest does not match its fields: it was edited")
     kind = note["kind"]
-    expected = (
-        {"diffusers": {CONFIG_NAME, DIFFUSERS_WEIGHTS, SCHEDULE_NAME}, "module": {MODULE_WEIGHTS}}.get(kind)
-        if isinstance(kind, str)
-        else None
-    )
+    expected = _FILES.get(kind) if isinstance(kind, str) else None
     if expected is None:
-        raise StorageError(f"export note {path}: kind {kind!r} is not 'diffusers' or 'module'")
+        raise StorageError(f"export note {path}: kind {kind!r} is not one of {sorted(_FILES)}")
     if not isinstance(note["class"], str) or not note["class"].isidentifier():
         raise StorageError(f"export note {path}: class {note['class']!r} is not a class name")
+    if kind == FLOW and note["class"] not in FLOW_ARCHS:
+        raise StorageError(
+            f"export note {path}: class {note['class']!r} is not a flow transformer class; a {FLOW!r} export "
+            f"holds one of {', '.join(FLOW_ARCHS)}"
+        )
     _check_start(note, path)
     if not isinstance(note["metadata"], dict):
         raise StorageError(f"export note {path}: metadata must be an object")
@@ -525,7 +709,12 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
             or entry["bytes"] < 0
         ):
             raise StorageError(f"export note {path}: files[{name!r}] must be {{sha256: 64 hex, bytes: int >= 0}}")
-    if kind == "diffusers":
+    for field, its_kind in (("diffusers", DIFFUSERS), ("flow", FLOW)):
+        if field in note and kind != its_kind:
+            raise StorageError(f"export note {path}: a {kind!r} export has no {field} field")
+    if kind == FLOW:
+        _check_flow(note, path)
+    if kind == DIFFUSERS:
         d = note.get("diffusers")
         if not isinstance(d, dict) or set(d) != _DIFFUSERS_KEYS:
             raise StorageError(f"export note {path}: diffusers must hold exactly {sorted(_DIFFUSERS_KEYS)}")
@@ -536,8 +725,6 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
             or not isinstance(d["prediction_type"], str)
         ):
             raise StorageError(f"export note {path}: diffusers fields have wrong types or values")
-    elif "diffusers" in note:
-        raise StorageError(f"export note {path}: a 'module' export has no diffusers field")
     return root, note
 
 
@@ -552,6 +739,116 @@ def _sized(root: Path, note: Mapping[str, Any], name: str) -> tuple[Path, str, i
             "it was truncated, extended or replaced"
         )
     return path, entry["sha256"], entry["bytes"]
+
+
+# Buffers a model computes when it is built (rotary frequencies: Wan's rope.freqs_cos/sin) are not in
+# its weights file: they are made for real when the model is materialised. A config that asks for more
+# of them than this (or than the weights file holds, if that is more) is refused before they are made.
+MAX_UNSAVED_BUFFER_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with every parameter on the meta device and every buffer real (what
+    ``accelerate.init_empty_weights()`` does): a parameter is moved to meta as it is registered, so
+    its initialisation runs on meta, and ``load_state_dict(..., assign=True)`` then puts the loaded
+    tensors in. Buffers computed in ``__init__`` and not saved (non-persistent) stay correct.
+    Patches ``nn.Module.register_parameter`` while it is active (do not build modules in another
+    thread meanwhile)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        p = module._parameters[name]
+        if p is not None and not p.is_meta:
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _build(cls: Any, config: Mapping[str, Any], cfg_path: Path, *, everything_on_meta: bool) -> nn.Module:
+    """``cls.from_config(config)`` without allocating its parameters: all of it on the meta device
+    (``everything_on_meta``; buffers too), or its parameters only (:func:`_parameters_on_meta`)."""
+    try:
+        with torch.device("meta") if everything_on_meta else _parameters_on_meta():
+            return cast(nn.Module, cls.from_config(config))
+    except Exception as e:  # diffusers' own checks of a config (group counts, block types, ...)
+        raise StorageError(
+            f"model config {cfg_path}: {cls.__name__} cannot be built from it: {type(e).__name__}: {str(e)[:300]}"
+        ) from None
+
+
+def _build_and_load(cls: Any, config: Mapping[str, Any], cfg_path: Path, path: Path, sha: str, size: int) -> nn.Module:
+    """The diffusers model of ``config`` with the weights of ``path``, checked before it is allocated.
+
+    1. The model is built on the meta device (no memory; if a class cannot be built there, with its
+       parameters alone on meta); 2. the weights file's header (read without its data) must give
+       exactly its keys and shapes, floating where the model's are, and the buffers the model makes
+       but does not save must be small; 3. only then are the weights read (sha256 checked first),
+       the model built with its parameters on meta and the loaded tensors assigned to it.
+    A file that fails a check of step 2 is refused for its sha256 first if it was modified.
+    """
+    if path.is_symlink():
+        raise StorageError(f"weights {path} are a symlink; only regular files are read")
+    try:
+        meta = _build(cls, config, cfg_path, everything_on_meta=True)
+    except StorageError:
+        meta = _build(cls, config, cfg_path, everything_on_meta=False)  # a class that cannot be built on meta
+    try:
+        infos, _ = read_tensor_header(path)
+        header = {k: torch.empty(i.shape, dtype=i.torch_dtype, device="meta") for k, i in infos.items()}
+        _check_template(meta, header, str(path))
+        target = _load_dtype(meta, header, path)
+        saved = set(meta.state_dict())
+        unsaved = sum(b.numel() * b.element_size() for n, b in meta.named_buffers() if n not in saved)
+        if unsaved > max(size, MAX_UNSAVED_BUFFER_BYTES):
+            raise StorageError(
+                f"model config {cfg_path}: {cls.__name__} would compute {unsaved} bytes of buffers that are not "
+                f"in the weights {path} ({size} bytes): refused"
+            )
+    except StorageError:
+        if sha256_file(path) != sha:  # a modified file: say so rather than what its header lacks
+            raise StorageError(f"weights {path} fail their sha256 check: the file was modified") from None
+        raise
+    del meta, header
+    state = load_tensors(path, sha256=sha, max_bytes=size)
+    if {k: (i.torch_dtype, i.shape) for k, i in infos.items()} != {
+        k: (v.dtype, tuple(v.shape)) for k, v in state.items()
+    }:
+        raise StorageError(f"weights {path} changed while they were read")
+    net = _build(cls, config, cfg_path, everything_on_meta=False)
+    try:
+        net.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # checked above; never a bare RuntimeError from a file
+        raise StorageError(f"weights {path} do not load into {cls.__name__}: {str(e)[:300]}") from None
+    if target is not None:
+        net.to(target)
+    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+        raise StorageError(f"weights {path} leave tensors of {cls.__name__} unset")
+    return net
+
+
+def _load_dtype(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> torch.dtype | None:
+    """The dtype the model is cast to for ``state`` (a file in one floating dtype other than the
+    model's: run it as exported, e.g. fp16), or None; mixed dtypes the model would not have are refused."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    current = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    target = next(iter(dtypes)) if len(dtypes) == 1 and current != dtypes else None
+    now = {
+        k: target if target is not None and v.is_floating_point() else v.dtype for k, v in model.state_dict().items()
+    }
+    cast_ = sorted(k for k, v in state.items() if v.dtype != now[k])
+    if cast_:  # mixed precisions in the file that the model does not have: never cast silently
+        k = cast_[0]
+        raise StorageError(
+            f"weights {path}: {len(cast_)} tensors differ in dtype from the model after loading "
+            f"(e.g. {k}: {state[k].dtype} vs {now[k]})"
+        )
+    return target
 
 
 def _load_weights(model: nn.Module, path: Path, sha: str, size: int) -> None:
@@ -582,12 +879,15 @@ def load_generator(
     callable ``from_noise``.
 
     A diffusers export builds its model from ``config.json`` (the class must be a diffusers model
-    class); a ``module`` export needs ``model=``, a module of the exported architecture, into which
-    the weights are loaded. Every file is verified first (sha256, size, keys and shapes); any
-    problem is a :class:`~disback_core.storage.StorageError` naming the file.
+    class; for a ``diffusers-flow`` export one of the four flow transformers, wrapped in a
+    :class:`~disback_core.flow.FlowMatchDenoiser` with the note's settings), first on the meta device:
+    the weights' keys, shapes and dtypes are checked against it before the model is materialised.
+    A ``module`` export needs ``model=``, a module of the exported architecture, into which the
+    weights are loaded. Every file is verified first (sha256, size, keys and shapes); any problem is
+    a :class:`~disback_core.storage.StorageError` naming the file.
     """
     root, note = _read_note(Path(folder))
-    if note["kind"] == "module":
+    if note["kind"] == MODULE:
         if model is None:
             raise ValueError(
                 f"export {folder} holds a {note['class']} (kind 'module'): pass model=, a module of "
@@ -617,61 +917,11 @@ def load_generator(
             raise StorageError(f"model config {cfg_path}: _class_name is not {note['class']!r}")
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             raise StorageError(f"export note {root / NOTE_NAME}: {note['class']!r} is not a diffusers model class")
-        try:
-            net = cls.from_config(config)
-        except Exception as e:  # diffusers' own checks of a config (group counts, block types, ...)
-            raise StorageError(
-                f"model config {cfg_path}: {note['class']} cannot be built from it: {type(e).__name__}: {str(e)[:300]}"
-            ) from None
-        _load_weights(net, *_sized(root, note, DIFFUSERS_WEIGHTS))
-        sch_path, sch_sha, sch_size = _sized(root, note, SCHEDULE_NAME)
-        sched = load_tensors(sch_path, sha256=sch_sha, max_bytes=sch_size)
-        ls = sched.get("log_sigmas")
-        if set(sched) != {"log_sigmas"} or ls is None or ls.dtype != torch.float64 or ls.ndim != 1 or len(ls) < 2:
-            raise StorageError(f"schedule {sch_path}: must hold one float64 vector 'log_sigmas' of >= 2 values")
-        d = note["diffusers"]
-        try:
-            wrapper = DiffusersDenoiser(
-                net,
-                1.0 / (1.0 + (2 * ls).exp()),
-                d["prediction_type"],
-                timestep=d["timestep_mode"],
-                clamp=d["clamp"],
-                cond_kwarg=d["cond_kwarg"],
-            )
-        except ValueError as e:
-            raise StorageError(f"export {root}: {e}") from None
-        wrapper.log_sigmas.copy_(ls)  # exactly the exported schedule (no exp/log round trip)
-        try:
-            ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
-        except ValueError as e:
-            raise StorageError(f"export note {root / NOTE_NAME}: the sigmas do not fit the schedule: {e}") from None
-        t = ts[0]
-        listed = d["timesteps"]
-        if (
-            not isinstance(listed, list)
-            or len(listed) != len(ts)
-            or not all(
-                isinstance(a, (int, float))
-                and not isinstance(a, bool)
-                and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-                for a, b in zip(listed, ts)
-            )
-        ):
-            raise StorageError(f"export note {root / NOTE_NAME}: diffusers.timesteps do not match the sigmas")
-        scale = note["noise_scale"] / math.sqrt(1.0 + note["sigma_init"] ** 2)
-        for key, want in (("timestep", t), ("latent_scale", scale)):  # what a pipeline user reads must agree
-            got = d[key]
-            if (
-                isinstance(got, bool)
-                or not isinstance(got, (int, float))
-                or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
-            ):
-                raise StorageError(
-                    f"export note {root / NOTE_NAME}: diffusers.{key} is {got!r}, but sigma_init and "
-                    f"noise_scale give {want!r}"
-                )
-        denoiser = wrapper
+        net = _build_and_load(cls, config, cfg_path, *_sized(root, note, DIFFUSERS_WEIGHTS))
+        if note["kind"] == FLOW:
+            denoiser = _flow_denoiser(net, note["flow"], root)
+        else:
+            denoiser = _ddpm_denoiser(net, root, note)
     sigmas = _note_sigmas(note)
     gen: OneStepGenerator | MultiStepGenerator
     try:
@@ -682,6 +932,71 @@ def load_generator(
     except (TypeError, ValueError) as e:  # checked above already; never a bare ValueError from a file
         raise StorageError(f"export note {root / NOTE_NAME}: {e}") from None
     return gen.to(device).eval().requires_grad_(False)
+
+
+def _flow_denoiser(net: nn.Module, f: Mapping[str, Any], root: Path) -> FlowMatchDenoiser:
+    """The FlowMatchDenoiser a ``diffusers-flow`` note describes (its ``flow`` field checked already)."""
+    try:
+        return FlowMatchDenoiser(
+            net,
+            shift=None if f["dynamic_shift"] is not None else f["shift"],
+            dynamic_shift=f["dynamic_shift"],
+            time_scale=f["time_scale"],
+            cond_kwarg=f["cond_kwarg"],
+            guidance=f["guidance"],
+        )
+    except (TypeError, ValueError) as e:  # e.g. a FLUX model with guidance_embeds and no guidance
+        raise StorageError(f"export note {root / NOTE_NAME}: the flow settings do not fit the model: {e}") from None
+
+
+def _ddpm_denoiser(net: nn.Module, root: Path, note: Mapping[str, Any]) -> DiffusersDenoiser:
+    """The DiffusersDenoiser a ``diffusers`` note and its schedule file describe, checked against the note."""
+    sch_path, sch_sha, sch_size = _sized(root, note, SCHEDULE_NAME)
+    sched = load_tensors(sch_path, sha256=sch_sha, max_bytes=sch_size)
+    ls = sched.get("log_sigmas")
+    if set(sched) != {"log_sigmas"} or ls is None or ls.dtype != torch.float64 or ls.ndim != 1 or len(ls) < 2:
+        raise StorageError(f"schedule {sch_path}: must hold one float64 vector 'log_sigmas' of >= 2 values")
+    d = note["diffusers"]
+    try:
+        wrapper = DiffusersDenoiser(
+            net,
+            1.0 / (1.0 + (2 * ls).exp()),
+            d["prediction_type"],
+            timestep=d["timestep_mode"],
+            clamp=d["clamp"],
+            cond_kwarg=d["cond_kwarg"],
+        )
+    except ValueError as e:
+        raise StorageError(f"export {root}: {e}") from None
+    wrapper.log_sigmas.copy_(ls)  # exactly the exported schedule (no exp/log round trip)
+    try:
+        ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
+    except ValueError as e:
+        raise StorageError(f"export note {root / NOTE_NAME}: the sigmas do not fit the schedule: {e}") from None
+    t = ts[0]
+    listed = d["timesteps"]
+    if (
+        not isinstance(listed, list)
+        or len(listed) != len(ts)
+        or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+            for a, b in zip(listed, ts)
+        )
+    ):
+        raise StorageError(f"export note {root / NOTE_NAME}: diffusers.timesteps do not match the sigmas")
+    scale = note["noise_scale"] / math.sqrt(1.0 + note["sigma_init"] ** 2)
+    for key, want in (("timestep", t), ("latent_scale", scale)):  # what a pipeline user reads must agree
+        got = d[key]
+        if (
+            isinstance(got, bool)
+            or not isinstance(got, (int, float))
+            or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
+        ):
+            raise StorageError(
+                f"export note {root / NOTE_NAME}: diffusers.{key} is {got!r}, but sigma_init and "
+                f"noise_scale give {want!r}"
+            )
+    return wrapper
 
 
 # --------------------------------------------------------------------------- released checkpoints

@@ -1,4 +1,5 @@
 """Export of distilled generators, verified loads, released checkpoints, the SDXL inference example."""
+
 import copy
 import hashlib
 import importlib.util
@@ -30,8 +31,12 @@ from disback_core.lora import inject_lora, lora_parameters, merged_state_dict
 from disback_core.storage import body_digest, save_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
-DIFFUSERS_FILES = ["config.json", "diffusion_pytorch_model.safetensors", "disback_generator.json",
-                   "disback_schedule.safetensors"]
+DIFFUSERS_FILES = [
+    "config.json",
+    "diffusion_pytorch_model.safetensors",
+    "disback_generator.json",
+    "disback_schedule.safetensors",
+]
 
 
 def _digests(folder):
@@ -59,7 +64,9 @@ def test_diffusers_export_round_trip_is_bit_exact_and_from_pretrained_loads_it(t
     assert note["kind"] == "diffusers" and note["class"] == "UNet2DConditionModel"
     assert note["sigma_init"] == 14.0 and note["noise_scale"] == 14.0 and note["metadata"]["steps"] == 100
     # the timestep is the schedule's timestep of sigma_init, the latent scale sigma / sqrt(1 + sigma^2)
-    assert float(gen.denoiser.t_to_sigma(torch.tensor([note["diffusers"]["timestep"]], dtype=torch.float64))[0]) == pytest.approx(14.0, rel=1e-9)
+    assert float(
+        gen.denoiser.t_to_sigma(torch.tensor([note["diffusers"]["timestep"]], dtype=torch.float64))[0]
+    ) == pytest.approx(14.0, rel=1e-9)
     assert note["diffusers"]["latent_scale"] == pytest.approx(14.0 / (1 + 14.0**2) ** 0.5, rel=1e-12)
     loaded = load_generator(out)
     with torch.no_grad():
@@ -123,7 +130,9 @@ def test_merged_state_dict_of_the_delta_backend_is_the_parametrized_weight():
     for layer in ("conv0", "affine"):
         d = net.get_submodule(layer).parametrizations.weight[0]
         w = plain[layer + ".weight"]
-        assert torch.equal(merged[layer + ".weight"], (w.float() + 2.0 * (d.lora_B @ d.lora_A).reshape(w.shape)).to(w.dtype))
+        assert torch.equal(
+            merged[layer + ".weight"], (w.float() + 2.0 * (d.lora_B @ d.lora_A).reshape(w.shape)).to(w.dtype)
+        )
     assert torch.equal(merged["conv1.weight"], plain["conv1.weight"])
 
 
@@ -212,21 +221,24 @@ def _edit_note(folder, fn, digest=True):
     p.write_text(json.dumps(note))
 
 
-@pytest.mark.parametrize("case,match", [
-    ("flip-weights", "sha256"),
-    ("truncate-weights", "bytes, the note says"),
-    ("edit-config", "bytes, the note says|sha256"),
-    ("sigma-nan", "sigma_init"),
-    ("edited-keeping-the-digest", "digest"),
-    ("sigma-string", "sigma_init"),
-    ("class-os", "not a diffusers model class|_class_name"),
-    ("extra-file-entry", "files must be exactly"),
-    ("drop-schedule", "files must be exactly"),
-    ("version-2", "version"),
-    ("symlink-weights", "symlink"),
-    ("kind-pickle", "kind"),
-    ("note-missing", "missing"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("flip-weights", "sha256"),
+        ("truncate-weights", "bytes, the note says"),
+        ("edit-config", "bytes, the note says|sha256"),
+        ("sigma-nan", "sigma_init"),
+        ("edited-keeping-the-digest", "digest"),
+        ("sigma-string", "sigma_init"),
+        ("class-os", "not a diffusers model class|_class_name"),
+        ("extra-file-entry", "files must be exactly"),
+        ("drop-schedule", "files must be exactly"),
+        ("version-2", "version"),
+        ("symlink-weights", "symlink"),
+        ("kind-pickle", "kind"),
+        ("note-missing", "missing"),
+    ],
+)
 def test_tampered_exports_are_refused_naming_the_file(tmp_path, case, match):
     out = export_generator(_unet_generator(), tmp_path / "g")
     w = out / "diffusion_pytorch_model.safetensors"
@@ -308,8 +320,11 @@ def _export_crashing_at(k: int, gen, folder: Path, exchange: bool) -> bool:
     if not exchange:  # the fallback switch: two renames (patched before the crash points wrap it)
         real = export_mod._exchange
         export_mod._exchange = lambda a, b: False
-    targets = [(export_mod, n) for n in _CRASH_POINTS] + [(export_mod.os, "rename"), (export_mod.os, "replace"),
-                                                           (export_mod.shutil, "rmtree")]
+    targets = [(export_mod, n) for n in _CRASH_POINTS] + [
+        (export_mod.os, "rename"),
+        (export_mod.os, "replace"),
+        (export_mod.shutil, "rmtree"),
+    ]
     try:
         return crashing_at(k, targets, lambda: export_generator(gen, folder))
     finally:
@@ -389,22 +404,56 @@ def _tiny_sdxl(folder: Path) -> None:
     (folder / "tok" / "vocab.json").write_text(json.dumps(vocab))
     (folder / "tok" / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"), model_max_length=16)
-    tcfg = dict(vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, projection_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    tcfg = dict(
+        vocab_size=len(vocab),
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=8,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4, addition_embed_type="text_time",
-        addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
-    sch = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                 timestep_spacing="leading", steps_offset=1)
-    StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**tcfg)),
-                              text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**tcfg)),
-                              tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sch).save_pretrained(folder / "base")
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    sch = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+    StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**tcfg)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**tcfg)),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=sch,
+    ).save_pretrained(folder / "base")
 
 
 def _example():
@@ -434,8 +483,10 @@ def test_sdxl_inference_example_loads_the_released_unet_and_samples_at_399(tmp_p
     # the same UNet as the library's one-step generator: x0 of one raw-noise call at t = 399
     gen = ex.as_generator(pipe)
     z = torch.randn(1, 4, 2, 2)
-    cond = {"encoder_hidden_states": torch.randn(1, 3, 16),
-            "added_cond_kwargs": {"text_embeds": torch.randn(1, 8), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}}
+    cond = {
+        "encoder_hidden_states": torch.randn(1, 3, 16),
+        "added_cond_kwargs": {"text_embeds": torch.randn(1, 8), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])},
+    }
     ab = pipe.scheduler.alphas_cumprod[399].double()
     with torch.no_grad():
         eps = pipe.unet(z, 399, **cond).sample.double()
@@ -493,8 +544,10 @@ def test_a_few_step_students_noise_scale_round_trips(tmp_path):
     assert loaded.noise_scale == 3.0
     z = torch.randn(5, 2)
     with torch.no_grad():
-        assert torch.equal(sample_fewstep(loaded, z, noise="deterministic"),
-                           sample_fewstep(MultiStepGenerator(net, [80.0, 1.0], noise_scale=3.0), z, noise="deterministic"))
+        assert torch.equal(
+            sample_fewstep(loaded, z, noise="deterministic"),
+            sample_fewstep(MultiStepGenerator(net, [80.0, 1.0], noise_scale=3.0), z, noise="deterministic"),
+        )
     _edit_note(out, lambda n: n.update(noise_scale=0.0))
     with pytest.raises(StorageError, match="noise_scale"):
         load_generator(out, model=edm_mlp(dim=2, width=16, depth=2))
@@ -539,6 +592,7 @@ def test_a_pure_noise_student_exports_explicitly_and_round_trips(tmp_path):
     with pytest.raises(StorageError, match="cannot start from pure noise") as e:
         load_generator(out, model=_NoFromNoise())
     assert str(out) in str(e.value)
+
     # a diffusers folder has no timestep for sigma = inf: refused before anything is written
     class FlowishDiffusers(DiffusersDenoiser):
         def from_noise(self, z, cond=None):
@@ -551,8 +605,25 @@ def test_a_pure_noise_student_exports_explicitly_and_round_trips(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-_WRONG = [None, True, False, 0, -1, 1.5, float("nan"), float("inf"), 2 ** 80, "", "x", "sigma", [], [1], [None], {},
-          {"a": 1}]
+_WRONG = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1.5,
+    float("nan"),
+    float("inf"),
+    2**80,
+    "",
+    "x",
+    "sigma",
+    [],
+    [1],
+    [None],
+    {},
+    {"a": 1},
+]
 
 
 def test_a_pure_noise_note_is_checked_strictly(tmp_path):
@@ -563,10 +634,21 @@ def test_a_pure_noise_note_is_checked_strictly(tmp_path):
     from disback_core import MultiStepGenerator
 
     pristine = export_generator(MultiStepGenerator(LinearFlow(0.5), [INF, 2.0, 0.5]), tmp_path / "p")
-    cases = [(key, v) for key in ("start", "sigma_init", "noise_scale", "sigmas", "kind") for v in _WRONG
-             if (key, v) not in (("sigma_init", None), ("sigmas", [None]))]  # the pristine value; a valid one-step note
-    cases += [("sigmas", [None, 2.0, 2.0]), ("sigmas", [None, 2.0, "0.5"]), ("sigmas", [3.0, 2.0, 0.5]),
-              ("sigmas", [None, None, 0.5]), ("sigma_init", 3.0), ("noise_scale", 2.0), ("start", "PURE_NOISE")]
+    cases = [
+        (key, v)
+        for key in ("start", "sigma_init", "noise_scale", "sigmas", "kind")
+        for v in _WRONG
+        if (key, v) not in (("sigma_init", None), ("sigmas", [None]))
+    ]  # the pristine value; a valid one-step note
+    cases += [
+        ("sigmas", [None, 2.0, 2.0]),
+        ("sigmas", [None, 2.0, "0.5"]),
+        ("sigmas", [3.0, 2.0, 0.5]),
+        ("sigmas", [None, None, 0.5]),
+        ("sigma_init", 3.0),
+        ("noise_scale", 2.0),
+        ("start", "PURE_NOISE"),
+    ]
     for i, (key, v) in enumerate(cases):
         folder = tmp_path / f"c{i}"
         shutil.copytree(pristine, folder)
@@ -586,9 +668,50 @@ def test_a_pure_noise_note_is_checked_strictly(tmp_path):
         load_generator(folder, model=LinearFlow(0.1))
     # the pure-noise form on a finite-start note, and a finite note keeps refusing null
     finite = export_generator(OneStepGenerator(edm_mlp(dim=2, width=16, depth=2), 2.5), tmp_path / "f")
-    for edit, match in ((lambda n: n.update(start="pure_noise"), "sigma_init null"),
-                        (lambda n: n.update(sigma_init=None, sigmas=[None]), "sigma_init must be a finite number")):
+    for edit, match in (
+        (lambda n: n.update(start="pure_noise"), "sigma_init null"),
+        (lambda n: n.update(sigma_init=None, sigmas=[None]), "sigma_init must be a finite number"),
+    ):
         _edit_note(finite, edit)
         with pytest.raises(StorageError, match=match):
             load_generator(finite, model=edm_mlp(dim=2, width=16, depth=2))
         export_generator(OneStepGenerator(edm_mlp(dim=2, width=16, depth=2), 2.5), finite)
+
+
+# --------------------------------------------------------------------------- build before you allocate
+
+
+def test_a_config_asking_for_a_huge_unet_is_refused_before_it_is_allocated(tmp_path):
+    """block_out_channels [4096, 4096] would be a 5.7 G-parameter (21 GiB) UNet: built on the meta
+    device and checked against the weights file's header, it is refused without being allocated
+    (the former load built it first: 92 s and +21.6 GB peak RSS)."""
+    import resource
+    import time
+
+    out = export_generator(_unet_generator(), tmp_path / "g")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["block_out_channels"] = [4096, 4096]
+    data = json.dumps(cfg).encode()
+    (out / "config.json").write_bytes(data)
+    _edit_note(
+        out, lambda n: n["files"]["config.json"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    )
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with pytest.raises(StorageError, match="diffusion_pytorch_model.safetensors.*do not fit UNet2DConditionModel"):
+        load_generator(out)
+    took = time.perf_counter() - t0
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert took < 10 and grew_mb < 200, (took, grew_mb)
+
+
+def test_a_half_precision_export_loads_in_half_precision(tmp_path):
+    """The weights are assigned into a model built with its parameters on the meta device; a file in
+    one floating dtype other than the model's runs in it, buffers included, as exported."""
+    gen = _unet_generator()
+    out = export_generator(gen, tmp_path / "h", dtype=torch.float16)
+    loaded = load_generator(out)
+    sd = loaded.denoiser.model.state_dict()
+    want = {k: v.half() if v.is_floating_point() else v for k, v in gen.denoiser.model.state_dict().items()}
+    assert set(sd) == set(want) and all(v.dtype == want[k].dtype and torch.equal(v, want[k]) for k, v in sd.items())
+    assert all(p.dtype == torch.float16 for p in loaded.denoiser.model.parameters())
+    assert not any(t.is_meta for t in loaded.state_dict().values())
