@@ -52,7 +52,7 @@ def measure(config: str, dtype: torch.dtype, nodes: int, rank: int, switches: in
     traj = Trajectory(unet, path, kind="lora", lora=spec)
     t_traj = time.perf_counter() - t0
     t0 = time.perf_counter()
-    att = attach(unet, traj, start=nodes)
+    att = attach(unet, traj, "manual", start=nodes)
     t_attach = time.perf_counter() - t0
     times = []
     order = [(nodes - 1 - i) % (nodes + 1) for i in range(switches)]
@@ -72,7 +72,7 @@ def measure(config: str, dtype: torch.dtype, nodes: int, rank: int, switches: in
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--configs", nargs="+", default=["tiny", "sd15"], choices=sorted(CONFIGS))
     ap.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--nodes", type=int, default=5)

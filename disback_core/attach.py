@@ -21,6 +21,8 @@ None of them takes a target argument, so :func:`attach` changes the module they 
 
 from __future__ import annotations
 
+import copy
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 from .interpolate import write_position
 from .schedules import NodeCursor, TeacherOnly
 from .storage import lowest_float_dtype, tensors_fingerprint
-from .trajectory import Trajectory, _state, probe_error
+from .trajectory import _INTERNAL_COPY, Trajectory, _state, probe_error
 
 __all__ = ["attach", "Attachment"]
 
@@ -89,6 +91,17 @@ class Attachment:
     ):
         if call is not None and not callable(call):
             raise TypeError(f"call must be a function fn(module, x, sigma, cond), got {call!r}")
+        if schedule is None and start != 0:
+            raise ValueError(
+                "attach needs a schedule, or the module stays on a degraded node for the whole run: pass "
+                "FixedInterval.from_share(total_generator_updates, trajectory.last, share=0.1) (the measured "
+                "default, docs/WHEN_DISBACK_HELPS.md), schedule='manual' to move it yourself with set_node(), "
+                "or start=0 for the fake-score warm start alone"
+            )
+        if isinstance(schedule, str):
+            if schedule != "manual":
+                raise ValueError(f"schedule must be a schedule object or 'manual', got {schedule!r}")
+            schedule = None
         if not isinstance(trajectory, Trajectory):
             raise TypeError(f"trajectory must be a Trajectory, got {type(trajectory).__name__}")
         if not isinstance(module, nn.Module):
@@ -136,6 +149,9 @@ class Attachment:
         self._attached = True
         _LIVE.add(self)
         self._write(start)
+        # A copy of the module taken now (e.g. the user's generator initialised from the teacher after
+        # attach) would start from a degraded node, not the teacher: warn on deepcopy while attached.
+        object.__setattr__(module, "__deepcopy__", self._copy_warning)
         if fake is not None:
             self.load_fake(fake)
 
@@ -222,6 +238,31 @@ class Attachment:
             )
         return probe_error(self.module, traj.probe, self.node, traj.probe_runner(self.call))
 
+    def _copy_warning(self, memo: dict[int, Any]) -> nn.Module:
+        """``copy.deepcopy`` of the attached module: warn when it holds a degraded node, then copy."""
+        if self.node != 0 and not _INTERNAL_COPY.get():
+            warnings.warn(
+                f"copying {type(self.module).__name__} while DisBack holds node {self.node} in it (a degraded "
+                "teacher, not the teacher): a generator or fake score made from this copy starts from that "
+                "node. Copy the teacher before attach(...), or take the teacher's weights from "
+                "att.original_state_dict()",
+                stacklevel=3,
+            )
+        hook = self.module.__dict__.pop("__deepcopy__", None)
+        try:
+            return copy.deepcopy(self.module, memo)
+        finally:
+            if hook is not None:
+                object.__setattr__(self.module, "__deepcopy__", hook)
+
+    def original_state_dict(self) -> dict[str, Tensor]:
+        """The module's state dict with the teacher's original weights in the tensors DisBack switches
+        (copies; the module itself keeps its current node): initialise a generator from this."""
+        out = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        for name, t in self.originals.items():
+            out[name[len(self.prefix) :]] = t.to(out[name[len(self.prefix) :]].device).clone()
+        return out
+
     def detach(self) -> None:
         """Restore the module's original weights exactly and release it (a second call does nothing)."""
         if not self._attached:
@@ -231,6 +272,7 @@ class Attachment:
             self.trajectory._base_override.pop(n, None)
         self.trajectory.active_node = -1
         self._attached = False
+        self.module.__dict__.pop("__deepcopy__", None)
         _LIVE.discard(self)
 
     def __enter__(self) -> Attachment:
@@ -253,7 +295,7 @@ class Attachment:
 def attach(
     module: nn.Module,
     trajectory: Trajectory,
-    schedule: Any = None,
+    schedule: Any = None,  # required unless start=0: see the docstring
     *,
     fake: nn.Module | None = None,
     start: int | None = None,
@@ -269,8 +311,11 @@ def attach(
             DDP wrapper is looked through). Its weights must be the trajectory's teacher's.
         trajectory: the recorded path; its nodes are computed from this attachment's copy of the
             module's original weights.
-        schedule: :class:`~disback_core.schedules.FixedInterval`, :class:`~disback_core.schedules.AdaptiveGap`
-            (feed it with ``step(stat=...)``) or None (the node moves only by :meth:`Attachment.set_node`).
+        schedule: :class:`~disback_core.schedules.FixedInterval` (the measured default:
+            ``FixedInterval.from_share(total_generator_updates, trajectory.last, share=0.1)``),
+            :class:`~disback_core.schedules.AdaptiveGap` (feed it with ``step(stat=...)``), ... or
+            ``"manual"`` (the node moves only by :meth:`Attachment.set_node`). Required unless
+            ``start=0``: without one the module would hold node N-1 for the whole run.
         fake: the user's fake score (a copy of the teacher); node N is loaded into it in place.
         start: the first node (default N-1, as in DisBack; 0 = the teacher).
         prefix: the module's name inside the trajectory's teacher (found automatically).

@@ -34,13 +34,22 @@ from typing import Any, TypedDict
 import torch
 from torch import Tensor, nn
 
+from .checks import check_number
 from .denoisers import check_denoiser, cond_rows, freeze, map_cond, pad_dims, takes_args
 from .lora import LoraSpec, inject_lora, lora_parameters, lora_state, lora_targets, node_weight, remove_lora, svd_lora
 from .step import as_batch, call_generator
 from .storage import lowest_float_dtype, tensors_fingerprint
 from .trajectory import DEFAULT_CALL, Probe, Trajectory, _state, resolve_call
 
-__all__ = ["record_degradation", "DegradationRecorder", "probe_inputs", "probe_inputs_raw", "MODES"]
+__all__ = [
+    "record_degradation",
+    "DegradationRecorder",
+    "probe_inputs",
+    "probe_inputs_raw",
+    "MODES",
+    "DEGRADATION_LR_SCALE",
+    "resolve_lr_scale",
+]
 
 log = logging.getLogger(__name__)
 MODES = ("lora", "svd", "full")
@@ -131,6 +140,23 @@ def _run(module: nn.Module, call: Callable[..., Tensor], probe: tuple[Tensor, Te
             m.train(training)
 
 
+# The measured default (docs/WHEN_DISBACK_HELPS.md, benchmarks/path_shape.py): LoRA nodes are recorded at
+# 3x the fake score's learning rate, full and SVD nodes at 1x. At 1x a rank-8 LoRA path moves only 28% of
+# the way to G0; at 3x it matches full fine-tuning node by node, and on the 5-seed regime table it is never
+# worse than the base beyond the spread (the paper's 1x path is, on toy2d and grid25).
+DEGRADATION_LR_SCALE = {"lora": 3.0, "svd": 1.0, "full": 1.0}
+
+
+def resolve_lr_scale(mode: str, scale: float | None = None) -> float:
+    """The recording learning rate's factor over the fake score's: ``scale``, or the measured default
+    for ``mode`` (:data:`DEGRADATION_LR_SCALE`: 3 for LoRA nodes, 1 for full and SVD nodes)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if scale is None:
+        return DEGRADATION_LR_SCALE[mode]
+    return check_number("degradation_lr_scale", scale, low=0.0, low_open=True)
+
+
 class DegradationRecorder:
     """Degradation Recording driven by the user's own fake-score loss.
 
@@ -164,8 +190,18 @@ class DegradationRecorder:
         call_name: the name a function ``call`` is saved under (registered to it in this process;
             register it in the loading process too). Without it an unregistered function is saved as
             ``"custom"``, and verifying the loaded path needs it again (``verify(call=fn)``).
-        lr / optimizer / max_grad_norm: the optimizer :meth:`update` uses (Adam at ``lr`` unless a
-            factory ``optimizer(params)`` is given); unused if you step your own optimizer and call :meth:`step`.
+        lr: your fake score's learning rate; :meth:`update`'s Adam trains at ``degradation_lr_scale * lr``.
+        degradation_lr_scale: the recording learning rate over ``lr``; default the measured one,
+            :data:`DEGRADATION_LR_SCALE` (3 for LoRA nodes, 1 for full and SVD nodes: at 1x a LoRA path
+            moves only 28% of the way to G0, at 3x it matches full fine-tuning node by node;
+            docs/WHEN_DISBACK_HELPS.md). ``1`` is the paper's path.
+        optimizer / max_grad_norm: a factory ``optimizer(params)`` replacing that Adam (then set its
+            learning rate yourself), and gradient clipping; unused if you step your own optimizer and
+            call :meth:`step`.
+
+    The recording loss must be computed with :attr:`module` (the degrading copy): :meth:`update`
+    refuses a loss that gives its trainable parameters no gradient, and a node equal to the previous
+    one (the module did not move) is an error, since such a path silently holds only the teacher.
     """
 
     def __init__(
@@ -183,18 +219,26 @@ class DegradationRecorder:
         call_name: str | None = None,
         merge: bool = True,
         lr: float = 1e-4,
+        degradation_lr_scale: float | None = None,
         optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
         max_grad_norm: float | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if optimizer is not None and degradation_lr_scale is not None:
+            raise ValueError(
+                "degradation_lr_scale scales the recorder's own Adam; with optimizer= set the learning rate in your factory"
+            )
+        check_number("lr", lr, low=0.0, low_open=True)
+        self.lr_scale = resolve_lr_scale(mode, degradation_lr_scale) if optimizer is None else 1.0
+        self.lr = lr * self.lr_scale
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         self.interval, self.max_nodes = _interval(interval, steps, nodes)
         self.call_name, fn = resolve_call(call, call_name)
         self.call: Callable[..., Tensor] = fn
         self.teacher, self.mode, self.merge = teacher, mode, merge
-        self._make_optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=lr))
+        self._make_optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=self.lr))
         self.max_grad_norm = max_grad_norm
         self.optimizer: torch.optim.Optimizer | None = None  # made by the first update()
         self.spec = (lora or LoraSpec()).resolved(teacher) if mode in ("lora", "svd") else None
@@ -260,7 +304,18 @@ class DegradationRecorder:
         if self.optimizer is None:
             self.optimizer = self._make_optimizer(self.parameters())
         self.optimizer.zero_grad(set_to_none=True)
+        if not isinstance(loss, Tensor) or not loss.requires_grad:
+            raise ValueError(
+                "the recording loss has no gradient: compute it with rec.module (the degrading copy), "
+                "e.g. rec.update(my_fake_score_loss(rec.module, x0))"
+            )
         loss.backward()
+        if not any(p.grad is not None and bool(p.grad.ne(0).any()) for p in self.parameters()):
+            raise ValueError(
+                "the recording loss gives rec.module's trainable parameters no gradient: compute it with "
+                "rec.module (the degrading copy), not with another module (e.g. your own fake score when the "
+                "recorder made its own copy, or the teacher); otherwise every node would be the teacher"
+            )
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
         self.optimizer.step()
@@ -284,6 +339,13 @@ class DegradationRecorder:
         """Take a node now (``step`` does it every ``interval`` steps)."""
         probe = self.probe
         out = _run(self.module, self.call, probe) if probe is not None else None
+        previous = self.outputs[-1] if self.outputs else None
+        if out is not None and previous is not None and torch.equal(out, previous):
+            raise RuntimeError(
+                f"degradation node {len(self.nodes) + 1} gives exactly the outputs of the node before it: "
+                "rec.module did not move. Train rec.module itself (rec.update(loss on rec.module), or step "
+                "an optimizer over rec.parameters() and call rec.step())"
+            )
         if self.mode == "lora":
             self.nodes.append(lora_state(self.module))
         elif self.mode == "full":
@@ -434,6 +496,7 @@ def record_degradation(
     interval: int | None = None,
     nodes: int | None = None,
     lr: float = 1e-4,
+    degradation_lr_scale: float | None = None,
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     mode: str = "lora",
     lora: LoraSpec | None = None,
@@ -453,7 +516,10 @@ def record_degradation(
             score), or a loss callable ``loss(net, x0, cond)`` / ``loss(net, x0)``.
         sample: returns a :class:`~disback_core.step.Batch`, a noise tensor ``z``, or ``(z, cond)``.
         steps: Alg. 1's N1; ``interval`` (its saving interval) or ``nodes`` (interval ``steps // nodes``).
-        lr / optimizer: Adam with ``lr`` unless a factory ``optimizer(params)`` is given.
+        lr: the fake score's learning rate; the recording's Adam trains at ``degradation_lr_scale * lr``.
+        degradation_lr_scale: default the measured :data:`DEGRADATION_LR_SCALE` (3 for LoRA nodes, 1
+            for full and SVD nodes); ``1`` records the paper's path.
+        optimizer: a factory ``optimizer(params)`` replacing that Adam (its learning rate is yours).
         mode: ``"lora"``, ``"svd"`` or ``"full"`` (see the module docstring).
         lora: rank, alpha and target modules for ``"lora"`` / ``"svd"``.
         merge: passed to the :class:`Trajectory` (merged or unmerged targets).
@@ -484,6 +550,7 @@ def record_degradation(
             lora=lora,
             merge=merge,
             lr=lr,
+            degradation_lr_scale=degradation_lr_scale,
             optimizer=optimizer,
             max_grad_norm=max_grad_norm,
         )
@@ -509,7 +576,9 @@ def record_degradation(
                 losses.append(running / rec.interval)
             if i % rec.interval == 0:
                 running = 0.0
-    return rec.trajectory({"method": type(method).__name__, "steps": steps, "dsm_loss": losses})
+    return rec.trajectory(
+        {"method": type(method).__name__, "steps": steps, "dsm_loss": losses, "lr": rec.lr, "lr_scale": rec.lr_scale}
+    )
 
 
 class _SigmaRange(TypedDict):

@@ -29,6 +29,7 @@ recorded on a raw model with its own call signature verifies after a load:
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import math
@@ -240,6 +241,19 @@ def _as_node(n: Any, k: int) -> dict[str, Tensor]:
     return dict(n)
 
 
+# Set while the library deep-copies a teacher that may hold an attached node (the copy is then
+# overwritten with a node's weights): an attachment's copy warning stays quiet for these.
+_INTERNAL_COPY = contextvars.ContextVar("disback_internal_copy", default=False)
+
+
+def _deepcopy_quietly(module: Any, memo: dict[int, Any] | None = None) -> Any:
+    token = _INTERNAL_COPY.set(True)
+    try:
+        return copy.deepcopy(module, memo)
+    finally:
+        _INTERNAL_COPY.reset(token)
+
+
 class Trajectory:
     """Node 0 is ``teacher``; ``nodes[k-1]`` holds node ``k`` (a LoRA node or a full state dict).
 
@@ -399,7 +413,7 @@ class Trajectory:
             # Merged: untouched tensors are shared with the teacher (held once), touched ones are
             # private. Unmerged: a whole private copy (peft freezes every tensor of a model it wraps).
             memo = {} if unmerged else {id(t): t for n, t in _state(self.teacher).items() if n not in touched}
-            work = copy.deepcopy(self.teacher, memo)
+            work = _deepcopy_quietly(self.teacher, memo)
             state = _state(work)
             self.write(state, 0)
             for n in state if unmerged else touched:  # shared tensors keep the teacher's flags
@@ -438,7 +452,7 @@ class Trajectory:
         ``trainable=True`` gives a module to train (DisBack's fake score starts from node N).
         """
         self._check_index(k)
-        m = copy.deepcopy(self.teacher)
+        m = _deepcopy_quietly(self.teacher)
         self.write(_state(m), k)
         if trainable:
             m.requires_grad_(True)

@@ -70,7 +70,7 @@ def dmd2_flow_loop_disback(real_transformer: SD3Transformer2DModel, *, iteration
     negative = null_condition(prompts, batch_size)
     cfg = real_transformer.config
     shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    rec = DegradationRecorder(real_transformer, fake_transformer, steps=record_steps, nodes=nodes, lr=3 * lr, call=sd3_call)
+    rec = DegradationRecorder(real_transformer, fake_transformer, steps=record_steps, nodes=nodes, lr=lr, call=sd3_call)
     for _ in range(record_steps):
         condition, eps, t = sample_condition(prompts, batch_size), torch.randn(shape), logit_normal_t(batch_size)
         with torch.no_grad():
@@ -118,7 +118,7 @@ PLAIN, DISBACK = dmd2_flow_loop, dmd2_flow_loop_disback
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--record-steps", type=int, default=100)
     args = ap.parse_args(argv)

@@ -103,7 +103,7 @@ def test_node_zero_is_bit_exact_after_many_switches(dtype):
     teacher, _, traj = _recorded(nodes=6, steps=12)
     user = copy.deepcopy(teacher).to(dtype)  # the user's own (bf16) copy of the teacher
     original = _snapshot(user)
-    att = attach(user, traj, start=traj.last)
+    att = attach(user, traj, "manual", start=traj.last)
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
         att.set_node(int(torch.randint(0, traj.last + 1, (1,), generator=g)))
@@ -122,7 +122,7 @@ def test_node_zero_is_bit_exact_after_many_switches(dtype):
 
 def test_trajectory_targets_stay_correct_while_the_teacher_is_attached():
     teacher, _, traj = _recorded()
-    with attach(teacher, traj, start=1):
+    with attach(teacher, traj, "manual", start=1):
         errs = traj.verify()  # node 0 here comes from the attachment's copy of the originals
         assert errs[0] == 0.0 and max(errs) < 1e-5
         assert traj.target(0) is not teacher
@@ -173,9 +173,11 @@ def test_attachment_state_round_trips():
 
 def test_bad_input_is_refused_with_its_name():
     teacher, fake, traj = _recorded()
-    att = attach(teacher, traj)
-    with pytest.raises(RuntimeError, match="already attached"):
+    with pytest.raises(ValueError, match=r"attach needs a schedule.*FixedInterval.from_share"):
         attach(teacher, traj)
+    att = attach(teacher, traj, "manual")
+    with pytest.raises(RuntimeError, match="already attached"):
+        attach(teacher, traj, "manual")
     with pytest.raises(IndexError, match="out of range 0..4"):
         att.set_node(5)
     att.detach()
@@ -186,21 +188,21 @@ def test_bad_input_is_refused_with_its_name():
     with torch.no_grad():
         changed.conv1.bias.add_(1e-3)
     with pytest.raises(ValueError, match="does not hold the weights of the trajectory's teacher"):
-        attach(changed, traj)
+        attach(changed, traj, "manual")
     with pytest.raises(ValueError, match="does not have the structure"):
-        attach(torch.nn.Linear(3, 3), traj)
+        attach(torch.nn.Linear(3, 3), traj, "manual")
     with torch.no_grad():
         teacher.conv0.bias.add_(1.0)  # the teacher itself modified after recording
     with pytest.raises(ValueError, match="changed since the trajectory was recorded"):
-        attach(teacher, traj)
+        attach(teacher, traj, "manual")
     with pytest.raises(TypeError, match="schedule must be a schedule"):
         attach(fake, Trajectory(fake, traj.nodes, kind="lora", lora=traj.lora), schedule=5)
     with pytest.raises(TypeError, match="module must be"):
-        attach("unet", traj)
+        attach("unet", traj, "manual")
     quantised = copy.deepcopy(fake)
     quantised.conv0.weight = torch.nn.Parameter(quantised.conv0.weight.detach().to(torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match="'conv0.weight' has dtype torch.int8: a node's weights cannot be cast"):
-        attach(quantised, traj)
+        attach(quantised, traj, "manual")
 
 
 def test_recorder_and_recording_refuse_or_accept_what_users_pass():
@@ -316,3 +318,67 @@ def test_a_hand_written_loop_with_module_nodes_and_two_argument_networks():
         Trajectory(teacher, copies, kind="lora", lora=LoraSpec(rank=2))
 
 
+
+
+def test_the_recorder_applies_the_measured_learning_rate_scale():
+    """The public default is the benchmarks' path: LoRA nodes at 3x the fake score's lr, full/SVD at 1x."""
+    from disback_core.recording import DEGRADATION_LR_SCALE
+
+    assert DEGRADATION_LR_SCALE == {"lora": 3.0, "svd": 1.0, "full": 1.0}
+    teacher = CustomEDM()
+    rec = DegradationRecorder(teacher, steps=4, nodes=2, lr=1e-4)
+    assert rec.lr == pytest.approx(3e-4) and rec.lr_scale == 3.0
+    x0 = torch.randn(4, 2, 8, 8)
+    rec.update(_user_dsm(rec.module, x0))
+    assert rec.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)  # the Adam really runs at 3x
+    assert DegradationRecorder(teacher, steps=4, nodes=2, lr=1e-4, mode="full").lr == pytest.approx(1e-4)
+    assert DegradationRecorder(teacher, steps=4, nodes=2, lr=1e-4, degradation_lr_scale=1).lr == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="degradation_lr_scale scales the recorder's own Adam"):
+        DegradationRecorder(teacher, steps=4, nodes=2, optimizer=torch.optim.SGD, degradation_lr_scale=3)
+    with pytest.raises(ValueError, match="degradation_lr_scale must be > 0"):
+        DegradationRecorder(teacher, steps=4, nodes=2, degradation_lr_scale=0)
+    g0 = make_generator(teacher, 80.0).requires_grad_(False)
+    traj = record_degradation(teacher, g0, DMD2(), lambda: Batch(torch.randn(4, 2, 8, 8)), steps=2, nodes=1, lr=1e-4)
+    assert traj.meta["lr"] == pytest.approx(3e-4) and traj.meta["lr_scale"] == 3.0
+
+
+def test_a_recording_loss_on_another_module_is_refused():
+    teacher = CustomEDM()
+    fake = copy.deepcopy(teacher).requires_grad_(True)
+    x0 = torch.randn(4, 2, 8, 8)
+    rec = DegradationRecorder(teacher, steps=4, nodes=2)  # the recorder made its own copy: rec.module is not fake
+    with pytest.raises(ValueError, match="gives rec.module's trainable parameters no gradient"):
+        rec.update(_user_dsm(fake, x0))
+    with pytest.raises(ValueError, match="has no gradient: compute it with rec.module"):
+        rec.update(_user_dsm(teacher.requires_grad_(False), x0).detach())
+    # stepping one's own optimizer over another module, then rec.step(): the node would be the teacher
+    rec = DegradationRecorder(teacher, steps=2, nodes=2, probe=x0)
+    opt = torch.optim.Adam(fake.parameters(), 1e-2)
+    loss = _user_dsm(fake, x0)
+    loss.backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="rec.module did not move"):
+        rec.step()
+
+
+def test_copying_the_attached_teacher_warns_while_it_holds_a_degraded_node():
+    teacher, _, traj = _recorded()
+    original = _snapshot(teacher)
+    att = attach(teacher, traj, FixedInterval(1))
+    with pytest.warns(UserWarning, match="while DisBack holds node 3 in it"):
+        generator = copy.deepcopy(teacher)  # the trap: a generator made from the teacher after attach
+    assert not _equal(generator, original)  # it really is the degraded node
+    assert "__deepcopy__" not in generator.__dict__  # the copy carries no hook
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        traj.materialize(2)  # the library's own copies (overwritten with a node) stay quiet
+        att.set_node(0)
+        copy.deepcopy(teacher)  # at node 0 the module is the teacher
+        att.set_node(3)
+    fresh = CustomEDM()
+    fresh.load_state_dict(att.original_state_dict())
+    assert _equal(fresh, original)  # the route the warning names gives the teacher's weights
+    att.detach()
+    assert "__deepcopy__" not in teacher.__dict__ and _equal(teacher, original)

@@ -200,7 +200,7 @@ def test_lora_path_records_saves_loads_backtracks_and_attaches(preset, tmp_path)
     assert _same_state(model, original)
     # a separate copy of the raw transformer cannot run the wrapper's probe: refused, not verified wrongly
     other = copy.deepcopy(model)
-    with attach(other, loaded) as att:
+    with attach(other, loaded, "manual") as att:
         assert att.prefix == "model."
         with pytest.raises(ValueError, match="copy of its submodule 'model'.*call=fn"):
             att.verify()
