@@ -248,3 +248,20 @@ def test_adapters_train_a_flow_fake_score_with_the_velocity_loss():
         torch.manual_seed(5)
         want = DSMLoss(times, reduction=reduction, weight=flow_weight)(d, x0, cond).mean()
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.7])
+@torch.no_grad()
+def test_samplers_reproduce_a_flow_generator_exactly(t):
+    """sample_fewstep(G, z) and distillation_pp_sample(G, teacher, z, guided_steps=0) are G(z) bit for bit,
+    and G's input is exactly the noise at flow time t."""
+    from disback_core import distillation_pp_sample, flow_generator, sample_fewstep
+
+    model, d, cond, _ = _setup("tiny-sd3")
+    g = flow_generator(d, t)
+    z = torch.randn(sample_shape(model, 2))
+    out = g(z, cond)
+    assert torch.equal(sample_fewstep(g, z, cond), out)
+    assert torch.equal(distillation_pp_sample(g, d, z, cond, guided_steps=0), out)
+    want = z.double() - t * _raw_velocity(model, z, torch.full((2,), t), cond).double()
+    assert (out.double() - want).abs().max() < 1e-5
