@@ -134,7 +134,7 @@ def run(kills: int = 60, seed: int = 0, exchange: bool = True, workdir: str | No
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--kills", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-exchange", action="store_true", help="force the two-rename switch")

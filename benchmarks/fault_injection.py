@@ -298,7 +298,7 @@ def summarise(rows: Sequence[dict[str, Any]], leftover: dict[str, Any], final_ok
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--kills", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--delay-saves", type=float, default=3.0,

@@ -32,7 +32,7 @@ from _resume_worker import kill_campaign  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--kills", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=150, help="length of the run (kills stop short of its end)")

@@ -48,7 +48,7 @@ def roles(name: str, config: dict, *, rank: int = 16, nodes: int = 10, world: in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = [roles("SD-1.5", SD15), roles("SDXL", SDXL)]

@@ -78,7 +78,7 @@ def measure(problem_name: str, adapter: str, batch: int, reps: int, rounds: int)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=12)

@@ -60,7 +60,7 @@ def shape(problem, spec: RunSpec, seed: int, n: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--problem", default="toy2d")
     p.add_argument("--student", default="copy")
     p.add_argument("--variants", nargs="+", default=["disback", "disback:node_mode=full"])

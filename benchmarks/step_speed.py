@@ -83,7 +83,7 @@ def measure(batch: int, rounds: int, warmup: int = 2) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--batch", type=int, nargs="+", default=[4, 16])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", default=None)

@@ -89,7 +89,7 @@ def counted(name: str, config: dict, ranks=(16, 64)) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

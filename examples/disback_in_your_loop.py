@@ -20,7 +20,7 @@ from disback_core.bench.problems import get_problem
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--degradation-steps", type=int, default=500)
     ap.add_argument("--cache-dir")

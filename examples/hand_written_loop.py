@@ -44,7 +44,7 @@ def distil(method, problem, sigma_init: float, iterations: int, batch: int = 256
 
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--cache-dir")
     ap.add_argument("--teacher-steps", type=int, default=8000)

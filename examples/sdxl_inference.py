@@ -54,7 +54,7 @@ def as_generator(pipe: StableDiffusionXLPipeline, timestep: int = TIMESTEP) -> O
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--base", required=True, help="local SDXL-base folder (save_pretrained layout)")
     p.add_argument("--checkpoint", required=True, help="the released UNet (.safetensors, or a legacy .bin)")
     p.add_argument("--prompt", default="a photo of a cat")

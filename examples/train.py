@@ -7,6 +7,7 @@
     python examples/train.py --model tiny-sd3 --disback --shift 3         # a flow transformer (SD3, FLUX, SANA, Wan)
     python examples/train.py --model path/to/sd3 ...                      # a save_pretrained or pipeline folder
     python examples/train.py ... --resume                                  # continue exactly where it stopped
+    python examples/train.py ... --overwrite                               # start over in an --out that holds a run
 
 Models (``--unet``, alias ``--model`` / ``--pretrained_model_name_or_path``): a preset of
 :data:`disback_core.presets.TINY_PRESETS` (random weights, nothing downloaded) or a local folder
@@ -31,7 +32,12 @@ Gradient accumulation (``--grad-accum``) skips DDP's all-reduce on all but the l
 update and is counted, and ``--max-nonfinite`` in a row stop the run (``--on-nonfinite raise``: the first); tqdm and logs on rank 0 only; optional
 TensorBoard (``--tensorboard``). ``--save-every`` writes a resumable state (:mod:`disback_core.state`):
 models, optimizers, LR schedulers, the backtracking schedule, every rank's RNG states and the data
-position; ``--resume`` continues from the newest one and refuses a state of another configuration.
+position; ``--resume`` (alias ``--resume_from_checkpoint latest``) continues from the newest one and
+refuses a state of another configuration. Nothing is lost by mistake: a run pointed at an ``--out`` that
+holds an earlier run (states, a recorded path or ``result.json``) refuses to start unless told
+``--resume`` or ``--overwrite``. A launch that does not match what it asked for (``accelerate launch
+--cpu --num_processes 2`` runs one process; ``WORLD_SIZE`` set but no process group) is refused
+before training, naming both numbers (:func:`check_launch`).
 With ``--fsdp`` the state holds the gathered full weights and optimizer states (plain CPU copies
 of both models, :func:`disback_core.distributed.full_state_to`), so it loads at any world size.
 """
@@ -40,8 +46,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import io
 import json
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -54,7 +63,6 @@ from disback_core import (Backtrack, Batch, DiffusersDenoiser, FixedInterval, Lo
 from disback_core.adapters import DMD2, DiffInstruct, SiD
 from disback_core.distributed import any_rank, full_state_from, full_state_to, share_trajectory
 from disback_core.faults import NonFiniteGuard
-from disback_core.losses import DSMLoss
 from disback_core.presets import FLOW_CLASSES, TINY_PRESETS, spec_class_name
 from disback_core.sigmas import LogitNormalSigma, flow_weight
 from disback_core.step import optimizer_params
@@ -103,12 +111,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs/train")
     ap.add_argument("--save-every", type=int, default=0, help="write a resumable state every N updates (0: at the end)")
     ap.add_argument("--keep", type=int, default=3, help="resumable states kept")
-    ap.add_argument("--resume", action="store_true")
+    again = ap.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from the newest state in --out (a fresh start when it holds none)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over in an --out that holds an earlier run, deleting its states, recorded path "
+                            "and result.json first (without --resume or --overwrite such an --out is refused)")
+    ap.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", choices=["latest"], default=None,
+                    help="diffusers' spelling of --resume: 'latest' is the newest state in --out")
     ap.add_argument("--stop-after", type=int, default=0, help="stop (after saving) at this update, as if interrupted")
     ap.add_argument("--tensorboard", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.resume_from_checkpoint == "latest":
+        if args.overwrite:
+            ap.error("argument --resume_from_checkpoint: not allowed with argument --overwrite")
+        args.resume = True
     if args.problem is None and args.unet is None:
         args.problem = "toy2d"
     args.model_class = None
@@ -126,6 +145,108 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def earlier_run(out: Path) -> list[str]:
+    """What an earlier run left in ``out`` that a fresh start would replace (empty: nothing)."""
+    found = []
+    for name, what in (("state", "resumable states"), ("trajectory", "a recorded path"), ("result.json", "a result")):
+        path = out / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            found.append(f"{name}{'/' if path.is_dir() else ''} ({what})")
+    return found
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse, before anything starts, a fresh run into an ``--out`` that holds an earlier one."""
+    found = [] if args.resume or args.overwrite else earlier_run(Path(args.out))
+    if found:
+        raise SystemExit(f"--out {args.out} holds an earlier run: {', '.join(found)}. Refusing to start over in it "
+                         "(that would replace them). Pass --resume to continue from its newest state, or a new "
+                         "--out, or --overwrite to delete them and start over.")
+
+
+# torchrun's and accelerate's multi-GPU launcher's counts, and MPI's (which accelerate reads on CPUs).
+# True: the whole run's process count; False: this node's (at most the whole run's).
+_LAUNCH_VARS = {"WORLD_SIZE": True, "LOCAL_WORLD_SIZE": False, "PMI_SIZE": True, "OMPI_COMM_WORLD_SIZE": True,
+                "MV2_COMM_WORLD_SIZE": True}
+
+
+def _launcher_argv() -> list[str]:
+    """The command line of the process that started this one ([] when it cannot be read)."""
+    try:
+        import psutil
+
+        parent = psutil.Process().parent()
+        return parent.cmdline() if parent is not None else []
+    except Exception:  # noqa: BLE001 - no psutil, no permission, the parent gone: nothing to read
+        return []
+
+
+def _accelerate_launch_processes(argv: list[str]) -> int | None:
+    """``--num_processes`` of an ``accelerate launch`` command line (else its config file's), or None.
+
+    accelerate 1.16's simple launcher (``--cpu``, or a config that is not multi-GPU, without
+    ``--mpirun_hostfile``) starts ONE process whatever ``--num_processes`` says, and sets no
+    variable that names the count: the launcher's own command line is the only place it is written."""
+    names = [Path(a).name.removesuffix(".exe") for a in argv]
+    rest = None
+    for i, name in enumerate(names):
+        if name in ("accelerate-launch", "accelerate.commands.launch"):
+            rest = argv[i + 1:]
+        elif name in ("accelerate", "accelerate.commands.accelerate_cli") and names[i + 1:i + 2] == ["launch"]:
+            rest = argv[i + 2:]
+        if rest is not None:
+            break
+    if rest is None:
+        return None
+    try:
+        from accelerate.commands.config import default_config_file, load_config_from_file
+        from accelerate.commands.launch import launch_command_parser
+
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            launch, _ = launch_command_parser().parse_known_args(rest)
+        if launch.num_processes is not None:
+            return int(launch.num_processes)
+        # as accelerate does: an explicit --config_file, else the default one unless --cpu
+        if launch.config_file is not None or (os.path.isfile(default_config_file) and not launch.cpu):
+            n = getattr(load_config_from_file(launch.config_file), "num_processes", None)
+            return int(n) if isinstance(n, int) and n > 0 else None
+    except (Exception, SystemExit):  # noqa: BLE001 - an unreadable launcher command line: nothing to check
+        return None
+    return None
+
+
+def requested_processes() -> list[tuple[int, bool, str]]:
+    """What the launch asked for: ``(count, whole run, where it is written)`` for every launcher
+    variable and for ``accelerate launch``'s ``--num_processes``."""
+    asked = [(int(os.environ[var]), whole, f"{var}={os.environ[var]}") for var, whole in _LAUNCH_VARS.items()
+             if os.environ.get(var, "").strip().isdigit()]
+    n = _accelerate_launch_processes(_launcher_argv())
+    if n is not None:
+        asked.append((n, True, f"accelerate launch --num_processes {n}"))
+    return asked
+
+
+def check_launch(world: int) -> None:
+    """Refuse a launch whose process count is not the one the Accelerator sees (``world``), naming
+    both: e.g. ``accelerate launch --cpu --num_processes 2`` (which runs one process) or a
+    ``WORLD_SIZE`` with no process group (the script started with ``python`` instead of the launcher)."""
+    for n, whole, where in requested_processes():
+        if (n != world) if whole else (n > world):
+            if where.startswith("accelerate"):
+                cause = ("accelerate launch's --cpu launcher (and a config that is not multi-GPU) starts one process "
+                         f"whatever --num_processes says: launch with `accelerate launch --multi_gpu --num_processes "
+                         f"{n}` (without --cpu: on CPUs it runs {n} gloo processes) or `torchrun --nproc-per-node {n}`")
+            else:
+                cause = ("the script was started with python instead of the launcher (the variable left in the "
+                         "environment), or the launcher's process group did not form (on GPUs: LOCAL_RANK not set)")
+            raise SystemExit(f"this launch asked for {n} processes ({where}) but the Accelerator sees {world} "
+                             f"process{'es' if world != 1 else ''}: {cause}. Refusing to train {world} where {n} were "
+                             "asked for.")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -211,9 +332,7 @@ def make_method(args: argparse.Namespace, task: dict[str, Any]) -> Any:
     if not task.get("flow"):
         return method_cls(sigma_data=task["sigma_data"])
     times = LogitNormalSigma(shift=task["shift"])
-    method = method_cls(sigma_sampler=times, fake_sigma_sampler=times, sigma_data=task["sigma_data"])
-    method.dsm = DSMLoss(times, task["sigma_data"], reduction=method.dsm.reduction, weight=flow_weight)
-    return method
+    return method_cls(sigma_sampler=times, fake_sigma_sampler=times, sigma_data=task["sigma_data"], dsm_weight=flow_weight)
 
 
 def _generate(generator: nn.Module, z: torch.Tensor, cond: Any, chunk: int = 1024) -> torch.Tensor:
@@ -287,16 +406,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from disback_core.state import latest_state, load_state, save_state
 
     args = parse_args(argv)
+    check_out(args)  # before anything starts: a fresh run never replaces an earlier one it was not told to
     torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
                               log_with="tensorboard" if args.tensorboard else None,
                               project_dir=args.out)
     rank, world = accelerator.process_index, accelerator.num_processes
+    check_launch(world)  # on every rank, before training: one process where two were asked for is an error
+    out = Path(args.out)
+    if args.overwrite:  # told to: the earlier run's states, path and result go before this run writes its own
+        if accelerator.is_main_process:
+            for name in ("state", "trajectory"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            (out / "result.json").unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
     if args.batch_size % (world * args.grad_accum):
         raise SystemExit(f"--batch-size {args.batch_size} does not divide into {world} ranks x "
                          f"{args.grad_accum} micro-batches")
     micro = args.batch_size // (world * args.grad_accum)
-    out = Path(args.out)
     config = {k: getattr(args, k) for k in RUN_KEYS} | {"world_size": world}
     task = build_task(args, accelerator)
     if task.get("flow"):  # only flow runs carry the key: states of earlier UNet and problem runs still resume

@@ -114,7 +114,7 @@ PLAIN, DISBACK = train_dmd2, train_dmd2_disback
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--record-steps", type=int, default=60)
     ap.add_argument("--teacher-steps", type=int, default=100)

@@ -1,5 +1,7 @@
 """examples/train.py: one process and two (torchrun, gloo), DDP and FSDP2, and exact resume; the model
 class from the config (UNets and SD3/FLUX/SANA/Wan flow transformers), with and without DisBack."""
+import ast
+import hashlib
 import importlib.util
 import json
 import math
@@ -217,3 +219,114 @@ def test_model_flag_aliases_no_abbreviations_and_shift_only_for_flow(train, caps
         with pytest.raises(SystemExit):
             train.parse_args(argv)
     assert "flow-matching transformers" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ nothing lost, every mistake a clear error
+
+
+def _tree(folder):
+    """Every file under ``folder``: its path and the sha256 of its bytes."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_into_a_used_out_is_refused_and_changes_nothing(tmp_path, cache, train, capsys):
+    out = tmp_path / "run"
+    run = lambda *extra: _main(train, *_args(cache, out, "--save-every", "4", *extra)[1:])  # noqa: E731
+    run("--stop-after", "5")
+    before = _tree(out)
+    assert {"trajectory/manifest.json", "state/latest.json"} <= set(before)
+    for extra in ([], ["--iterations", "12"], ["--method", "sid"]):  # the same run, or another
+        with pytest.raises(SystemExit) as e:
+            run(*extra)
+        msg = str(e.value.code)  # a string: printed to stderr, exit status 1
+        assert msg.startswith(f"--out {out} holds an earlier run: state/ (resumable states), trajectory/ "
+                              "(a recorded path)"), msg
+        assert "Pass --resume to continue from its newest state, or a new --out, or --overwrite" in msg
+        assert _tree(out) == before  # every file of the first run byte-identical, nothing added or removed
+    with pytest.raises(SystemExit) as e:  # told both: refused by argparse
+        run("--resume", "--overwrite")
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert _tree(out) == before
+
+    capsys.readouterr()
+    assert run("--resume_from_checkpoint", "latest")["updates"] == 8  # diffusers' spelling of --resume
+    assert "resumed at update 5" in capsys.readouterr().out
+    steps = lambda: sorted(p.name for p in (out / "state").glob("step-*"))  # noqa: E731
+    assert steps() == ["step-000000004", "step-000000005", "step-000000008"]
+    finished = _tree(out)
+    with pytest.raises(SystemExit, match="result.json \\(a result\\)"):  # a finished run is refused too
+        run()
+    assert _tree(out) == finished
+
+    assert run("--overwrite")["updates"] == 8  # told to: the earlier states go, this run's replace them
+    assert steps() == ["step-000000004", "step-000000008"] and (out / "result.json").is_file()
+    only_result = tmp_path / "only-result"
+    only_result.mkdir()
+    (only_result / "result.json").write_text("{}")
+    (only_result / "state").mkdir()  # an empty folder is nothing to lose
+    assert train.earlier_run(only_result) == ["result.json (a result)"] and train.earlier_run(tmp_path / "x") == []
+
+
+def test_a_launch_that_asked_for_other_processes_is_refused_naming_both_numbers(tmp_path, train, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's count of this node's processes, while 1 runs
+    with pytest.raises(SystemExit) as e:
+        _main(train, *_tiny(tmp_path / "a", "tiny-sd3"))
+    msg = str(e.value.code)
+    assert msg.startswith("this launch asked for 2 processes (LOCAL_WORLD_SIZE=2) but the Accelerator sees 1 "
+                          "process: the script was started with python instead of the launcher"), msg
+    assert not (tmp_path / "a").exists()  # refused before training
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+
+    def launched_by(n):  # the launcher's command line, as accelerate launch's --cpu launcher leaves it
+        return lambda: [sys.executable, "/venv/bin/accelerate", "launch", "--num_processes", str(n), "--cpu",
+                        str(SCRIPT), "--num_processes", "5"]  # the script's own arguments are not the launcher's
+
+    monkeypatch.setattr(train, "_launcher_argv", launched_by(2))
+    with pytest.raises(SystemExit) as e:
+        _main(train, *_tiny(tmp_path / "b", "tiny-sd3"))
+    msg = str(e.value.code)
+    assert msg.startswith("this launch asked for 2 processes (accelerate launch --num_processes 2) but the "
+                          "Accelerator sees 1 process"), msg
+    assert "accelerate launch --multi_gpu --num_processes 2" in msg and "torchrun --nproc-per-node 2" in msg
+
+    monkeypatch.setattr(train, "_launcher_argv", launched_by(1))  # what matches runs as before
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    result = _main(train, *_tiny(tmp_path / "c", "tiny-sd3", "--iterations", "2"))
+    assert result["world_size"] == 1 and result["updates"] == 2
+
+
+def test_accelerate_launch_cpu_with_two_processes_is_refused(tmp_path, cache):
+    """The issue's command: ``accelerate launch --num_processes 2 --cpu`` starts one process; it used to
+    train it and exit 0, saying so only in result.json."""
+    cli = Path(sys.executable).parent / "accelerate"
+    launcher = [str(cli)] if cli.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*launcher, "launch", "--num_processes", "2", "--cpu", *_args(cache, tmp_path / "out")]
+    if not cli.is_file():
+        cmd.remove("launch")
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode != 0
+    assert ("this launch asked for 2 processes (accelerate launch --num_processes 2) but the Accelerator sees 1 "
+            "process") in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+# Every argparse parser refuses abbreviations (``--iter`` for ``--iterations``, ``--mod`` for ``--model``).
+# disback_core/ is to be added here once its CLI's parser has allow_abbrev=False.
+PARSER_DIRS = ("examples", "benchmarks")
+PARSER_FILES = sorted(p for d in PARSER_DIRS for p in (SCRIPT.parents[1] / d).glob("*.py")
+                      if "ArgumentParser(" in p.read_text())
+
+
+@pytest.mark.parametrize("path", PARSER_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_argument_parser_refuses_abbreviations(path):
+    calls = [node for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+             == "ArgumentParser"]
+    assert calls
+    for call in calls:
+        abbrev = [k.value for k in call.keywords if k.arg == "allow_abbrev"]
+        assert abbrev and isinstance(abbrev[0], ast.Constant) and abbrev[0].value is False, \
+            f"{path.name}:{call.lineno}: ArgumentParser(...) without allow_abbrev=False"
