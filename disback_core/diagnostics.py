@@ -28,7 +28,7 @@ from .checks import check_number
 __all__ = ["CriticLagMonitor", "LagReport", "gap_growth", "LAG_THRESHOLD", "verdict_for"]
 
 # log(gap_end / gap_start) above this: the critic lags (chosen leave-one-regime-out; see the module doc)
-LAG_THRESHOLD = 0.3
+LAG_THRESHOLD = 0.9
 
 
 def gap_growth(chunk_means: Sequence[float]) -> float:
