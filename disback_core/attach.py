@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .interpolate import write_position
 from .schedules import NodeCursor, TeacherOnly
 from .storage import lowest_float_dtype, tensors_fingerprint
-from .trajectory import _INTERNAL_COPY, Trajectory, _state, probe_error
+from .trajectory import _INTERNAL_COPY, Trajectory, _max_error, _state, node_references, probe_error, probe_output
 
 __all__ = ["attach", "Attachment"]
 
@@ -91,6 +91,10 @@ class Attachment:
     ):
         if call is not None and not callable(call):
             raise TypeError(f"call must be a function fn(module, x, sigma, cond), got {call!r}")
+        if not isinstance(trajectory, Trajectory):
+            raise TypeError(f"trajectory must be a Trajectory, got {type(trajectory).__name__}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be the nn.Module your loop calls as the teacher, got {type(module).__name__}")
         if schedule is None and start != 0:
             raise ValueError(
                 "attach needs a schedule, or the module stays on a degraded node for the whole run: pass "
@@ -102,10 +106,6 @@ class Attachment:
             if schedule != "manual":
                 raise ValueError(f"schedule must be a schedule object or 'manual', got {schedule!r}")
             schedule = None
-        if not isinstance(trajectory, Trajectory):
-            raise TypeError(f"trajectory must be a Trajectory, got {type(trajectory).__name__}")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be the nn.Module your loop calls as the teacher, got {type(module).__name__}")
         module = _unwrap(module)
         self.module, self.trajectory, self.call = module, trajectory, call
         self.prefix = _prefix(module, trajectory) if prefix is None else prefix
@@ -156,23 +156,29 @@ class Attachment:
             self.load_fake(fake)
 
     def _check_weights(self, live: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> None:
-        """The trajectory's teacher must be unchanged since recording/loading, and ``module`` must
-        hold the same weights (compared in the module's dtype, so a bf16 copy of an fp32 teacher fits)."""
+        """The trajectory's teacher must be unchanged since recording/loading (or only cast to another
+        dtype: :meth:`Trajectory.check_base`), and ``module`` must hold the same weights, compared in
+        the less precise of the two dtypes (a bf16 copy of an fp32 teacher fits, and so does an fp32
+        module beside a bf16 teacher cast from it, DMD2's SD layout)."""
         traj = self.trajectory
-        if tensors_fingerprint(base) != traj.base_fingerprint:
-            raise ValueError(
-                "the trajectory's teacher changed since the trajectory was recorded or loaded "
-                "(fingerprint); a node would be applied to the wrong weights"
-            )
+        traj.check_base()
         if all(id(live[n[len(self.prefix) :]]) == id(base[n]) for n in self._dst):
             return  # the module is (part of) the trajectory's teacher
         mine = {self.prefix + k: v for k, v in live.items()}
         theirs = {k: base[k] for k in mine if k in base}
-        dtype = lowest_float_dtype(mine)
+        dtype = lowest_float_dtype({f"{i}": t for i, t in enumerate([*mine.values(), *theirs.values()])})
         if set(mine) != set(theirs) or tensors_fingerprint(mine, dtype) != tensors_fingerprint(theirs, dtype):
+            a, b = lowest_float_dtype(mine), lowest_float_dtype(theirs)
+            dtypes = (
+                f" Their dtypes differ (module {_name(a)}, the trajectory's teacher {_name(b)}), but they differ "
+                f"even compared in {_name(dtype)}, so it is not a cast of the same weights: attach a copy of the "
+                "teacher the path was recorded on (in any dtype)"
+                if a != b and set(mine) == set(theirs)
+                else ""
+            )
             raise ValueError(
                 f"module ({type(self.module).__name__}) does not hold the weights of the trajectory's "
-                "teacher (fingerprint): its weights changed since recording, or it is another model"
+                "teacher (fingerprint): its weights changed since recording, or it is another model." + dtypes
             )
 
     # ------------------------------------------------------------------ moving along the path
@@ -212,31 +218,53 @@ class Attachment:
         self.cursor.moved(k)
 
     def load_fake(self, fake: nn.Module) -> None:
-        """Load node N into ``fake`` (a copy of the teacher: the user's fake score) in place."""
-        self.trajectory.load_into(_unwrap(fake), self.trajectory.last, prefix=self.prefix)
+        """Load node N into ``fake`` (a copy of the teacher: the user's fake score) in place.
 
-    def verify(self) -> float:
-        """Max abs difference between the module's output on the trajectory's probe now and the
-        output recorded for the node it holds. The probe is run by ``call`` if given to :func:`attach`,
+        A fake score in a finer dtype than the trajectory's teacher whose weights are the teacher's
+        (equal when cast to the teacher's dtype: an fp32 ``fake_unet`` beside a bf16 ``real_unet``,
+        DMD2's SD layout) keeps its own weights under the node (``W_fp32 + scale * B @ A``, as the
+        recording module held node N) instead of the teacher's rounded ones."""
+        fake = _unwrap(fake)
+        own = {self.prefix + k: v for k, v in _state(fake).items()}
+        base = self.trajectory.base_tensors()
+        finer = _finer_copy(own, base)
+        self.trajectory.load_into(fake, self.trajectory.last, prefix=self.prefix, base=finer)
+
+    def verify(self, node: int | None = None) -> float:
+        """Max abs difference between the module's output on the trajectory's probe now and node
+        ``node``'s (default: the node it holds). The probe is run by ``call`` if given to :func:`attach`,
         else by the trajectory's call convention (``trajectory.call_name``, saved with it); a module
         inside the trajectory's teacher (the UNet of a ``DiffusersDenoiser``, the transformer of a
-        ``FlowMatchDenoiser``) runs through that teacher, in whose units the probe was recorded."""
+        ``FlowMatchDenoiser``) runs through that teacher, in whose units the probe was recorded.
+
+        In the recorded precision (``trajectory.probe_dtype``) node k's output is the recorded one. A
+        module in another precision (a bf16 copy of a path recorded in fp32) is compared with node k's
+        weights written in its own dtypes into a private copy of it and run on the probe
+        (:func:`~disback_core.trajectory.node_references`): bf16 rounding moves the outputs more than
+        the nodes differ, so only its own precision tells its node from the others."""
         traj = self.trajectory
         if traj.probe is None:
             raise ValueError("the trajectory has no probe to verify against")
+        k = self.node if node is None else node
+        traj._check_index(k)
         # A module inside the trajectory's teacher is probed through that teacher, with the
         # trajectory's convention: the probe was recorded on the teacher.
         inside = any(m is self.module for m in traj.teacher.modules())
         if inside:
-            return probe_error(traj.teacher, traj.probe, self.node, self.call or traj.probe_runner())
-        if self.call is None and self.prefix:
+            probed, prefix, fn = traj.teacher, "", self.call or traj.probe_runner()
+        elif self.call is None and self.prefix:
             raise ValueError(
                 f"the probe was recorded on the trajectory's teacher ({type(traj.teacher).__name__}) in its "
                 f"units; this module ({type(self.module).__name__}) is a copy of its submodule "
                 f"{self.prefix[:-1]!r}, which cannot run it: attach the teacher's own submodule, or pass "
                 "attach(..., call=fn) that runs this module on the probe"
             )
-        return probe_error(self.module, traj.probe, self.node, traj.probe_runner(self.call))
+        else:
+            probed, prefix, fn = self.module, self.prefix, traj.probe_runner(self.call)
+        if traj.probe_dtype is None or lowest_float_dtype(_state(probed)) == traj.probe_dtype:
+            return probe_error(probed, traj.probe, k, fn)
+        ref = node_references(traj, probed, [k], fn, prefix=prefix, base=self.originals)[k]
+        return _max_error(probe_output(probed, traj.probe, fn), ref)
 
     def _copy_warning(self, memo: dict[int, Any]) -> nn.Module:
         """``copy.deepcopy`` of the attached module: warn when it holds a degraded node, then copy."""
@@ -290,6 +318,20 @@ class Attachment:
         self.trajectory._check_index(int(d["node"]))
         self.cursor.load_state_dict(dict(d))
         self._write(self.cursor.position)
+
+
+def _finer_copy(own: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> Mapping[str, Tensor] | None:
+    """``own`` if it holds ``base``'s tensors in a finer floating dtype (equal once cast to base's), else None."""
+    mine, theirs = lowest_float_dtype(own), lowest_float_dtype(base)
+    if mine is None or theirs is None or set(own) != set(base):
+        return None
+    if torch.finfo(mine).eps >= torch.finfo(theirs).eps:
+        return None
+    return own if tensors_fingerprint(own, theirs) == tensors_fingerprint(base, theirs) else None
+
+
+def _name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def attach(

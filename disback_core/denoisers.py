@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -234,6 +235,181 @@ class EDMPrecond(nn.Module):
 # diffusers models with a DDPM schedule.
 
 
+def _class_names(model: Any) -> set[str]:
+    return {c.__name__ for c in type(model).__mro__}
+
+
+def _has_cross_attention(model: nn.Module) -> bool:
+    """Whether a diffusers UNet has a cross-attention layer (one that reads ``encoder_hidden_states``)."""
+    return any(getattr(m, "is_cross_attention", False) is True for m in model.modules())
+
+
+def _text_dim(config: Any) -> tuple[str, int] | None:
+    """``(config field, width)`` a UNet2DConditionModel's ``encoder_hidden_states`` must have in its
+    last dimension, or None where it is not one number (per-block widths, image projections)."""
+    hid_type, hid_dim = getattr(config, "encoder_hid_dim_type", None), getattr(config, "encoder_hid_dim", None)
+    if hid_type is None and hid_dim is None:
+        field, want = "cross_attention_dim", getattr(config, "cross_attention_dim", None)
+    elif hid_type in (None, "text_proj", "text_image_proj"):  # projected by encoder_hid_proj first
+        field, want = "encoder_hid_dim", hid_dim
+    else:
+        return None
+    if isinstance(want, (list, tuple)):
+        want = want[0] if want and all(w == want[0] for w in want) else None
+    return (field, int(want)) if isinstance(want, int) and not isinstance(want, bool) else None
+
+
+def _rows(name: str, v: Tensor, batch: int) -> None:
+    if v.ndim == 0 or v.shape[0] != batch:
+        rows = "no batch dimension" if v.ndim == 0 else f"{v.shape[0]} rows"
+        raise ValueError(f"{name} has {rows} (shape {tuple(v.shape)}) but the batch has {batch} samples")
+
+
+def _check_class_labels(model: nn.Module, name: str, v: Any, batch: int) -> None:
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} (class labels) must be a tensor, got {type(v).__name__}")
+    table = getattr(model, "class_embedding", None)
+    if not isinstance(table, nn.Embedding):  # timestep / identity / projection embeddings take floats
+        _rows(name, v, batch)
+        return
+    n = int(getattr(model.config, "num_class_embeds", None) or table.num_embeddings)
+    if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+        raise TypeError(
+            f"{name} (class labels) has dtype {v.dtype}, but the model's class embedding is a table of "
+            f"config.num_class_embeds = {n} classes: pass integer labels in 0..{n - 1} (e.g. labels.long())"
+        )
+    if v.ndim != 1:
+        raise ValueError(
+            f"{name} (class labels) has shape {tuple(v.shape)}: expected [batch] = [{batch}], one label per sample"
+        )
+    _rows(f"{name} (class labels)", v, batch)
+    if v.numel() and bool(((v < 0) | (v >= n)).any()):
+        raise ValueError(
+            f"{name} (class labels) holds values {int(v.min())}..{int(v.max())}, but the model's "
+            f"config.num_class_embeds is {n}: expected integer labels in 0..{n - 1}"
+        )
+
+
+def _check_sdxl(model: nn.Module, name: str, v: Any, batch: int) -> None:
+    """SDXL's ``added_cond_kwargs``: ``text_embeds [B, Dt]`` and ``time_ids [B, n]`` must give
+    ``Dt + n * config.addition_time_embed_dim == config.projection_class_embeddings_input_dim`` (the
+    input width of ``add_embedding``). Other ``addition_embed_type`` values (Kandinsky's image
+    embeddings) are left to diffusers: their widths come from several config fields per type."""
+    config: Any = getattr(model, "config", None)
+    if not isinstance(v, Mapping):
+        raise TypeError(
+            f"{name} must be a dict {{'text_embeds': [batch, D], 'time_ids': [batch, 6]}} (the model's "
+            f"config.addition_embed_type is 'text_time'), got {type(v).__name__}"
+        )
+    for key in ("text_embeds", "time_ids"):
+        t = v.get(key)
+        if not isinstance(t, Tensor):
+            raise ValueError(
+                f"{name} has no tensor {key!r}: the model's config.addition_embed_type is 'text_time' (SDXL), "
+                "which needs {'text_embeds': [batch, D], 'time_ids': [batch, 6]}"
+            )
+        if t.ndim != 2:
+            raise ValueError(f"{name}[{key!r}] has shape {tuple(t.shape)}: expected [batch, features]")
+        _rows(f"{name}[{key!r}]", t, batch)
+    text, ids = v["text_embeds"], v["time_ids"]
+    per_id = getattr(config, "addition_time_embed_dim", None)
+    want = getattr(config, "projection_class_embeddings_input_dim", None)
+    if not isinstance(per_id, int) or not isinstance(want, int):
+        return
+    got = text.shape[-1] + ids.shape[-1] * per_id
+    if got != want:
+        raise ValueError(
+            f"{name}: text_embeds {tuple(text.shape)} and time_ids {tuple(ids.shape)} give {text.shape[-1]} + "
+            f"{ids.shape[-1]} x config.addition_time_embed_dim ({per_id}) = {got} features, but the model's "
+            f"config.projection_class_embeddings_input_dim is {want}: expected text_embeds "
+            f"[batch, {want - ids.shape[-1] * per_id}] beside these time_ids"
+        )
+
+
+def _unet_kind(model: Any) -> str | None:
+    """``"condition"`` for a diffusers UNet2DConditionModel, ``"plain"`` for a UNet2DModel, else None."""
+    classes = _class_names(model)
+    if "UNet2DConditionModel" in classes:
+        return "condition"
+    return "plain" if "UNet2DModel" in classes else None
+
+
+def _check_unet_cond(
+    model: nn.Module, kwargs: Mapping[str, Any], batch: int, names: Mapping[str, str], text_ok: bool
+) -> None:
+    """Check a diffusers UNet's condition keywords against its config before the call (the model's
+    own errors are matrix-shape mismatches deep inside it). ``names`` maps each keyword to what the
+    user passed it as (``"cond"`` or ``"cond['key']"``); ``text_ok``: the model has cross-attention.
+    A condition the model does not use (no class embedding, no cross-attention, no added embedding)
+    is refused: diffusers would drop it silently or fail."""
+    cls = type(model).__name__
+    config: Any = getattr(model, "config", None)
+    class_ok = getattr(model, "class_embedding", None) is not None
+    added = getattr(config, "addition_embed_type", None)
+    uses = {
+        "encoder_hidden_states": text_ok or added in ("text", "text_image"),
+        "class_labels": class_ok,
+        "added_cond_kwargs": added is not None,
+    }
+    given = {k: v for k, v in kwargs.items() if k in uses and v is not None}
+    unused = [k for k in given if not uses[k]]
+    if unused:
+        key = unused[0]
+        if not any(uses.values()):
+            raise ValueError(
+                f"{names.get(key, key)} was given, but the model ({cls}) is unconditional: no class embedding "
+                "(config.num_class_embeds and config.class_embed_type are None) and no cross-attention, so "
+                "the condition would be dropped; pass cond=None, or wrap a conditional model"
+            )
+        what = {
+            "encoder_hidden_states": "it has no cross-attention layer",
+            "class_labels": "it has no class embedding (config.num_class_embeds and config.class_embed_type are None)",
+            "added_cond_kwargs": "its config.addition_embed_type is None",
+        }[key]
+        raise ValueError(
+            f"{names.get(key, key)} was given as {key!r}, but the model ({cls}) does not use {key!r}: {what}, "
+            "so it would be dropped"
+        )
+    if text_ok:
+        dim = _text_dim(config)
+        v = given.get("encoder_hidden_states")
+        if v is None:
+            shape = f"[batch, tokens, {dim[1]}]" if dim else "[batch, tokens, dim]"
+            where = "as cond" if names.get("encoder_hidden_states") == "cond" else "in a dict cond"
+            raise ValueError(
+                f"the model ({cls}) has cross-attention: pass its text condition (encoder_hidden_states) "
+                f"{shape} {where}"
+            )
+        name = names.get("encoder_hidden_states", "encoder_hidden_states")
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name} (the text condition) must be a tensor, got {type(v).__name__}")
+        if dim is not None and (v.ndim != 3 or v.shape[-1] != dim[1]):
+            raise ValueError(
+                f"{name} has shape {tuple(v.shape)}, but the model's config.{dim[0]} is {dim[1]}: "
+                f"expected [batch, tokens, {dim[1]}]"
+            )
+        _rows(name, v, batch)
+    if class_ok:
+        if "class_labels" not in given:
+            n = getattr(config, "num_class_embeds", None)
+            what = f"config.num_class_embeds = {n}" if n else f"config.class_embed_type = {config.class_embed_type!r}"
+            where = (
+                "as cond"
+                if names.get("class_labels") == "cond" or not text_ok
+                else "in a dict cond, under 'class_labels'"
+            )
+            raise ValueError(f"the model ({cls}) is class-conditional ({what}): pass its class labels [batch] {where}")
+        _check_class_labels(model, names.get("class_labels", "class_labels"), given["class_labels"], batch)
+    if added == "text_time":
+        v = given.get("added_cond_kwargs")
+        if v is None:
+            raise ValueError(
+                f"the model ({cls}) has config.addition_embed_type 'text_time' (SDXL): pass cond as a dict with "
+                "'added_cond_kwargs': {'text_embeds': [batch, D], 'time_ids': [batch, 6]}"
+            )
+        _check_sdxl(model, names.get("added_cond_kwargs", "added_cond_kwargs"), v, batch)
+
+
 def _unet_cond_kwarg(model: nn.Module) -> str:
     """Which keyword a tensor conditioning goes to for a diffusers UNet."""
     try:
@@ -318,6 +494,9 @@ class DiffusersDenoiser(nn.Module):
         self.timestep = timestep
         self.clamp = clamp
         self.cond_kwarg = cond_kwarg or _unet_cond_kwarg(model)
+        # diffusers UNets: the condition is checked against the config at each call (_check_unet_cond)
+        self._unet = _unet_kind(model)
+        self._cross_attention = self._unet == "condition" and _has_cross_attention(model)
         self.register_buffer("log_sigmas", sig.log(), persistent=False)
 
     @property
@@ -356,10 +535,16 @@ class DiffusersDenoiser(nn.Module):
 
     def _call_model(self, x_in: Tensor, t: Tensor, cond: Any) -> Tensor:
         kwargs: dict[str, Any] = {}
+        names: dict[str, str] = {self.cond_kwarg: "cond"}
         if isinstance(cond, Mapping):
             kwargs.update(cond)
+            names = {k: f"cond[{k!r}]" for k in cond}
         elif cond is not None:
             kwargs[self.cond_kwarg] = cond
+        if self._unet is not None:
+            _check_unet_cond(self.model, kwargs, x_in.shape[0], names, self._cross_attention)
+        if self._unet == "condition":
+            kwargs.setdefault("encoder_hidden_states", None)  # a positional argument, unused without cross-attention
         out = self.model(x_in, t, return_dict=False, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
@@ -398,15 +583,17 @@ class CFGDenoiser(nn.Module):
     affine in eps. Both branches run as one batch. Meant for the teacher (DMD2 guides the
     teacher only, never the fake score). ``uncond`` is the unconditional input for one sample
     (e.g. the null class label or the empty-prompt embedding) and is broadcast to the batch.
+
+    Checked here, not at the first call: ``denoiser`` callable as ``D(x, sigma, cond)``, ``scale``
+    a finite real number (not a bool), ``uncond`` a tensor or a (nested) dict of tensors.
     """
 
     def __init__(self, denoiser: nn.Module, scale: float, uncond: Any):
         super().__init__()
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+        check_denoiser(denoiser, "denoiser")
         self.denoiser = denoiser
-        self.scale = float(scale)
-        self.uncond = uncond
+        self.scale = _real(scale, "scale")
+        self.uncond = _check_uncond(uncond, "uncond")
 
     def _uncond_like(self, cond: Any) -> Any:
         return _uncond_like(self.uncond, cond, "uncond")
@@ -419,6 +606,39 @@ class CFGDenoiser(nn.Module):
         both = self.denoiser(torch.cat([x, x]), torch.cat([s, s]), cat_cond(self._uncond_like(cond), cond))
         d_u, d_c = both.chunk(2)
         return d_u + self.scale * (d_c - d_u)
+
+
+def _real(v: Any, name: str) -> float:
+    """``v`` as a float if it is a finite real number (a bool, string or multi-element tensor is refused)."""
+    if isinstance(v, Tensor) and v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}: {v!r}"[:200])
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be finite, got {f}")
+    return f
+
+
+_UNCOND = "the null condition for one sample, e.g. the null class label or the empty-prompt embedding"
+
+
+def _check_uncond(u: Any, name: str) -> Any:
+    """A CFG ``uncond``: a tensor or a non-empty (nested) dict of tensors; returned unchanged."""
+    if isinstance(u, Mapping):
+        if not u:
+            raise ValueError(f"{name} is an empty dict; it must be {_UNCOND} (a dict cond's uncond has its keys)")
+        for k, v in u.items():
+            _check_uncond(v, f"{name}[{k!r}]")
+        return u
+    if isinstance(u, int) and not isinstance(u, bool):  # a null class label given as a plain int
+        return torch.tensor(u)
+    if not isinstance(u, Tensor):
+        raise TypeError(
+            f"{name} must be {_UNCOND}: an int class label, a tensor (e.g. torch.tensor(1000) or text_encoder(['']) [tokens, dim]) "
+            f"or a dict of tensors for a dict cond; got {type(u).__name__}"
+        )
+    return u
 
 
 def _uncond_like(u: Any, cond: Any, name: str) -> Any:

@@ -36,10 +36,21 @@ from torch import Tensor, nn
 
 from .checks import check_number
 from .denoisers import check_denoiser, cond_rows, freeze, map_cond, pad_dims, takes_args
-from .lora import LoraSpec, inject_lora, lora_parameters, lora_state, lora_targets, node_weight, remove_lora, svd_lora
+from .lora import (
+    LoraSpec,
+    inject_lora,
+    lora_parameters,
+    lora_state,
+    lora_targets,
+    node_layers,
+    node_weight,
+    remove_lora,
+    svd_lora,
+    write_node_weight_,
+)
 from .step import as_batch, call_generator
 from .storage import lowest_float_dtype, tensors_fingerprint
-from .trajectory import DEFAULT_CALL, Probe, Trajectory, _state, resolve_call
+from .trajectory import DEFAULT_CALL, Probe, Trajectory, _deepcopy_quietly, _state, resolve_call
 
 __all__ = [
     "record_degradation",
@@ -172,9 +183,11 @@ class DegradationRecorder:
     Args:
         teacher: node 0 (not modified).
         module: the degrading score: the user's copy of the teacher (it must hold the teacher's
-            weights at the start); default a private copy. In ``"lora"`` mode a LoRA slot is put on
-            it in place (its other weights frozen meanwhile) and taken off again by :meth:`trajectory`,
-            which restores its ``requires_grad`` flags; in ``"full"``/``"svd"`` mode it is trained as it is.
+            weights at the start, in any dtype: compared in the less precise one, so an fp32 copy
+            beside a bf16 teacher cast from it fits, DMD2's SD layout); default a private copy. In
+            ``"lora"`` mode a LoRA slot is put on it in place (its other weights frozen meanwhile) and
+            taken off again by :meth:`trajectory`, which restores its ``requires_grad`` flags; in
+            ``"full"``/``"svd"`` mode it is trained as it is.
         interval: a node every ``interval`` steps; or give ``steps`` and ``nodes`` (interval ``steps // nodes``,
             at most ``nodes`` nodes).
         mode: ``"lora"``, ``"svd"`` or ``"full"``.
@@ -198,6 +211,10 @@ class DegradationRecorder:
         optimizer / max_grad_norm: a factory ``optimizer(params)`` replacing that Adam (then set its
             learning rate yourself), and gradient clipping; unused if you step your own optimizer and
             call :meth:`step`.
+
+    Precision: each node's probe outputs are computed in the teacher's own dtypes, by a copy of the
+    teacher holding the node as :meth:`Trajectory.target` will (with an fp32 ``module`` beside a bf16
+    teacher, the module's own fp32 outputs could not be reproduced from the bf16 teacher's weights).
 
     The recording loss must be computed with :attr:`module` (the degrading copy): :meth:`update`
     refuses a loss that gives its trainable parameters no gradient, and a node equal to the previous
@@ -254,17 +271,28 @@ class DegradationRecorder:
             _check_same_weights(module, teacher)
         self.module = module
         self._flags = [(p, p.requires_grad) for p in module.parameters()]
+        # A module in other dtypes than the teacher's (fp32 beside a bf16 teacher): node outputs are
+        # recorded by a copy of the teacher holding the node in the teacher's precision (_precise_work).
+        self._cast = _dtypes(module) != _dtypes(teacher)
+        self._work: nn.Module | None = None
+        self._svd_base: dict[str, Tensor] | None = None
         if mode == "lora":
             inject_lora(module, self._lora_spec())
         elif mode == "svd":
             self._targets = lora_targets(teacher, self.spec)
             self._svd_work = freeze(copy.deepcopy(teacher))
+            if self._cast:  # the deltas are taken against the module's own start, not the cast teacher
+                start = _state(module)
+                self._svd_base = {
+                    f"{t.name}.weight": start[f"{t.name}.weight"].detach().to("cpu", copy=True) for t in self._targets
+                }
             if self.owned:  # train only what a node can hold, so the SVD error is the whole error
                 keep = {f"{t.name}.weight" for t in self._targets}
                 for name, p in module.named_parameters():
                     p.requires_grad_(name in keep)
         self.probe: tuple[Tensor, Tensor, Any] | None = None
         self.outputs: list[Tensor] = []
+        self._last_out: Tensor | None = None  # the module's own output at the last node (has it moved?)
         self.nodes: list[dict[str, Tensor]] = []
         self.node_steps: list[int] = []
         self.svd_error: list[float] = []
@@ -284,6 +312,7 @@ class DegradationRecorder:
         if inputs is None:
             raise TypeError("probe must be clean samples x0 (a tensor) or a tuple (x, sigma, cond), not None")
         self.outputs = [_run(self.teacher, self.call, inputs)]
+        self._last_out = _run(self.module, self.call, inputs) if self._cast else self.outputs[0]
 
     def _lora_spec(self) -> LoraSpec:
         """The resolved LoRA spec of a ``"lora"``/``"svd"`` recorder (``__init__`` sets it for those modes)."""
@@ -339,13 +368,14 @@ class DegradationRecorder:
         """Take a node now (``step`` does it every ``interval`` steps)."""
         probe = self.probe
         out = _run(self.module, self.call, probe) if probe is not None else None
-        previous = self.outputs[-1] if self.outputs else None
+        previous = self._last_out
         if out is not None and previous is not None and torch.equal(out, previous):
             raise RuntimeError(
                 f"degradation node {len(self.nodes) + 1} gives exactly the outputs of the node before it: "
                 "rec.module did not move. Train rec.module itself (rec.update(loss on rec.module), or step "
                 "an optimizer over rec.parameters() and call rec.step())"
             )
+        self._last_out = out
         if self.mode == "lora":
             self.nodes.append(lora_state(self.module))
         elif self.mode == "full":
@@ -353,7 +383,7 @@ class DegradationRecorder:
         else:
             base = _state(self.teacher)
             scale = self._lora_spec().scale
-            node, err = svd_lora(self._targets, base, _state(self.module), scale)
+            node, err = svd_lora(self._targets, self._svd_base or base, _state(self.module), scale)
             self.nodes.append(node)
             self.svd_error.append(err)
             work = _state(self._svd_work)
@@ -367,10 +397,34 @@ class DegradationRecorder:
                 self.svd_output_error.append(
                     float((out - full_out).norm() / (full_out - self.outputs[0]).norm().clamp_min(1e-12))
                 )
+        if out is not None and probe is not None and self._cast and self.mode != "svd":
+            out = _run(self._precise_work(self.nodes[-1]), self.call, probe)
         if out is not None:
             self.outputs.append(out)
         self.node_steps.append(self.steps_done)
         log.info("degradation node %d at step %d", len(self.nodes), self.steps_done)
+
+    def _precise_work(self, node: dict[str, Tensor]) -> nn.Module:
+        """A copy of the teacher (its dtypes, sharing the tensors a node leaves alone) holding ``node``,
+        written as :meth:`Trajectory.write` writes it: the node in the teacher's own precision."""
+        base = _state(self.teacher)
+        if self.mode == "lora":
+            scale = self._lora_spec().scale
+            touched = {f"{layer}.weight" for layer in node_layers(node)}
+        else:
+            touched = set(base)
+        if self._work is None:
+            memo = {id(t): t for n, t in base.items() if n not in touched}
+            self._work = _deepcopy_quietly(self.teacher, memo).eval()
+        work = _state(self._work)
+        with torch.no_grad():
+            for name in touched:
+                b = base[name].to(work[name].device, work[name].dtype)
+                if self.mode == "lora":
+                    write_node_weight_(work[name], b, node, name[: -len(".weight")], scale)
+                else:
+                    work[name].copy_(node[name])
+        return self._work
 
     def trajectory(self, meta: dict[str, Any] | None = None) -> Trajectory:
         """Finish: the recorded path (node 0 = teacher). In ``"lora"`` mode the slot is taken off the
@@ -435,14 +489,30 @@ def _interval(interval: int | None, steps: int | None, nodes: int | None) -> tup
     return steps // nodes, nodes
 
 
+def _dtypes(module: nn.Module) -> dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in module.state_dict().items()}
+
+
 def _check_same_weights(module: nn.Module, teacher: nn.Module) -> None:
+    """``module`` holds the teacher's weights, compared in the less precise of their dtypes (the
+    fp32 weights a bf16 teacher was cast from fit it: DMD2's SD layout)."""
     a, b = module.state_dict(), teacher.state_dict()
     if set(a) != set(b):
         diff = sorted(set(a) ^ set(b))
         raise ValueError(f"module must be a copy of the teacher; their tensors differ, e.g. {diff[:3]}")
-    dtype = lowest_float_dtype(a)
+    dtype = lowest_float_dtype({f"{i}": t for i, t in enumerate([*a.values(), *b.values()])})
     if tensors_fingerprint(a, dtype) != tensors_fingerprint(b, dtype):
-        raise ValueError("module must start as a copy of the teacher, but its weights differ from the teacher's")
+        da, db = lowest_float_dtype(a), lowest_float_dtype(b)
+        if da == db:
+            raise ValueError("module must start as a copy of the teacher, but its weights differ from the teacher's")
+        name = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"module must start as a copy of the teacher, but its weights differ from the teacher's even "
+            f"compared in {name} (module {str(da).removeprefix('torch.')}, teacher "
+            f"{str(db).removeprefix('torch.')}): it is not a cast of the same weights. Pass the "
+            "teacher the module was copied from, or a copy of the teacher cast to the dtype you train in "
+            "(e.g. copy.deepcopy(teacher).float())"
+        )
 
 
 def _probe(probe: Any, teacher: nn.Module) -> tuple[Tensor, Tensor, Any] | None:

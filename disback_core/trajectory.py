@@ -45,7 +45,14 @@ from torch import Tensor, nn
 from .denoisers import freeze, map_cond
 from .interpolate import check_position, target_at
 from .lora import LoraSpec, check_node, inject_lora, load_lora_state, lora_template, node_layers, write_node_weight_
-from .storage import StorageError, atomic_write_bytes, fsync_dir, remove_files, tensors_fingerprint
+from .storage import (
+    StorageError,
+    atomic_write_bytes,
+    fsync_dir,
+    lowest_float_dtype,
+    remove_files,
+    tensors_fingerprint,
+)
 from .trajectory_files import (
     FINGERPRINT_DTYPES,
     FORMAT,
@@ -85,6 +92,8 @@ __all__ = [
     "call_conventions",
     "resolve_call",
     "manifest_digest",
+    "probe_error",
+    "node_references",
 ]
 
 DEFAULT_CALL = "denoiser"
@@ -272,6 +281,16 @@ class Trajectory:
             convention's name (default ``"denoiser"``: ``module(x, sigma, cond)``) or a function;
             the name is saved in the manifest (attributes ``call_name`` and ``call_fn``).
         base_fingerprint: the teacher's fingerprint if already known (``load`` passes the verified one).
+        base_fingerprints: its fingerprints cast to float32/bfloat16/float16 (:attr:`base_fingerprints`),
+            if already known (``load`` passes the manifest's verified ones); else computed here.
+
+    Precision: :attr:`probe_dtype` is the dtype the probe outputs were computed in (the teacher's
+    lowest floating dtype when recorded: the recorder runs each node in the teacher's precision). A
+    module verified in another dtype (a bf16 copy of an fp32 path, or the teacher cast after
+    recording) is compared with node k's weights written in its own dtype and run on the probe
+    (:func:`node_references`): the recorded outputs differ from any bf16 run by its rounding, more
+    than the nodes differ from each other. The teacher may be cast to another floating dtype after
+    recording: :meth:`check_base` accepts it when its weights are the recorded ones cast.
 
     Every node is checked against the teacher here: a key, shape or dtype that does not fit is an
     error naming the node and the key.
@@ -291,6 +310,7 @@ class Trajectory:
         base_fingerprint: str | None = None,
         call: str | Callable[..., Tensor] | None = None,
         call_name: str | None = None,
+        base_fingerprints: Mapping[str, str] | None = None,
     ):
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
@@ -317,7 +337,17 @@ class Trajectory:
         self._template = self._node_template()
         for k in range(1, len(self.nodes) + 1):
             self._check_node(k)
-        self.base_fingerprint = base_fingerprint or tensors_fingerprint(teacher.state_dict())
+        state = teacher.state_dict()
+        self.base_fingerprint = base_fingerprint or tensors_fingerprint(state)
+        # The recorded base in every dtype it may be cast to later (a bf16 real_unet in DMD2's SD layout):
+        # kept now, since the weights they describe are gone once the teacher is cast in place.
+        self.base_dtype: torch.dtype | None = lowest_float_dtype(state)
+        self.base_fingerprints: dict[str, str] = (
+            dict(base_fingerprints)
+            if base_fingerprints is not None
+            else _cast_fingerprints(state, self.base_fingerprint)
+        )
+        self.probe_dtype: torch.dtype | None = self.base_dtype  # the precision the probe outputs were computed in
         self._base_override: dict[str, Tensor] = {}  # originals kept by an attachment of the teacher itself
         self._work: nn.Module | None = None
         self.active_node: float = -1  # which node (or interpolate.py position) the working copy holds; -1: none
@@ -375,6 +405,38 @@ class Trajectory:
         base = _state(self.teacher)
         base.update(self._base_override)
         return base
+
+    def check_base(self) -> None:
+        """Refuse a teacher whose weights changed since recording or loading (a node would be applied
+        to the wrong weights). A teacher cast to another floating dtype since then (float32, bfloat16
+        or float16) is accepted when its weights equal the recorded ones cast to that dtype; otherwise
+        the error names both dtypes and what to do."""
+        base = self.base_tensors()
+        if tensors_fingerprint(base) == self.base_fingerprint:
+            return
+        now = lowest_float_dtype(base)
+        if now == self.base_dtype or now is None or self.base_dtype is None:
+            raise ValueError(
+                "the trajectory's teacher changed since the trajectory was recorded or loaded "
+                "(fingerprint); a node would be applied to the wrong weights"
+            )
+        cast = self.base_fingerprints.get(_dtype_name(now))
+        if cast is not None and cast == tensors_fingerprint(base, now):
+            return  # only cast: node k is W + delta on the cast weights
+        was, new = _dtype_name(self.base_dtype), _dtype_name(now)
+        if cast is None:
+            raise ValueError(
+                f"the trajectory's teacher was cast from {was} (as recorded) to {new}, a dtype whose fingerprint "
+                f"the trajectory does not keep (only {sorted(self.base_fingerprints)}): cast the teacher back "
+                f"to {was}, or to one of those"
+            )
+        raise ValueError(
+            f"the trajectory's teacher changed since the trajectory was recorded or loaded: its weights are "
+            f"{new} now, {was} when recorded, and they differ from the recorded weights even cast to {new} "
+            "(fingerprint), so it is not only a cast: a node would be applied to the wrong weights. Attach "
+            f"to the teacher the path was recorded on (any cast of it), or load the saved path with "
+            "Trajectory.load(folder, teacher)"
+        )
 
     def write(
         self,
@@ -461,13 +523,14 @@ class Trajectory:
             freeze(m)
         return m
 
-    def load_into(self, module: nn.Module, k: int, prefix: str = "") -> None:
+    def load_into(self, module: nn.Module, k: int, prefix: str = "", base: Mapping[str, Tensor] | None = None) -> None:
         """Make ``module`` (a copy of the teacher, e.g. the user's fake score) equal node ``k`` in place:
-        node tensors from node k, every other tensor from the teacher. Its parameters keep their
+        node tensors from node k, every other tensor from the teacher (``base``: the teacher's tensors
+        to use, default :meth:`base_tensors`; may be the module's own). Its parameters keep their
         identity (an optimizer holding them keeps working), ``requires_grad`` and train mode."""
         self._check_index(k)
         dst = {prefix + n: t for n, t in _state(module).items()}
-        base = self.base_tensors()
+        base = self.base_tensors() if base is None else base
         missing = sorted(set(base) - set(dst))
         unexpected = sorted(set(dst) - set(base))
         if missing or unexpected:
@@ -513,7 +576,13 @@ class Trajectory:
         if self.probe is None:
             raise ValueError("this trajectory has no probe to verify against")
         fn = self.probe_runner(call)
-        return [probe_error(self.target(k), self.probe, k, fn) for k in range(len(self))]
+        now = lowest_float_dtype(self.base_tensors())
+        if self.probe_dtype is None or now == self.probe_dtype:
+            return [probe_error(self.target(k), self.probe, k, fn) for k in range(len(self))]
+        # The teacher was cast after recording: the recorded outputs hold the other precision's rounding,
+        # so each target is compared with its node's weights written, in the teacher's dtype, into a copy.
+        refs = node_references(self, self.teacher, range(len(self)), fn)
+        return [_max_error(probe_output(self.target(k), self.probe, fn), refs[k]) for k in range(len(self))]
 
     # ------------------------------------------------------------------ persistence
 
@@ -555,7 +624,10 @@ class Trajectory:
             "library": f"disback {__version__}",
             "kind": self.kind,
             "base_fingerprint": self.base_fingerprint,
-            "base_fingerprints": {_dtype_name(d): tensors_fingerprint(base, d) for d in FINGERPRINT_DTYPES},
+            "base_fingerprints": {
+                name: self.base_fingerprints.get(name) or tensors_fingerprint(base, d)
+                for name, d in ((_dtype_name(d), d) for d in FINGERPRINT_DTYPES)
+            },
             "lora": self.lora.to_json() if self.lora else None,
             "node_count": len(nodes),
             "nodes": nodes,
@@ -614,6 +686,8 @@ class Trajectory:
             if man["probe"] is not None
             else None
         )
+        fps = man.get("base_fingerprints")
+        exact = fp is not None and fp == man["base_fingerprint"] and isinstance(fps, dict)
         try:
             traj = cls(
                 teacher,
@@ -625,6 +699,10 @@ class Trajectory:
                 probe=probe,
                 meta=man["meta"],
                 base_fingerprint=fp,
+                # the manifest's cast fingerprints describe this very teacher when it matched exactly
+                base_fingerprints=fps
+                if exact and isinstance(fps, dict) and len(fps) == len(FINGERPRINT_DTYPES)
+                else None,
             )
         except StorageError:
             raise
@@ -632,16 +710,69 @@ class Trajectory:
             raise StorageError(f"{where}: the stored trajectory does not fit this teacher: {e}") from e
         traj.call_name = name
         traj.call_fn = call if call is not None else _CALLS.get(name)
+        traj.probe_dtype = _recorded_dtype(man) or traj.probe_dtype
         return traj
+
+
+def probe_output(module: Callable[..., Any], probe: Probe, call: Callable[..., Tensor] = call_module) -> Tensor:
+    """``module``'s output on the probe inputs (moved to its device), as float32 on the CPU."""
+    dev = next((p.device for p in getattr(module, "parameters", lambda: iter(()))()), probe.x.device)
+    with torch.no_grad():
+        out = call(module, probe.x.to(dev), probe.sigma.to(dev), map_cond(lambda t: t.to(dev), probe.cond))
+    return out.detach().float().cpu()
+
+
+def _max_error(out: Tensor, ref: Tensor) -> float:
+    err = (out - ref.float()).abs().max()
+    return float(err) if torch.isfinite(err) else float("inf")
 
 
 def probe_error(module: Callable[..., Any], probe: Probe, k: int, call: Callable[..., Tensor] = call_module) -> float:
     """Max abs difference between ``module``'s output on the probe and node ``k``'s recorded one."""
-    dev = next((p.device for p in getattr(module, "parameters", lambda: iter(()))()), probe.x.device)
-    with torch.no_grad():
-        out = call(module, probe.x.to(dev), probe.sigma.to(dev), map_cond(lambda t: t.to(dev), probe.cond))
-    err = (out.detach().float().cpu() - probe.outputs[k].float()).abs().max()
-    return float(err) if torch.isfinite(err) else float("inf")
+    return _max_error(probe_output(module, probe, call), probe.outputs[k])
+
+
+def node_references(
+    trajectory: Trajectory,
+    module: nn.Module,
+    nodes: Sequence[int],
+    call: Callable[..., Tensor],
+    *,
+    prefix: str = "",
+    base: Mapping[str, Tensor] | None = None,
+) -> dict[int, Tensor]:
+    """The probe outputs of ``nodes`` in ``module``'s own dtypes and on its device: node k's weights
+    written (``W + scale * B @ A`` from ``base``, default the trajectory's base tensors, summed in fp32
+    and cast once to each tensor's dtype, as an attachment writes them) into one private copy of
+    ``module``, which is then run on the probe by ``call``. ``prefix``: where ``module`` sits in the
+    trajectory's teacher. The reference for a module held in another precision than the recorded
+    outputs' (:attr:`Trajectory.probe_dtype`): a bf16 module's outputs differ from fp32 ones by more
+    than nodes differ from each other, so only outputs in its own precision tell its node apart."""
+    if trajectory.probe is None:
+        raise ValueError("the trajectory has no probe to verify against")
+    work = _deepcopy_quietly(module)
+    state = _state(work)
+    dst = {name: state[name[len(prefix) :]] for name in trajectory.layers()}
+    out: dict[int, Tensor] = {}
+    for k in nodes:
+        trajectory.write(dst, k, base)
+        out[k] = probe_output(work.eval(), trajectory.probe, call)
+    return out
+
+
+def _cast_fingerprints(state: Mapping[str, Tensor], exact: str) -> dict[str, str]:
+    """The state's fingerprint cast to each of :data:`FINGERPRINT_DTYPES` (the exact one where no cast changes it)."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    return {_dtype_name(d): exact if dtypes == {d} else tensors_fingerprint(state, d) for d in FINGERPRINT_DTYPES}
+
+
+def _recorded_dtype(man: Mapping[str, Any]) -> torch.dtype | None:
+    """The teacher's dtype when a manifest was recorded: the dtype whose cast fingerprint is the exact
+    one (None for a teacher of mixed floating dtypes, or a format-1 manifest without them)."""
+    fps = man.get("base_fingerprints")
+    if not isinstance(fps, dict):
+        return None
+    return next((d for d in FINGERPRINT_DTYPES if fps.get(_dtype_name(d)) == man.get("base_fingerprint")), None)
 
 
 class TrajectoryTarget(nn.Module):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_unet2d
+from conftest import tiny_unet2d, tiny_unet2d_condition
 
 import disback_core as D
 from disback_core.adapters import DMD2, DiffInstruct, SiD
@@ -20,6 +20,35 @@ ONES = torch.ones(4)
 GEN = D.make_generator(NET, 80.0)
 SGD = lambda: torch.optim.SGD(NET.parameters(), 0.1)  # noqa: E731
 ABAR = torch.linspace(0.99, 0.01, 10)
+
+
+UX = torch.randn(2, 2, 8, 8)
+
+
+def _unet(cond=False, **kw):
+    from diffusers import DDPMScheduler
+
+    return D.DiffusersDenoiser((tiny_unet2d_condition if cond else tiny_unet2d)(**kw), scheduler=DDPMScheduler())
+
+
+def _sdxl_width(tmp):
+    d = _unet(True, addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=34)
+    added = {"text_embeds": torch.zeros(2, 12), "time_ids": torch.zeros(2, 6)}
+    return d(UX, 1.0, {"encoder_hidden_states": torch.zeros(2, 5, 12), "added_cond_kwargs": added})
+
+
+def _record_on_another_bf16_teacher(tmp):
+    teacher = D.edm_mlp(2, width=8, depth=1).to(torch.bfloat16)
+    return D.DegradationRecorder(teacher, D.edm_mlp(2, width=8, depth=1), interval=1)
+
+
+def _attach_cast_and_changed(tmp):
+    net = D.edm_mlp(2, width=8, depth=1)
+    traj = D.Trajectory(net, [D.trainable_copy(net)], kind="full")
+    net.to(torch.bfloat16)
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    return D.attach(net, traj, "manual")
 
 
 def _raw_unet_export(tmp):
@@ -46,10 +75,19 @@ ROWS = [
     ("diffusers-prediction", "DiffusersDenoiser prediction_type declared", lambda t: D.DiffusersDenoiser(NET, ABAR, "foo"), ValueError, "prediction_type"),
     ("diffusers-schedule", "alphas_cumprod in (0, 1), decreasing", lambda t: D.DiffusersDenoiser(NET, ABAR.flip(0), "epsilon"), ValueError, "strictly decreasing"),
     ("diffusers-sigma-range", "sigma inside the schedule (or clamp=True)", lambda t: D.DiffusersDenoiser(NET, ABAR, "epsilon")(X, ONES * 1e4), ValueError, "outside the schedule"),
-    ("cfg-scale", "CFG scale finite", lambda t: D.CFGDenoiser(NET, float("nan"), None), ValueError, "scale must be finite"),
+    ("cfg-scale", "CFG scale finite", lambda t: D.CFGDenoiser(NET, float("nan"), torch.zeros(1)), ValueError, "scale must be finite"),
+    ("cfg-scale-type", "CFG scale a real number, at construction", lambda t: D.CFGDenoiser(NET, True, torch.zeros(1)), TypeError, "scale must be a real number"),
+    ("cfg-uncond-type", "CFG uncond a tensor or dict of tensors, at construction", lambda t: D.CFGDenoiser(NET, 4.5, None), TypeError, "uncond must be the null condition for one sample"),
+    ("cfg-denoiser", "CFG wraps a D(x, sigma, cond) denoiser", lambda t: D.CFGDenoiser("teacher", 4.5, torch.zeros(1)), TypeError, "denoiser must be a denoiser"),
     ("cfg-cond", "CFG needs a cond", lambda t: D.CFGDenoiser(NET, 2.0, torch.zeros(1))(X, ONES), ValueError, "needs cond"),
     ("cfg-uncond-shape", "uncond fits cond", lambda t: D.CFGDenoiser(NET, 2.0, torch.zeros(3))(X, ONES, torch.zeros(4, 5)), ValueError, "uncond of shape"),
     ("cfg-dict-cond", "dict cond needs dict uncond", lambda t: D.CFGDenoiser(NET, 2.0, torch.zeros(1))(X, ONES, {"a": torch.zeros(4)}), TypeError, "uncond must be a dict"),
+    ("unet-text-width", "a text cond's width is config.cross_attention_dim", lambda t: _unet(True, cross_attention_dim=32)(UX, 1.0, torch.zeros(2, 7, 16)), ValueError, r"config\.cross_attention_dim is 32: expected \[batch, tokens, 32\]"),
+    ("unet-cond-rows", "a UNet cond has one row per sample", lambda t: _unet(True)(UX, 1.0, torch.zeros(3, 5, 12)), ValueError, "cond has 3 rows"),
+    ("unet-class-dtype", "class labels are integers", lambda t: _unet(num_class_embeds=10)(UX, 1.0, torch.ones(2)), TypeError, r"config\.num_class_embeds = 10 classes: pass integer labels"),
+    ("unet-class-range", "class labels in 0..num_class_embeds-1", lambda t: _unet(num_class_embeds=10)(UX, 1.0, torch.tensor([0, 10])), ValueError, r"config\.num_class_embeds is 10: expected integer labels in 0\.\.9"),
+    ("unet-unconditional", "no cond for an unconditional UNet", lambda t: _unet()(UX, 1.0, torch.tensor([0, 1])), ValueError, "is unconditional"),
+    ("unet-sdxl-width", "SDXL added_cond_kwargs fit projection_class_embeddings_input_dim", _sdxl_width, ValueError, r"config\.projection_class_embeddings_input_dim is 34"),
     ("two-arg-net", "a D(x, sigma) net is named, with the fix", lambda t: D.check_denoiser(lambda x, s: x, "teacher"), TypeError, "Unconditional"),
     ("unconditional-cond", "Unconditional refuses a cond", lambda t: D.Unconditional(NET)(X, ONES, torch.zeros(4)), ValueError, "unconditional"),
     ("generator-sigma", "sigma_init finite and > 0", lambda t: D.OneStepGenerator(NET, 0.0), ValueError, "sigma_init must be finite"),
@@ -86,12 +124,14 @@ ROWS = [
     ("lora-targets-match", "target_modules match a layer", lambda t: D.lora_targets(NET, D.LoraSpec(rank=2, target_modules=("nope",))), ValueError, "match no layer"),
     ("record-steps", "1 <= interval <= steps", lambda t: D.record_degradation(NET, GEN, DMD2(), lambda: D.Batch(X), steps=2, interval=5), ValueError, "interval <= steps"),
     ("record-mode", "node mode is lora, svd or full", lambda t: D.record_degradation(NET, GEN, DMD2(), lambda: D.Batch(X), steps=2, interval=1, mode="foo"), ValueError, "mode must be one of"),
+    ("record-dtype", "a module in another dtype is a cast of the teacher", _record_on_another_bf16_teacher, ValueError, r"even compared in bfloat16 \(module float32, teacher bfloat16\)"),
     ("trajectory-nodes", "a trajectory has nodes", lambda t: D.Trajectory(NET, [], kind="full"), ValueError, "at least one degraded node"),
     ("trajectory-kind", "node kind is lora or full", lambda t: D.Trajectory(NET, [NET], kind="weird"), ValueError, "kind must be one of"),
     ("schedule-every", "FixedInterval every >= 1", lambda t: D.FixedInterval(0), ValueError, "every must be >= 1"),
     ("schedule-ratio", "AdaptiveGap ratio in (0, 1)", lambda t: D.AdaptiveGap(ratio=2.0), ValueError, "ratio must be in"),
     ("backtrack-method", "Backtrack wraps a method", lambda t: D.Backtrack(None, D.Trajectory(NET, [D.trainable_copy(NET)], kind="full"), D.FixedInterval(1)), TypeError, "method"),
     ("attach-trajectory", "attach takes a Trajectory", lambda t: D.attach(NET, "traj"), TypeError, "trajectory must be a Trajectory"),
+    ("attach-teacher-cast", "a teacher cast since recording is only a cast", _attach_cast_and_changed, ValueError, "bfloat16 now, float32 when recorded"),
     # state and export
     ("state-step", "save_state step in 0..999999999", lambda t: D.save_state(t / "s", step=-1, modules={"m": NET}, config={}), ValueError, "step must be an integer"),
     ("state-modules", "save_state modules are modules", lambda t: D.save_state(t / "s", step=1, modules={"m": 3}, config={}), TypeError, "modules\\['m'\\] is a int"),
