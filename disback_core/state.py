@@ -9,7 +9,8 @@ On disk, one run folder::
     step-000001200/
         manifest.json               format, version, step, config and its hash, world size, library and
                                     torch versions, the optimizers' param_groups and non-tensor state,
-                                    the schedulers' state, extra, and every file's sha256 and size
+                                    the schedulers' state, extra, every file's sha256 and size, and
+                                    digest: the sha256 of the canonical JSON of every other field
         module-<name>.safetensors   each module's state_dict
         optimizer-<name>.safetensors  each optimizer's tensors (``state.<param index>.<key>``)
         extra.safetensors           tensors found in schedulers' states or in ``extra`` (only if any)
@@ -24,11 +25,15 @@ again at a step that already has a folder is switched to under its temporary nam
 ``latest.json`` always names a complete folder; a folder named ``step-<step>`` is only ever made by
 renaming a complete one. The same state gives the same bytes in every file.
 
-A load reads ``latest.json`` (or the step folder it is given), checks the manifest and every file's
-size and sha256 (streamed) before any tensor is read, the run configuration, the world size, the
-names and shapes of everything it restores, and only then writes into the caller's modules,
-optimizers, schedulers, generators and RNGs. Every problem is a
-:class:`~disback_core.storage.StorageError` naming the file and the problem.
+A load reads ``latest.json`` (or the step folder it is given), checks the manifest (against the
+sha256 ``latest.json`` records and against its own digest, so that a step folder loaded directly is
+verified like the live one) and every file's size and sha256 (streamed) before any tensor is read,
+the run configuration, the world size, the names, shapes and types of everything it restores, and
+only then writes into the caller's modules, optimizers, schedulers, generators and RNGs. Every JSON
+file is read by :func:`~disback_core.storage.parse_json` (size cap per file kind, nesting depth
+measured by a linear scan before parsing); a save refuses, before writing anything, a state whose
+files that reader would refuse. Every problem is a :class:`~disback_core.storage.StorageError`
+naming the file and the problem.
 
 Not in scope here: sharded states (FSDP / ``torch.distributed.checkpoint``); every rank of a
 replicated (DDP) run shares one folder on a shared file system, rank 0 writing all but the RNG files.
@@ -36,22 +41,41 @@ replicated (DDP) run shares one folder on a shared file system, rank 0 writing a
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import math
 import os
 import random
 import re
+import reprlib
 import shutil
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .storage import StorageError, config_hash, fsync_dir, load_tensors, read_json, save_tensors
+from .storage import (
+    MAX_JSON_DEPTH,
+    StorageError,
+    atomic_write,
+    atomic_write_bytes,
+    body_digest,
+    check_json,
+    config_hash,
+    fsync_dir,
+    gc_paused,
+    is_sha256,
+    load_tensors,
+    parse_json,
+    read_bytes,
+    read_json,
+    save_tensors,
+    sha256_bytes,
+    sha256_stream,
+)
 
 __all__ = ["save_state", "load_state", "latest_state", "list_states", "FORMAT", "VERSION"]
 
@@ -62,16 +86,34 @@ MANIFEST = "manifest.json"
 LATEST = "latest.json"
 EXTRA_FILE = "extra.safetensors"
 MAX_STEP = 999_999_999  # nine digits in the folder name
-MAX_MANIFEST_BYTES = 64 << 20
+# Size caps per JSON file kind (checked before reading); a save refuses a state beyond them.
+MAX_MANIFEST_BYTES = 16 << 20  # an SDXL-size run's manifest (2 x AdamW over 1700 tensors) is ~1.5 MB
 MAX_RNG_JSON_BYTES = 1 << 20
-_CHUNK = 1 << 20
+MAX_POINTER_BYTES = 64 << 10
+_MAX_DEPTH = 60  # Python nesting a state may hold (extra, schedulers' and optimizers' states, config)
+# JSON nesting of a manifest, measured before parsing: the deepest a save writes is 185 (tuples and
+# dicts with non-string keys take 2 and 3 JSON levels per level of _MAX_DEPTH, under 4 of the manifest's)
+MAX_MANIFEST_DEPTH = 192
+_MAX_CUDA_DEVICES = 1024
 _STEP_DIR = re.compile(r"step-(\d{9})")
 _TMP_DIR = re.compile(r"\.step-(\d{9})\.tmp-[A-Za-z0-9-]{1,80}")
-_POINTER_TMP = ".latest.json.tmp-"
+# temporary files of a latest.json write: storage's (".latest.json.<16 hex>.tmp") and this module's earlier ones
+_POINTER_TMP = re.compile(r"\.latest\.json\.(tmp-.*|[0-9a-f]{16}\.tmp)", re.DOTALL)
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _TAGS = ("__tuple__", "__tensor__", "__dict__", "__float__")
-_MAX_DEPTH = 60
+_TAG_SET = frozenset(_TAGS)
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 2, 4, 4, 4
+
+
+def _short(v: Any) -> str:
+    """A bounded rendering of a value read from a file, for messages (never the whole value)."""
+    if isinstance(v, str):
+        return json.dumps(v[:60] + ("..." if len(v) > 60 else ""))
+    if v is None or isinstance(v, (bool, int, float)):
+        return json.dumps(v)[:60]
+    return _REPR.repr(v)
 
 
 # --------------------------------------------------------------------------- JSON encoding
@@ -126,36 +168,77 @@ def _encode(obj: Any, where: str, sink: dict[str, Tensor] | None, key: str, dept
     )
 
 
-def _decode(obj: Any, tensors: Mapping[str, Tensor], where: str) -> Any:
-    """Inverse of :func:`_encode`; a malformed tag or a missing tensor is a StorageError naming ``where``."""
-    if isinstance(obj, list):
-        return [_decode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if not isinstance(obj, dict):
+class _Malformed(Exception):
+    """A malformed value met while decoding; ``path`` is filled in while the recursion unwinds, so
+    that no location string is built for the values that decode."""
+
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem = problem
+        self.path: list[str] = []
+
+
+def _decode(obj: Any, tensors: Mapping[str, Tensor], where: str, used: set[str] | None = None) -> Any:
+    """Inverse of :func:`_encode`, in place (``obj`` is freshly parsed JSON, used once); a malformed
+    tag or a missing tensor is a StorageError naming ``where`` and the path inside it. The names of
+    the tensors it refers to are added to ``used``."""
+    try:
+        with gc_paused():
+            return _decoded(obj, tensors, set() if used is None else used)
+    except _Malformed as e:
+        raise StorageError(f"{where}{''.join(reversed(e.path))}: {e.problem}") from None
+
+
+def _decoded(obj: Any, tensors: Mapping[str, Tensor], used: set[str]) -> Any:
+    if type(obj) is list:
+        for i, v in enumerate(obj):
+            if v and (type(v) is list or type(v) is dict):  # an empty one decodes to itself
+                try:
+                    obj[i] = _decoded(v, tensors, used)
+                except _Malformed as e:
+                    e.path.append(f"[{i}]")
+                    raise
         return obj
-    tags = [k for k in obj if k in _TAGS]
-    if not tags:
-        return {k: _decode(v, tensors, f"{where}[{k!r}]") for k, v in obj.items()}
+    if type(obj) is not dict:
+        return obj
+    if _TAG_SET.isdisjoint(obj):
+        for k, v in obj.items():
+            if v and (type(v) is list or type(v) is dict):
+                try:
+                    obj[k] = _decoded(v, tensors, used)
+                except _Malformed as e:
+                    e.path.append(f"[{_short(k)}]")
+                    raise
+        return obj
     if len(obj) != 1:
-        raise StorageError(f"{where}: a tagged value {tags[0]!r} has other keys beside it")
+        raise _Malformed(f"a tagged value {next(k for k in _TAGS if k in obj)!r} has other keys beside it")
     tag, v = next(iter(obj.items()))
     if tag == "__tuple__" and isinstance(v, list):
-        return tuple(_decode(x, tensors, f"{where}[{i}]") for i, x in enumerate(v))
+        return tuple(_decoded(v, tensors, used))
     if tag == "__tensor__" and isinstance(v, str):
         if v not in tensors:
-            raise StorageError(f"{where}: tensor {v!r} is not in the state's tensor file")
+            raise _Malformed(f"tensor {_short(v)} is not in the state's tensor file")
+        used.add(v)
         return tensors[v]
     if tag == "__float__" and v in ("nan", "inf", "-inf"):
         return float(v)
     if tag == "__dict__" and isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v):
         out = {}
         for i, (k, x) in enumerate(v):
-            k = _decode(k, tensors, f"{where} key {i}")
             try:
-                out[k] = _decode(x, tensors, f"{where}[{k!r}]")
+                k = _decoded(k, tensors, used)
+            except _Malformed as e:
+                e.path.append(f" key {i}")
+                raise
+            try:
+                out[k] = _decoded(x, tensors, used)
             except TypeError:
-                raise StorageError(f"{where}: key {i} ({k!r}) cannot be a dict key") from None
+                raise _Malformed(f"key {i} ({_short(k)}) cannot be a dict key") from None
+            except _Malformed as e:
+                e.path.append(f"[{_short(k)}]")
+                raise
         return out
-    raise StorageError(f"{where}: malformed {tag} value {str(v)[:60]!r}")
+    raise _Malformed(f"malformed {tag} value {_short(v)}")
 
 
 def _tensor_refs(obj: Any, out: set[str] | None = None) -> set[str]:
@@ -164,12 +247,12 @@ def _tensor_refs(obj: Any, out: set[str] | None = None) -> set[str]:
     stack = [obj]
     while stack:
         o = stack.pop()
-        if isinstance(o, dict):
-            if set(o) == {"__tensor__"} and isinstance(o["__tensor__"], str):
+        if type(o) is dict:
+            if len(o) == 1 and type(o.get("__tensor__")) is str:
                 out.add(o["__tensor__"])
             else:
                 stack.extend(o.values())
-        elif isinstance(o, list):
+        elif type(o) is list:
             stack.extend(o)
     return out
 
@@ -195,49 +278,22 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, ensure_ascii=True, allow_nan=False) + "\n").encode()
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _parse_json(data: bytes, path: Path) -> Any:
+def _loadable(data: bytes, what: str, where: str, max_bytes: int, max_depth: int) -> bytes:
+    """``data`` if the loader's JSON reader would read it back, else a ValueError before it is written."""
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise StorageError(f"{path} is not valid JSON: {str(e)[:200]}") from None
+        check_json(data, where, what, max_depth, max_bytes)
+    except StorageError as e:
+        raise ValueError(f"the state cannot be saved: it would not load back: {e}") from None
+    return data
 
 
 # --------------------------------------------------------------------------- files
 
 
-# storage's implementation, bound here as the name the crash-point tests patch
+# storage's implementations, bound here under the names the crash-point tests patch
 _fsync_dir = fsync_dir
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist), write ``data`` and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically: temp file beside it, fsync, ``os.replace``, fsync of the folder."""
-    tmp = path.parent / f"{_POINTER_TMP}{os.getpid()}"
-    _remove(tmp)
-    try:
-        _write_new(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_dir(path.parent)
+_write_new = atomic_write_bytes  # a file of the temporary folder (sync_dir=False: the folder is fsynced once)
+_replace_file = atomic_write_bytes  # latest.json: temporary file, fsync, os.replace, fsync of the run folder
 
 
 def _remove(path: Path) -> None:
@@ -255,51 +311,6 @@ def _remove(path: Path) -> None:
             pass
 
 
-def _open_regular(path: Path, what: str) -> tuple[Any, int]:
-    """Open a regular file (not a symlink) for reading; returns it and its size."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise StorageError(f"{what} {path} is missing") from None
-    except OSError as e:
-        raise StorageError(f"{what} {path} cannot be read: {e.strerror or e}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise StorageError(f"{what} {path} is a symlink; only regular files are read")
-    if not stat.S_ISREG(st.st_mode):
-        raise StorageError(f"{what} {path} is not a regular file")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise StorageError(f"{what} {path} cannot be opened: {e.strerror or e}") from None
-    f = os.fdopen(fd, "rb")
-    return f, os.fstat(f.fileno()).st_size
-
-
-def _sha256_stream(path: Path, what: str) -> tuple[str, int]:
-    """sha256 and size of a regular file, read in 1 MiB chunks."""
-    f, _ = _open_regular(path, what)
-    h, n = hashlib.sha256(), 0
-    with f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
-def _read_small(path: Path, what: str, max_bytes: int, sha256: str | None = None) -> bytes:
-    """Read a regular file of at most ``max_bytes``; with ``sha256``, refuse other contents."""
-    f, size = _open_regular(path, what)
-    with f:
-        if size > max_bytes:
-            raise StorageError(f"{what} {path} is {size} bytes, more than the {max_bytes} allowed")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise StorageError(f"{what} {path} grew beyond {max_bytes} bytes while it was read")
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise StorageError(f"{what} {path} fails its sha256 check: it was modified, truncated or replaced")
-    return data
-
-
 def _link_copy(src: Path, dst: Path) -> None:
     """A new folder ``dst`` holding the files of ``src`` as hard links (copies where links fail)."""
     _remove(dst)
@@ -308,10 +319,9 @@ def _link_copy(src: Path, dst: Path) -> None:
         s, d = src / entry, dst / entry
         try:
             os.link(s, d)
-        except OSError:
-            shutil.copyfile(s, d)
-            with open(d, "rb+") as f:
-                os.fsync(f.fileno())
+        except OSError:  # no hard links here: a copy, by storage's writer (the folder is fsynced below)
+            with open(s, "rb") as f:
+                atomic_write(d, iter(functools.partial(f.read, 1 << 20), b""), sync_dir=False)
     _fsync_dir(dst)
 
 
@@ -462,20 +472,42 @@ def _write_tensors(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
     return {"sha256": sha, "size": os.stat(path).st_size}
 
 
-def _write_rank_files(tmp: Path, rank: int, tensors: Mapping[str, Tensor], info: Mapping[str, Any]) -> dict[str, Any]:
+def _write_rank_files(tmp: Path, rank: int, tensors: Mapping[str, Tensor], data: bytes) -> dict[str, Any]:
     files = {f"rng-rank{rank}.safetensors": _write_tensors(tmp / f"rng-rank{rank}.safetensors", tensors)}
-    data = _json_bytes(info)
-    _write_new(tmp / f"rng-rank{rank}.json", data)
-    files[f"rng-rank{rank}.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    _write_new(tmp / f"rng-rank{rank}.json", data, sync_dir=False)
+    files[f"rng-rank{rank}.json"] = {"sha256": sha256_bytes(data), "size": len(data)}
     return files
 
 
 def _hash_rank_files(tmp: Path, rank: int) -> dict[str, Any]:
     out = {}
     for fname in (f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"):
-        sha, size = _sha256_stream(tmp / fname, f"rank {rank}'s RNG file")
+        sha, size = sha256_stream(tmp / fname, f"rank {rank}'s RNG file")
         out[fname] = {"sha256": sha, "size": size}
     return out
+
+
+def _manifest(
+    step: int, world_size: int, generators: Mapping[str, Any], sections: Mapping[str, Any], files: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The manifest, its digest (sha256 of the canonical JSON of every other field) last."""
+    m = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "world_size": world_size,
+        "library_version": _library_version(),
+        "torch_version": str(torch.__version__),
+        "generators": sorted(generators),
+        **sections,
+        "files": {k: files[k] for k in sorted(files)},
+    }
+    m["digest"] = body_digest(m)
+    return m
+
+
+def _manifest_bytes(m: Mapping[str, Any]) -> bytes:
+    return _loadable(_json_bytes(m), "the manifest", "of this state", MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH)
 
 
 # --------------------------------------------------------------------------- switching
@@ -558,7 +590,7 @@ def _cleanup(folder: Path, step: int, keep: int, live: str) -> None:
         name = entry.name
         if name == live:
             continue
-        if _TMP_DIR.fullmatch(name) or name.startswith(_POINTER_TMP):
+        if _TMP_DIR.fullmatch(name) or _POINTER_TMP.fullmatch(name):
             doomed.append(folder / name)
         elif _STEP_DIR.fullmatch(name) and entry.is_dir(follow_symlinks=False):
             steps.append(int(name[5:]))
@@ -641,7 +673,13 @@ def save_state(
         _check_names(optimizers, "optimizers", torch.optim.Optimizer)
         _check_names(schedulers, "schedulers")
         payload = _Payload(modules, optimizers, schedulers, extra, config)  # refuses bad values before any write
+        # refuse, before any write, a manifest the loader would refuse (too large or too deep): the
+        # same manifest with placeholder hashes and 20-digit sizes is at least as large
+        dummy = {"sha256": "0" * 64, "size": 10**19}
+        names = [*payload.files, *(f"rng-rank{r}.{x}" for r in range(world_size) for x in ("safetensors", "json"))]
+        _manifest_bytes(_manifest(step, world_size, generators, payload.sections, dict.fromkeys(names, dummy)))
     rng_tensors, rng_info = _rng_state(generators, rank, world_size)
+    rng_json = _loadable(_json_bytes(rng_info), "the RNG file", f"of rank {rank}", MAX_RNG_JSON_BYTES, MAX_JSON_DEPTH)
 
     tmp = folder / _tmp_name(step, world_size)
     if rank == 0:
@@ -652,7 +690,7 @@ def save_state(
     _sync(barrier)
     final = folder / _step_name(step)
     try:
-        files = _write_rank_files(tmp, rank, rng_tensors, rng_info)
+        files = _write_rank_files(tmp, rank, rng_tensors, rng_json)
         if payload is not None:
             for fname, tensors in payload.files.items():
                 files[fname] = _write_tensors(tmp / fname, tensors)
@@ -665,24 +703,13 @@ def save_state(
         try:
             for r in range(1, world_size):
                 files.update(_hash_rank_files(tmp, r))
-            manifest = {
-                "format": FORMAT,
-                "version": VERSION,
-                "step": step,
-                "world_size": world_size,
-                "library_version": _library_version(),
-                "torch_version": str(torch.__version__),
-                "generators": sorted(generators),
-                **payload.sections,
-                "files": {k: files[k] for k in sorted(files)},
-            }
-            data = _json_bytes(manifest)
-            _write_new(tmp / MANIFEST, data)
+            data = _manifest_bytes(_manifest(step, world_size, generators, payload.sections, files))
+            _write_new(tmp / MANIFEST, data, sync_dir=False)
             _fsync_dir(tmp)
         except BaseException:
             _remove(tmp)
             raise
-        final = _install(folder, tmp, step, hashlib.sha256(data).hexdigest())
+        final = _install(folder, tmp, step, sha256_bytes(data))
         _cleanup(folder, step, keep, final.name)
     _sync(barrier)
     return final
@@ -695,21 +722,21 @@ def _read_pointer(folder: Path) -> tuple[Path, str]:
     """The step folder ``latest.json`` names (checked: inside ``folder``, a real folder) and the
     manifest sha256 it records."""
     ptr = folder / LATEST
-    d = read_json(ptr, "state pointer")
+    d = read_json(ptr, "state pointer", MAX_POINTER_BYTES)
     keys = {"format", "version", "step", "directory", "manifest_sha256"}
     if not isinstance(d, dict) or d.get("format") != POINTER_FORMAT or set(d) != keys:
         raise StorageError(
             f"state pointer {ptr} is not a disback state pointer (an object with exactly {sorted(keys)})"
         )
     if type(d["version"]) is not int or d["version"] != VERSION:
-        raise StorageError(f"state pointer {ptr} has version {str(d['version'])[:40]!r}; this library reads {VERSION}")
+        raise StorageError(f"state pointer {ptr} has version {_short(d['version'])}; this library reads {VERSION}")
     name, step, sha = d["directory"], d["step"], d["manifest_sha256"]
     m = (_STEP_DIR.fullmatch(name) or _TMP_DIR.fullmatch(name)) if isinstance(name, str) else None
     if m is None:
-        raise StorageError(f"state pointer {ptr} names {str(name)[:200]!r}, which is not a step folder inside {folder}")
+        raise StorageError(f"state pointer {ptr} names {_short(name)}, which is not a step folder inside {folder}")
     if type(step) is not int or step != int(m.group(1)):
-        raise StorageError(f"state pointer {ptr}: step {str(step)[:40]!r} does not match its folder {name}")
-    if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+        raise StorageError(f"state pointer {ptr}: step {_short(step)} does not match its folder {name}")
+    if not is_sha256(sha):
         raise StorageError(f"state pointer {ptr}: manifest_sha256 is not 64 hex digits")
     path = folder / name
     try:
@@ -763,20 +790,48 @@ def _want(cond: bool, where: Path, problem: str) -> None:
         raise StorageError(f"manifest {where}: {problem}")
 
 
+def _pointer_sha(step_dir: Path) -> str | None:
+    """The manifest sha256 that the run folder's ``latest.json`` records, if it names ``step_dir``."""
+    try:
+        live, sha = _read_pointer(step_dir.parent)
+    except StorageError:
+        return None
+    return sha if live.name == step_dir.name else None
+
+
 def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
+    """The checked manifest of ``step_dir``: the sha256 ``latest.json`` records (``expected_sha``, when
+    loaded through the run folder) and the manifest's own digest (always: a step folder loaded directly
+    is verified like the live one); a manifest without a digest (saved before digests) only when
+    ``latest.json`` names its folder and records its sha256."""
     path = step_dir / MANIFEST
     if not os.path.lexists(path):
         raise StorageError(f"step folder {step_dir} has no {MANIFEST}: an incomplete or foreign save")
-    data = _read_small(path, "manifest", MAX_MANIFEST_BYTES)
-    if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
+    data = read_bytes(path, "manifest", MAX_MANIFEST_BYTES)
+    if expected_sha is not None and sha256_bytes(data) != expected_sha:
         raise StorageError(f"manifest {path} fails the sha256 recorded in {LATEST}: it was modified or replaced")
-    m = _parse_json(data, path)
+    m = parse_json(data, path, "manifest", MAX_MANIFEST_DEPTH, MAX_MANIFEST_BYTES)
     _want(isinstance(m, dict) and m.get("format") == FORMAT, path, f"not a {FORMAT} manifest")
     _want(
         type(m.get("version")) is int and m.get("version") == VERSION,
         path,
-        f"format version {str(m.get('version'))[:40]!r}; this library reads {VERSION}",
+        f"format version {_short(m.get('version'))}; this library reads {VERSION}",
     )
+    if "digest" in m:
+        _want(
+            is_sha256(m["digest"]) and m["digest"] == body_digest(m),
+            path,
+            "its digest does not match its content: it was modified",
+        )
+    elif expected_sha is None:
+        known = _pointer_sha(step_dir)
+        _want(
+            known is not None,
+            path,
+            f"it has no digest (saved before states had one) and the run folder's {LATEST} does not name "
+            f"{step_dir.name}: nothing can verify it (load the run folder while this is its latest state)",
+        )
+        _want(sha256_bytes(data) == known, path, f"fails the sha256 recorded in {LATEST}: it was modified or replaced")
     for key, kind in (
         ("step", int),
         ("world_size", int),
@@ -815,41 +870,36 @@ def _check_file_table(m: dict[str, Any], path: Path) -> None:
     manifest's sections name, and every rank's RNG files."""
     for name, e in m["files"].items():
         _want(
-            bool(_NAME.fullmatch(name)) and name != MANIFEST, path, f"file name {name[:200]!r} is not a plain file name"
+            bool(_NAME.fullmatch(name)) and name != MANIFEST, path, f"file name {_short(name)} is not a plain file name"
         )
         _want(
             isinstance(e, dict)
             and set(e) == {"sha256", "size"}
-            and isinstance(e["sha256"], str)
-            and bool(_HEX64.fullmatch(e["sha256"]))
+            and is_sha256(e["sha256"])
             and type(e["size"]) is int
             and e["size"] >= 0,
             path,
-            f"file {name!r} needs a sha256 (64 hex digits) and a size",
+            f"file {_short(name)} needs a sha256 (64 hex digits) and a size",
         )
     want = {f"rng-rank{r}.{ext}" for r in range(m["world_size"]) for ext in ("safetensors", "json")}
     for section in ("modules", "optimizers"):
         for name, e in m[section].items():
-            _want(isinstance(e, dict) and isinstance(e.get("file"), str), path, f"{section}[{name!r}] names no file")
+            _want(
+                isinstance(e, dict) and isinstance(e.get("file"), str), path, f"{section}[{_short(name)}] names no file"
+            )
             want.add(e["file"])
     if m.get("tensors_file") is not None:
         want.add(m["tensors_file"])
     missing, extra = sorted(want - set(m["files"])), sorted(set(m["files"]) - want)
-    _want(not missing, path, f"file {missing[0] if missing else ''!r} is used but not in the file table")
-    _want(not extra, path, f"file {extra[0] if extra else ''!r} is in the file table but used by nothing")
+    _want(not missing, path, f"file {_short(missing[0] if missing else '')} is used but not in the file table")
+    _want(not extra, path, f"file {_short(extra[0] if extra else '')} is in the file table but used by nothing")
 
 
 def _verify_files(step_dir: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
     """Every listed file: a regular file of the recorded size and sha256 (streamed)."""
     for name in sorted(files):
         path, e = step_dir / name, files[name]
-        f, size = _open_regular(path, "state file")
-        f.close()
-        if size != e["size"]:
-            raise StorageError(
-                f"state file {path} is {size} bytes, the manifest says {e['size']}: it was truncated or extended"
-            )
-        sha, _ = _sha256_stream(path, "state file")
+        sha, _ = sha256_stream(path, "state file", size=e["size"])  # a file of another size is not read
         if sha != e["sha256"]:
             raise StorageError(
                 f"state file {path} fails its sha256 check (expected {e['sha256'][:12]}..., "
@@ -875,8 +925,7 @@ def _config_diff(saved: Any, given: Any, path: str = "") -> list[str]:
         return out
     if saved == given and type(saved) is type(given):
         return []
-    s, g = json.dumps(saved)[:60], json.dumps(given)[:60]
-    return [f"{path or '<config>'}: {s} in the state, {g} given"]
+    return [f"{path or '<config>'}: {_short(saved)} in the state, {_short(given)} given"]
 
 
 def _check_config(m: Mapping[str, Any], config: Mapping[str, Any], path: Path) -> None:
@@ -908,7 +957,9 @@ def _check_sections(m: Mapping[str, Any], given: Mapping[str, Mapping[str, Any]]
         saved = set(m[section])
         missing = sorted(set(objs) - saved)
         if missing:
-            raise StorageError(f"{path}: {section} {missing[0]!r} is not in the state (it holds {sorted(saved)})")
+            raise StorageError(
+                f"{path}: {section} {missing[0]!r} is not in the state (it holds {_short(sorted(saved))})"
+            )
         unused = sorted(saved - set(objs))
         if strict and unused:
             raise StorageError(
@@ -939,8 +990,67 @@ def _check_module(name: str, module: nn.Module, saved: Mapping[str, Tensor], fil
             )
 
 
+def _is_number(v: Any) -> bool:
+    """A finite int or float (not a bool), or a one-element finite floating tensor (torch takes tensor lrs)."""
+    if type(v) is int:
+        return True
+    if type(v) is float:
+        return math.isfinite(v)
+    return isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point() and bool(torch.isfinite(v).all())
+
+
+def _is_pair(v: Any, item: Callable[[Any], bool] = _is_number) -> bool:
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(item(x) for x in v)
+
+
+# The types of the param_groups fields torch's optimizers use (a custom optimizer's other fields are
+# taken as they are): refused on load rather than failing at the next step.
+_GROUP_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **dict.fromkeys(
+        "lr initial_lr weight_decay momentum dampening alpha lr_decay rho lambd t0 momentum_decay "
+        "initial_accumulator_value tolerance_grad tolerance_change beta2_decay d".split(),
+        ("a finite number", _is_number),
+    ),
+    "eps": ("a finite number", _is_number),  # Adafactor's, a pair: see _check_groups
+    **dict.fromkeys(("betas", "etas", "step_sizes"), ("a pair of finite numbers", _is_pair)),
+    **dict.fromkeys(
+        ("amsgrad", "maximize", "nesterov", "capturable", "differentiable", "centered", "decoupled_weight_decay"),
+        ("a bool", lambda v: isinstance(v, bool)),
+    ),
+    **dict.fromkeys(("foreach", "fused"), ("a bool or null", lambda v: v is None or isinstance(v, bool))),
+    **dict.fromkeys(("max_iter", "history_size"), ("an integer >= 1", lambda v: type(v) is int and v >= 1)),
+    "max_eval": ("an integer >= 1 or null", lambda v: v is None or (type(v) is int and v >= 1)),
+    "line_search_fn": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "params": (
+        "a list of parameter indices (integers >= 0)",
+        lambda v: isinstance(v, list) and all(type(i) is int and i >= 0 for i in v),
+    ),
+    "param_names": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+}
+
+
+def _check_groups(groups: list[Any], own: list[dict[str, Any]], where: str) -> None:
+    """Every param group an object of string keys whose known fields have their types (``own``: the
+    optimizer's groups, for a field whose type depends on the optimizer)."""
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not all(isinstance(k, str) for k in g):
+            raise StorageError(f"{where}: param_groups[{i}] is not an object of named fields")
+        if "params" not in g:
+            raise StorageError(f"{where}: param_groups[{i}] has no 'params'")
+        pair_eps = i < len(own) and isinstance(own[i].get("eps"), (tuple, list))  # Adafactor: (eps1 or None, eps2)
+        for key, v in g.items():
+            want, ok = _GROUP_FIELDS.get(key, ("", None))
+            if key == "eps" and pair_eps:
+                want, ok = (
+                    "a pair of finite numbers or nulls",
+                    lambda v: _is_pair(v, lambda x: x is None or _is_number(x)),
+                )
+            if ok is not None and not ok(v):
+                raise StorageError(f"{where}: param_groups[{i}].{key} is {_short(v)}, not {want}")
+
+
 def _check_optimizer(
-    name: str, opt: torch.optim.Optimizer, sd: Any, params: Any, names: Mapping[int, str], file: Path
+    name: str, opt: torch.optim.Optimizer, sd: Any, params: Any, names: Mapping[int, str], file: Path, manifest: Path
 ) -> None:
     where = f"{file}: optimizer {name!r}"
     if (
@@ -948,9 +1058,9 @@ def _check_optimizer(
         or set(sd) != {"state", "param_groups"}
         or not isinstance(sd["state"], dict)
         or not isinstance(sd["param_groups"], list)
-        or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in sd["param_groups"])
     ):
         raise StorageError(f"{where}: the saved state_dict is not an optimizer state (state, param_groups)")
+    _check_groups(sd["param_groups"], opt.param_groups, f"{manifest}: optimizers[{name!r}].state_dict")
     groups = sd["param_groups"]
     if len(groups) != len(opt.param_groups):
         raise StorageError(f"{where}: {len(groups)} parameter groups in the state, {len(opt.param_groups)} here")
@@ -995,15 +1105,15 @@ def _check_scheduler(name: str, sched: Any, sd: Any, strict: bool, path: Path) -
         raise StorageError(f"{path}: scheduler {name!r}: the saved state is not an object")
     own = sched.state_dict()
     if strict and set(sd) != set(own):
-        diff = sorted(set(sd) ^ set(own))
+        diff = sorted(set(sd) ^ set(own), key=repr)  # a forged state may hold non-string keys
         raise StorageError(
-            f"{path}: scheduler {name!r} does not fit the state: key {diff[0]!r} is in only one of "
+            f"{path}: scheduler {name!r} does not fit the state: key {_short(diff[0])} is in only one of "
             "the state and this scheduler"
         )
-    odd = sorted(k for k in set(sd) & set(own) if not _same_kind(sd[k], own[k]))
+    odd = sorted((k for k in set(sd) & set(own) if not _same_kind(sd[k], own[k])), key=repr)
     if odd:
         raise StorageError(
-            f"{path}: scheduler {name!r}: {odd[0]!r} is {json.dumps(sd[odd[0]], default=str)[:60]} in "
+            f"{path}: scheduler {name!r}: {odd[0]!r} is {_short(sd[odd[0]])} in "
             f"the state, which is not the kind of value this scheduler holds ({type(own[odd[0]]).__name__})"
         )
 
@@ -1029,26 +1139,29 @@ class _RankRng:
         tfile: Path,
         jfile: Path,
     ):
-        if not isinstance(info, dict) or info.get("format") != FORMAT + "-rng" or info.get("rank") != rank:
+        if not isinstance(info, dict) or info.get("format") != FORMAT + "-rng" or type(info.get("rank")) is not int:
+            raise StorageError(f"RNG file {jfile} is not rank {rank}'s RNG state")
+        if info["rank"] != rank:
             raise StorageError(f"RNG file {jfile} is not rank {rank}'s RNG state")
         if "torch.cpu" not in tensors:
             raise StorageError(f"RNG file {tfile} holds no torch CPU RNG state")
-        n_cuda, gens = info.get("cuda_devices"), info.get("generators")
-        want = {
-            "torch.cpu",
-            *(f"torch.cuda.{i}" for i in range(n_cuda if type(n_cuda) is int and 0 <= n_cuda <= 1024 else 0)),
-            *(f"generator.{g}" for g in (gens if isinstance(gens, dict) else {})),
-        }
+        n, gens = info.get("cuda_devices"), info.get("generators")
+        if type(n) is not int or not 0 <= n <= min(_MAX_CUDA_DEVICES, len(tensors)):  # before any list is built
+            raise StorageError(
+                f"RNG file {jfile}: cuda_devices is {_short(n)}, not a device count 0..{_MAX_CUDA_DEVICES} "
+                f"with a state in {tfile.name} for each"
+            )
+        if not isinstance(gens, dict) or not all(
+            isinstance(g, dict) and set(g) == {"device"} and isinstance(g["device"], str) for g in gens.values()
+        ):
+            raise StorageError(f"RNG file {jfile}: 'generators' is not an object of {{name: {{device}}}}")
+        want = {"torch.cpu", *(f"torch.cuda.{i}" for i in range(n)), *(f"generator.{g}" for g in gens)}
         if set(tensors) != want:
             odd = sorted(set(tensors) ^ want)[0]
-            raise StorageError(f"RNG file {tfile}: tensor {odd!r} is in only one of the file and {jfile.name}")
+            raise StorageError(f"RNG file {tfile}: tensor {_short(odd)} is in only one of the file and {jfile.name}")
         self.cpu = tensors["torch.cpu"]
         _scratch_generator(self.cpu, "cpu", f"RNG file {tfile}: torch.cpu")
-        n = info.get("cuda_devices")
-        cuda = [tensors.get(f"torch.cuda.{i}") for i in range(n)] if type(n) is int and n >= 0 else None
-        if cuda is None or any(t is None for t in cuda):
-            raise StorageError(f"RNG file {tfile}: the CUDA RNG states do not match cuda_devices in {jfile}")
-        self.cuda = cast("list[Tensor]", cuda)  # every entry was checked just above
+        self.cuda = [tensors[f"torch.cuda.{i}"] for i in range(n)]
         here = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n != here:
             if strict:
@@ -1058,14 +1171,15 @@ class _RankRng:
                 )
             self.cuda = []
         self.generators = {}
-        saved_gens = info.get("generators")
         for name, g in generators.items():
             t = tensors.get(f"generator.{name}")
-            if t is None or not isinstance(saved_gens, dict) or name not in saved_gens:
+            if t is None or name not in gens:
                 raise StorageError(f"RNG file {tfile} holds no state for generator {name!r}")
-            dev = saved_gens[name].get("device") if isinstance(saved_gens[name], dict) else None
+            dev = gens[name]["device"]
             if dev != str(g.device):
-                raise StorageError(f"RNG file {jfile}: generator {name!r} was on {dev!r}, this one is on {g.device}")
+                raise StorageError(
+                    f"RNG file {jfile}: generator {name!r} was on {_short(dev)}, this one is on {g.device}"
+                )
             _scratch_generator(t, str(g.device), f"RNG file {tfile}: generator {name!r}")
             self.generators[name] = t
         self.python = self._python(info.get("python"), jfile)
@@ -1073,11 +1187,25 @@ class _RankRng:
 
     @staticmethod
     def _python(d: Any, jfile: Path) -> Any:
+        where = f"RNG file {jfile}: the Python random state"
+        if (
+            not isinstance(d, dict)
+            or set(d) != {"version", "state", "gauss_next"}
+            or d["version"] != 3  # what random.getstate() gives
+            or type(d["version"]) is not int
+            or not isinstance(d["state"], list)
+            or len(d["state"]) != 625  # Mersenne Twister: 624 words and a position
+            or not all(type(x) is int and 0 <= x < 2**32 for x in d["state"])
+        ):
+            raise StorageError(f"{where} is not {{version: 3, state: 625 integers, gauss_next}}")
+        gauss = _decode(d["gauss_next"], {}, f"{where}: gauss_next")
+        if gauss is not None and type(gauss) is not float:
+            raise StorageError(f"{where}: gauss_next is {_short(gauss)}, not a float or null")
+        st = (d["version"], tuple(d["state"]), gauss)
         try:
-            st = (d["version"], tuple(d["state"]), _decode(d["gauss_next"], {}, "gauss_next"))
             random.Random().setstate(st)
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise StorageError(f"RNG file {jfile}: the Python random state is not valid: {str(e)[:200]}") from None
+        except Exception as e:  # whatever a scratch generator refuses, refused before anything is restored
+            raise StorageError(f"{where} is not valid: {type(e).__name__}: {str(e)[:200]}") from None
         return st
 
     @staticmethod
@@ -1090,17 +1218,31 @@ class _RankRng:
             if strict:
                 raise StorageError(f"RNG file {jfile} holds numpy's RNG state, but numpy cannot be imported") from None
             return None
-        try:
-            st = (
-                d["bit_generator"],
-                np.array(d["keys"], dtype=np.uint32),
-                d["pos"],
-                d["has_gauss"],
-                float(_decode(d["cached_gaussian"], {}, "cached_gaussian")),
+        where = f"RNG file {jfile}: the numpy RNG state"
+        if (
+            not isinstance(d, dict)
+            or set(d) != {"bit_generator", "keys", "pos", "has_gauss", "cached_gaussian"}
+            or d["bit_generator"] != "MT19937"
+            or not isinstance(d["keys"], list)
+            or len(d["keys"]) != 624
+            or not all(type(x) is int and 0 <= x < 2**32 for x in d["keys"])
+            or type(d["pos"]) is not int
+            or not 0 <= d["pos"] <= 624
+            or d["has_gauss"] not in (0, 1)
+            or type(d["has_gauss"]) is not int
+        ):
+            raise StorageError(
+                f"{where} is not {{bit_generator: MT19937, keys: 624 integers < 2**32, pos: 0..624, "
+                "has_gauss: 0 or 1, cached_gaussian}"
             )
+        cached = _decode(d["cached_gaussian"], {}, f"{where}: cached_gaussian")
+        if type(cached) not in (int, float):
+            raise StorageError(f"{where}: cached_gaussian is {_short(cached)}, not a number")
+        st = (d["bit_generator"], np.array(d["keys"], dtype=np.uint32), d["pos"], d["has_gauss"], float(cached))
+        try:
             np.random.RandomState().set_state(st)
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise StorageError(f"RNG file {jfile}: the numpy RNG state is not valid: {str(e)[:200]}") from None
+        except Exception as e:  # whatever a scratch generator refuses, refused before anything is restored
+            raise StorageError(f"{where} is not valid: {type(e).__name__}: {str(e)[:200]}") from None
         return st
 
     def restore(self, generators: Mapping[str, torch.Generator]) -> None:
@@ -1124,9 +1266,9 @@ def _all_used(tensors: Mapping[str, Tensor], refs: set[str], path: Path) -> None
         raise StorageError(f"state file {path}: {what}")
 
 
-def _load(path: Path, sha: str) -> dict[str, Tensor]:
+def _load(path: Path, sha: str, size: int) -> dict[str, Tensor]:
     try:
-        return load_tensors(path, sha256=sha)
+        return load_tensors(path, sha256=sha, max_bytes=size)
     except StorageError:
         raise
     except Exception as e:  # a reader error of another type: still the file's problem
@@ -1183,7 +1325,7 @@ def load_state(
     _verify_files(step_dir, files)
 
     def tensors_of(fname: str) -> dict[str, Tensor]:
-        return _load(step_dir / fname, files[fname]["sha256"])
+        return _load(step_dir / fname, files[fname]["sha256"], files[fname]["size"])
 
     mod_states = {}
     for name, module in modules.items():
@@ -1196,20 +1338,22 @@ def load_state(
         e = m["optimizers"][name]
         fname = e["file"]
         tensors = tensors_of(fname)
-        _all_used(tensors, _tensor_refs(e.get("state_dict")), step_dir / fname)
-        sd = _decode(e.get("state_dict"), tensors, f"{mpath}: optimizers[{name!r}]")
-        _check_optimizer(name, opt, sd, e.get("params"), names, step_dir / fname)
+        used: set[str] = set()
+        sd = _decode(e.get("state_dict"), tensors, f"{mpath}: optimizers[{name!r}]", used)
+        _all_used(tensors, used, step_dir / fname)
+        _check_optimizer(name, opt, sd, e.get("params"), names, step_dir / fname, mpath)
         opt_states[name] = sd
     shared = tensors_of(m["tensors_file"]) if m.get("tensors_file") else {}
-    if m.get("tensors_file"):
-        _all_used(shared, _tensor_refs([m["schedulers"], m.get("extra")]), step_dir / m["tensors_file"])
+    used = _tensor_refs([v for k, v in m["schedulers"].items() if k not in schedulers])  # those not restored
     sched_states = {}
     for name, sched in schedulers.items():
-        sched_states[name] = _decode(m["schedulers"][name], shared, f"{mpath}: schedulers[{name!r}]")
+        sched_states[name] = _decode(m["schedulers"][name], shared, f"{mpath}: schedulers[{name!r}]", used)
         _check_scheduler(name, sched, sched_states[name], strict, mpath)
-    extra = _decode(m.get("extra", {}), shared, f"{mpath}: extra")
+    extra = _decode(m.get("extra", {}), shared, f"{mpath}: extra", used)
+    if m.get("tensors_file"):
+        _all_used(shared, used, step_dir / m["tensors_file"])
     tfile, jfile = step_dir / f"rng-rank{rank}.safetensors", step_dir / f"rng-rank{rank}.json"
-    info = _parse_json(_read_small(jfile, "RNG file", MAX_RNG_JSON_BYTES, files[jfile.name]["sha256"]), jfile)
+    info = read_json(jfile, "RNG file", MAX_RNG_JSON_BYTES, sha256=files[jfile.name]["sha256"])
     rng = _RankRng(tensors_of(tfile.name), info, rank, generators, strict, tfile, jfile)
 
     where = "modules"

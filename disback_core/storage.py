@@ -12,10 +12,18 @@ a safetensors header is parsed here first (bounded length, known dtypes, ``data_
 consistent with each shape and covering the data exactly, without overlap), and a file with an
 expected sha256 is hashed by streaming before any tensor is allocated. Every problem is a
 :class:`StorageError` naming the file and the problem.
+
+Every JSON read goes through one bounded reader (:func:`parse_json`): a size cap per file kind,
+then a linear byte scan (:class:`JsonScan`: chunked, no recursion, no string materialised) that
+measures the nesting depth of arrays and objects outside strings and the longest string, and only
+then ``json.loads``. Time and memory are linear in the file's size with small constants: the scan
+needs a fixed window (a few MiB), the parse the text and the objects it builds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -24,7 +32,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,6 +46,8 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_HEADER_BYTES",
+    "MAX_HEADER_STRING_BYTES",
+    "JsonScan",
     "DTYPES",
     "TensorInfo",
     "atomic_write",
@@ -48,12 +58,15 @@ __all__ = [
     "read_bytes",
     "open_regular",
     "read_json",
+    "gc_paused",
+    "check_json",
     "parse_json",
     "canonical_json",
     "body_digest",
     "is_sha256",
     "sha256_bytes",
     "sha256_file",
+    "sha256_stream",
     "tensors_to_bytes",
     "tensors_sha256",
     "save_tensors",
@@ -68,12 +81,13 @@ __all__ = [
 MAX_JSON_BYTES = 16 << 20  # a JSON file larger than this is refused before parsing
 MAX_JSON_DEPTH = 64  # deeper nesting of arrays/objects is refused before parsing
 MAX_HEADER_BYTES = 100 << 20  # a safetensors header longer than this is refused before reading it
+# a string in a safetensors header (a ``__metadata__`` value, a tensor name) longer than this is
+# refused by the scan, before the header is parsed
+MAX_HEADER_STRING_BYTES = 16 << 20
 TEMP_SUFFIX = ".tmp"
 _CHUNK = 1 << 20
+_SCAN_CHUNK = 1 << 18  # the JSON scan's window: its arrays take about 30 bytes per byte of window (~8 MiB)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-# A JSON string, or an unterminated one up to the end: this pattern cannot fail once it has
-# started at a quote, so stripping strings is linear in the text's length.
-_JSON_STRING = re.compile(r'"(?:[^"\\]+|\\.)*(?:"|\\?\Z)', re.DOTALL)
 
 # safetensors dtype name -> torch dtype (only those this library reads and writes)
 DTYPES: dict[str, torch.dtype] = {
@@ -223,60 +237,191 @@ def _read_exact(f: io.RawIOBase, buf: memoryview, path: Path, what: str) -> None
         got += n
 
 
-def _json_depth(text: str) -> int:
-    """Maximum nesting depth of arrays/objects in JSON ``text`` (strings ignored), without recursion."""
-    bare = _JSON_STRING.sub('""', text)
-    codes = np.frombuffer(bare.encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    if codes.size == 0:
-        return 0
-    step = np.isin(codes, (ord("["), ord("{"))).astype(np.int64) - np.isin(codes, (ord("]"), ord("}")))
-    return int(np.cumsum(step).max(initial=0))
+class JsonScan:
+    """A linear scan of JSON bytes, fed in pieces of any size: the nesting depth of arrays and objects
+    outside strings and the longest string (raw bytes between its quotes), without parsing,
+    recursing or materialising a string. Memory is one fixed window (:data:`_SCAN_CHUNK`) whatever
+    the input; :meth:`feed` raises :class:`StorageError` naming ``where`` as soon as the input goes
+    deeper than ``max_depth`` or holds a string longer than ``max_string`` (``None``: no limit).
+
+    Exact for every prefix that ``json.loads`` accepts (a quote is escaped iff an odd run of
+    backslashes precedes it; brackets count outside strings only), so a text it passes cannot make
+    the parser recurse deeper than ``max_depth``; invalid JSON is left to the parser to refuse."""
+
+    def __init__(self, where: str | os.PathLike, what: str, max_depth: int, max_string: int | None = None):
+        self.where, self.what, self.max_depth, self.max_string = where, what, max_depth, max_string
+        self.depth = self.deepest = 0  # current and deepest nesting so far
+        self.longest = 0  # the longest string closed so far, in raw bytes
+        self.pos = 0  # bytes scanned
+        self.in_string = False
+        self.opened = 0  # position of the current string's opening quote
+        self.odd_backslashes = 0  # 1 when the bytes so far end with an odd run of backslashes
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _SCAN_CHUNK):
+            self._window(np.frombuffer(view[start : start + _SCAN_CHUNK], dtype=np.uint8))
+            self._check()
+
+    def _window(self, c: np.ndarray) -> None:
+        n, started_inside = c.size, self.in_string
+        idx = np.arange(n, dtype=np.int32)
+        # last[i]: the last position <= i that is not a backslash (-1 - carry before the window)
+        last = np.where(c == 92, np.int32(-1 - self.odd_backslashes), idx)
+        np.maximum.accumulate(last, out=last)
+        quotes = np.flatnonzero(c == 34)
+        if quotes.size:
+            before = np.where(quotes > 0, last[np.maximum(quotes - 1, 0)], -1 - self.odd_backslashes)
+            quotes = quotes[((quotes - 1 - before) & 1) == 0]  # an even run of backslashes: a real quote
+        self.odd_backslashes = int((n - 1 - int(last[-1])) & 1)
+        # strings: the real quotes alternate opening and closing
+        marks = quotes.astype(np.int64) + self.pos
+        if self.in_string:
+            marks = np.concatenate(([self.opened], marks))
+        closed = marks.size // 2
+        if closed:
+            self.longest = max(self.longest, int((marks[1 : 2 * closed : 2] - marks[0 : 2 * closed : 2]).max()) - 1)
+        self.in_string = bool(marks.size % 2)
+        if self.in_string:
+            self.opened = int(marks[-1])
+        # brackets outside strings
+        toggles = np.zeros(n, dtype=np.int8)
+        toggles[quotes] = 1
+        inside = np.cumsum(toggles, dtype=np.int32)
+        inside += started_inside
+        inside &= 1
+        step = (c == 91).view(np.int8) + (c == 123).view(np.int8) - (c == 93).view(np.int8) - (c == 125).view(np.int8)
+        step[inside.astype(bool)] = 0
+        level = np.cumsum(step, dtype=np.int64)
+        level += self.depth
+        self.deepest = max(self.deepest, int(level.max()))
+        self.depth = int(level[-1])
+        self.pos += n
+
+    def _check(self) -> None:
+        if self.deepest > self.max_depth:
+            raise StorageError(
+                f"{self.what} {self.where} is nested more than {self.max_depth} levels deep "
+                f"({self.deepest} in its first {self.pos} bytes)"
+            )
+        if self.max_string is not None:
+            longest = max(self.longest, self.pos - self.opened - 1 if self.in_string else 0)
+            if longest > self.max_string:
+                raise StorageError(
+                    f"{self.what} {self.where} holds a string of more than {self.max_string} bytes "
+                    f"({longest} in its first {self.pos} bytes)"
+                )
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k[:80]!r}")
+            seen.add(k)
     return out
 
 
-def parse_json(data: bytes, where: str | os.PathLike, what: str = "JSON file", max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """Parse UTF-8 JSON ``data``, refusing nesting deeper than ``max_depth`` and duplicate keys;
-    every problem is a :class:`StorageError` naming ``where``."""
+@contextlib.contextmanager
+def gc_paused() -> Generator[None, None, None]:
+    """Pause the cyclic garbage collector while building or walking many acyclic objects (parsed JSON):
+    its collections would otherwise grow with the heap and make a large parse superlinear."""
+    was = gc.isenabled()
+    gc.disable()
     try:
-        text = data.decode("utf-8")
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _loads(data: bytes | bytearray | memoryview, where: str | os.PathLike, what: str) -> Any:
+    """``json.loads`` of UTF-8 bytes already checked by :func:`check_json`; refuses duplicate keys."""
+    try:
+        text = str(data, "utf-8")
     except UnicodeDecodeError as e:
         raise StorageError(f"{what} {where} is not valid JSON (not UTF-8: {e})") from None
-    depth = _json_depth(text)
-    if depth > max_depth:
-        raise StorageError(f"{what} {where} is nested {depth} levels deep (more than {max_depth})")
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        with gc_paused():  # parsed JSON has no cycles
+            return json.loads(text, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, duplicate keys, a 5000-digit int
-        raise StorageError(f"{what} {where} is not valid JSON: {e}") from None
+        raise StorageError(f"{what} {where} is not valid JSON: {str(e)[:200]}") from None
 
 
-def read_bytes(path: str | os.PathLike, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes`` (no symlink, FIFO or device), or a
-    :class:`StorageError` naming ``path``."""
+def check_json(
+    data: bytes | bytearray | memoryview,
+    where: str | os.PathLike,
+    what: str = "JSON file",
+    max_depth: int = MAX_JSON_DEPTH,
+    max_bytes: int = MAX_JSON_BYTES,
+    max_string: int | None = None,
+) -> None:
+    """Refuse JSON bytes that :func:`parse_json` would refuse before parsing: more than ``max_bytes``,
+    nested deeper than ``max_depth``, a string longer than ``max_string``. Linear time, fixed memory.
+    Writers call it on what they are about to write, so that nothing is saved that cannot be loaded."""
+    n = memoryview(data).nbytes
+    if n > max_bytes:
+        raise StorageError(f"{what} {where} is {n} bytes, more than the {max_bytes} allowed")
+    JsonScan(where, what, max_depth, max_string).feed(data)
+
+
+def parse_json(
+    data: bytes | bytearray | memoryview,
+    where: str | os.PathLike,
+    what: str = "JSON file",
+    max_depth: int = MAX_JSON_DEPTH,
+    max_bytes: int = MAX_JSON_BYTES,
+    max_string: int | None = None,
+) -> Any:
+    """Parse UTF-8 JSON ``data``: refused, before parsing, if larger than ``max_bytes``, nested deeper
+    than ``max_depth`` or holding a string longer than ``max_string`` (:func:`check_json`); then
+    refused if malformed or with duplicate keys. Every problem is a :class:`StorageError` naming
+    ``where``. The one JSON reader of the library."""
+    check_json(data, where, what, max_depth, max_bytes, max_string)
+    return _loads(data, where, what)
+
+
+def read_bytes(
+    path: str | os.PathLike, what: str = "file", max_bytes: int = MAX_JSON_BYTES, sha256: str | None = None
+) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (no symlink, FIFO or device; the size is
+    checked before anything is read, the bytes are read once, without a copy); with ``sha256``, other
+    contents are refused. Every problem is a :class:`StorageError` naming ``path``."""
     path = Path(path)
     f, size = _open_regular(path, what)
     with f:
         if size > max_bytes:
             raise StorageError(f"{what} {path} is {size} bytes, more than the {max_bytes} allowed")
-        buf = bytearray(size)
-        _read_exact(f, memoryview(buf), path, what)
+        data = f.read(size) or b""  # one read, no copy (a regular file is read whole but for signals)
+        if len(data) < size:  # a short read: read the rest (a file shrunk under us is refused)
+            parts, got = [data], len(data)
+            while got < size and (more := f.read(size - got)):
+                parts.append(more)
+                got += len(more)
+            if got < size:
+                raise StorageError(f"{what} {path} ended early (read {got} of {size} bytes): it was truncated")
+            data = b"".join(parts)
         if f.read(1):
             raise StorageError(f"{what} {path} grew while it was read")
-    return bytes(buf)
+    if sha256 is not None and sha256_bytes(data) != sha256:
+        raise StorageError(f"{what} {path} fails its sha256 check: it was modified, truncated or replaced")
+    return data
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Read a JSON file (a regular file of at most ``max_bytes``), raising :class:`StorageError`
-    naming ``path`` when it is missing, too large, too deeply nested or malformed."""
-    return parse_json(read_bytes(path, what, max_bytes), path, what)
+def read_json(
+    path: str | os.PathLike,
+    what: str = "JSON file",
+    max_bytes: int = MAX_JSON_BYTES,
+    *,
+    max_depth: int = MAX_JSON_DEPTH,
+    sha256: str | None = None,
+) -> Any:
+    """Read a JSON file (a regular file of at most ``max_bytes``, with ``sha256`` that content only)
+    through :func:`parse_json`, raising :class:`StorageError` naming ``path`` when it is missing, too
+    large, too deeply nested or malformed."""
+    return parse_json(read_bytes(path, what, max_bytes, sha256), path, what, max_depth, max_bytes)
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -314,6 +459,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     """sha256 of a file, read in 1 MiB chunks."""
     with open(path, "rb") as f:
         return _sha256_open(f)
+
+
+def sha256_stream(path: str | os.PathLike, what: str = "file", size: int | None = None) -> tuple[str, int]:
+    """(sha256, size) of a regular file (no symlink, FIFO or device), read in 1 MiB chunks; with
+    ``size``, a file of another size is refused before it is read. Problems are :class:`StorageError`."""
+    path = Path(path)
+    f, got = _open_regular(path, what)
+    with f:
+        if size is not None and got != size:
+            raise StorageError(f"{what} {path} is {got} bytes, expected {size}: it was truncated or extended")
+        return _sha256_open(f), got
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -482,9 +638,17 @@ def _parse_header(f: io.RawIOBase, size: int, path: Path) -> tuple[int, dict[str
             f"{what} {path} declares a {n}-byte header but holds only {size - 8} bytes after the "
             "length: it was truncated"
         )
-    raw = bytearray(n)
-    _read_exact(f, memoryview(raw), path, what)
-    header = parse_json(bytes(raw), path, f"{what} header of")
+    # read in 1 MiB pieces, each scanned as it arrives: a header too deep or holding a string longer
+    # than MAX_HEADER_STRING_BYTES (its metadata) is refused before the rest is read, held or parsed
+    raw = bytearray()
+    scan = JsonScan(path, f"{what} header of", MAX_JSON_DEPTH, MAX_HEADER_STRING_BYTES)
+    while len(raw) < n:
+        piece = f.read(min(_CHUNK, n - len(raw)))
+        if not piece:
+            raise StorageError(f"{what} {path} ended early (read {8 + len(raw)} of {8 + n} bytes): it was truncated")
+        scan.feed(piece)
+        raw += piece
+    header = _loads(raw, path, f"{what} header of")
     if not isinstance(header, dict):
         raise StorageError(f"{what} {path}: the header is not a JSON object")
     meta = header.pop("__metadata__", {})

@@ -34,8 +34,8 @@ from conftest import CaseTimeout, deadline as _deadline
 
 from disback_core import Batch, LoraSpec, StorageError, Trajectory, edm_mlp, freeze, make_generator, record_degradation
 from disback_core.adapters import DMD2
-from disback_core.storage import (MAX_JSON_BYTES, load_tensors, read_tensor_header, sha256_bytes, sha256_file,
-                                  tensors_fingerprint, tensors_to_bytes)
+from disback_core.storage import (MAX_HEADER_STRING_BYTES, MAX_JSON_BYTES, load_tensors, read_tensor_header,
+                                  sha256_bytes, sha256_file, tensors_fingerprint, tensors_to_bytes)
 from disback_core.trajectory import FORMAT, manifest_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,6 +354,9 @@ def _raw(kind: str) -> Callable:
         if kind == "meta-not-str":
             h["__metadata__"] = {"node": 1}
             return join_st(h, body)
+        if kind == "meta-escaped-quotes":  # a metadata string of \" over the cap: refused by the scan, unparsed
+            return join_st(None, body, raw=b'{"__metadata__":{"x":"' + b'\\"' * (MAX_HEADER_STRING_BYTES // 2 + 1)
+                           + b'"},' + head[1:])
         if kind == "meta-list":
             h["__metadata__"] = ["node"]
             return join_st(h, body)
@@ -438,6 +441,11 @@ def _header_cases(seed: int) -> list[Case]:
                 data = mut(h, body, r, target)
                 return forge(folder, target, data) if data is not None else "SKIP"
             cases.append(Case(f"header/{target}/{name}", mutate))
+    for target in FILES:  # after the seeded cases, so that their seeds stay as they were
+        def escaped(folder, target=target, mut=_raw("meta-escaped-quotes")):
+            h, body = split_st(path_of(folder, target).read_bytes())
+            return forge(folder, target, mut(h, body, None, target))
+        cases.append(Case(f"header/{target}/raw-meta-escaped-quotes", escaped))
     for name, keys in (("drop-out.3", ["out.3"]), ("drop-x", ["x"]), ("drop-sigma", ["sigma"])):
         def drop(folder, keys=keys):
             t = load_tensors(path_of(folder, "probe"))
@@ -501,6 +509,11 @@ def _manifest_text_cases(seed: int) -> list[Case]:
                 "utf-8", "surrogateescape"),
             "over-16MiB": t.encode() + b" " * (MAX_JSON_BYTES + 1),
             "16MiB-brackets": b"[" * (MAX_JSON_BYTES - 8),
+            # exactly the cap: scanned and parsed in linear time and memory (built only for its case)
+            "16MiB-escaped-quotes": lambda: b'\\"' * (MAX_JSON_BYTES // 2),
+            # a meta string of \" just under the cap: parsed, then refused by the digest
+            "meta-escaped-quotes": lambda: t.replace(
+                '"meta": {', '"meta": {"q": "' + '\\"' * ((MAX_JSON_BYTES - len(t)) // 2 - 8) + '", ', 1).encode(),
             "deep-meta": t.replace('"meta": {', '"meta": {"deep": ' + "[" * 70 + "]" * 70 + ",", 1).encode(),
             "deep-100000": b"[" * 100000 + b"]" * 100000,
             "duplicate-kind": t.replace('"kind": "lora"', '"kind": "lora", "kind": "full"', 1).encode(),
@@ -514,10 +527,11 @@ def _manifest_text_cases(seed: int) -> list[Case]:
             "nul-byte": t.replace('"lora"', '"lo\\u0000ra"', 1).encode(),
             "uppercase-hex": t.replace('"sha256": "', '"sha256": "A', 1).encode(),
         }[how]
-        p.write_bytes(data)
+        p.write_bytes(data() if callable(data) else data)
         return "manifest.json"
     for how in ("empty", "null", "list", "string", "number", "bom", "not-utf8", "over-16MiB", "16MiB-brackets",
-                "deep-meta", "deep-100000", "duplicate-kind", "duplicate-nodes", "5000-digit-int", "step-NaN",
+                "16MiB-escaped-quotes", "meta-escaped-quotes", "deep-meta", "deep-100000", "duplicate-kind",
+                "duplicate-nodes", "5000-digit-int", "step-NaN",
                 "step-Infinity", "step-1e400", "trailing-garbage", "two-objects", "nul-byte", "uppercase-hex"):
         cases.append(Case(f"manifest/{how}", lambda f, h=how: text(f, h)))
 
