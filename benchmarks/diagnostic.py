@@ -20,7 +20,7 @@ import math
 import statistics as st
 from pathlib import Path
 
-from disback_core.diagnostics import gap_growth
+from disback_core.diagnostics import run_growth
 
 R = Path(__file__).resolve().parent / "results"
 DEFAULT_LABELS = ("disback-degradation_lr_scale3", "disback")  # the default DisBack, by the name each set used
@@ -51,19 +51,6 @@ REGIMES = [
     ("digits-flow DMD2", "digits-flow/dmd2", None),
     ("digits-flow SiD", "digits-flow/sid", None),
 ]
-
-
-def run_growth(run: dict, horizon: float = 0.25) -> float | None:
-    """The statistic on one run's logged eval windows: the windows ending within the horizon."""
-    total = run["spec"]["iterations"]
-    gaps = [
-        e["logs"]["generator/score_gap"]
-        for e in run["evals"]
-        if e.get("logs") and "generator/score_gap" in e["logs"] and 0 < e["iteration"] <= horizon * total
-    ]
-    if len(gaps) < 2 or not all(g > 0 for g in gaps):
-        return None
-    return gap_growth(gaps)
 
 
 def regime_row(name: str, folder: str, logs_folder: str | None) -> dict | None:

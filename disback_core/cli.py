@@ -48,6 +48,7 @@ PROBLEM_DEFAULTS: dict[str, _ProblemDefaults] = {
     "digits": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
     "digits-cond": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
     "digits-text": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
+    "digits-flow": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
 }
 DISBACK_FIELDS: dict[str, Callable[[str], Any]] = {
     "nodes": int,
@@ -323,13 +324,26 @@ def _common(p: argparse.ArgumentParser, adapters_default: list[str]) -> None:
     )
 
 
+def _diagnose(folders: list[str]) -> int:
+    from .diagnostics import diagnose_results
+    from .storage import read_json
+
+    for folder in folders:
+        path = Path(folder) / "results.json" if Path(folder).is_dir() else Path(folder)
+        print(f"{folder}:")
+        for line in diagnose_results(read_json(path)):
+            print(f"  {line}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="disback", description="Distribution Backtracking for one-step diffusion distillation"
+        prog="disback", description="Distribution Backtracking for one-step diffusion distillation", allow_abbrev=False
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="the main job: base method vs DisBack on a built-in problem")
+    # every parser refuses abbreviated options (`disback demo --seed 0` is not --seeds)
+    d = sub.add_parser("demo", allow_abbrev=False, help="the main job: base method vs DisBack on a built-in problem")
     _common(d, ["dmd2"])
     d.add_argument("--out", default="runs/demo")
     d.add_argument(
@@ -339,12 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"also run the headline regime, {HEADLINE_TEXT}, into OUT/headline, side by side with the "
         "built-in one (docs/WHEN_DISBACK_HELPS.md)",
     )
-    b = sub.add_parser("bench", help="benchmark variants (base, disback, disback:key=value,...)")
+    b = sub.add_parser("bench", allow_abbrev=False, help="benchmark variants (base, disback, disback:key=value,...)")
     _common(b, ["dmd2"])
     b.add_argument("--variants", nargs="+", default=["base", "disback"])
     b.add_argument("--out", required=True)
     gd = sub.add_parser(
         "guide",
+        allow_abbrev=False,
         help="evaluate the trained students of bench results with and without "
         "Distillation++ teacher guidance: metric vs network evaluations",
     )
@@ -361,8 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     gd.add_argument("--cache-dir")
     gd.add_argument("--threads", type=int)
-    r = sub.add_parser("report", help="recompute summary, curves and report.md from a results.json")
+    r = sub.add_parser("report", allow_abbrev=False, help="recompute summary, curves and report.md from a results.json")
     r.add_argument("results", nargs="+", help="results.json files")
+    dg = sub.add_parser(
+        "diagnose",
+        allow_abbrev=False,
+        help="does the critic lag the generator? the early score-gap growth of a bench folder's base runs "
+        "(disback_core.diagnostics), and whether DisBack is expected to help",
+    )
+    dg.add_argument("folders", nargs="+", help="bench output folders (results.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -390,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.command == "report":
         return _report(args.results)
+    if args.command == "diagnose":
+        return _diagnose(args.folders)
     try:
         variants = args.variants
         base = _base_spec(args, args.adapter[0])

@@ -19,13 +19,21 @@ the verdict says what it saw, not a guarantee.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .checks import check_number
 
-__all__ = ["CriticLagMonitor", "LagReport", "gap_growth", "LAG_THRESHOLD", "verdict_for"]
+__all__ = [
+    "CriticLagMonitor",
+    "LagReport",
+    "gap_growth",
+    "LAG_THRESHOLD",
+    "verdict_for",
+    "run_growth",
+    "diagnose_results",
+]
 
 # log(gap_end / gap_start) above this: the critic lags (chosen leave-one-regime-out; see the module doc)
 LAG_THRESHOLD = 0.9
@@ -146,3 +154,44 @@ class CriticLagMonitor:
         g = gap_growth(means)
         v = verdict_for(g, self.threshold)
         return LagReport(g, v, ADVICE[v], len(self._gaps), means)
+
+
+def run_growth(run: Mapping[str, Any], horizon: float = 0.25) -> float | None:
+    """The statistic on one bench run (an entry of ``results.json``'s ``runs``): the score-gap means of
+    the logged eval windows ending within the first ``horizon`` of the iterations (None without logs)."""
+    total = run["spec"]["iterations"]
+    gaps = [
+        e["logs"]["generator/score_gap"]
+        for e in run["evals"]
+        if e.get("logs") and "generator/score_gap" in e["logs"] and 0 < e["iteration"] <= horizon * total
+    ]
+    if len(gaps) < 2 or not all(g > 0 for g in gaps):
+        return None
+    return gap_growth(gaps)
+
+
+def diagnose_results(results: Mapping[str, Any], threshold: float = LAG_THRESHOLD) -> list[str]:
+    """Lines of a verdict for a bench ``results.json``: the statistic on each base run (its early
+    score-gap growth), the verdict, and the measured outcome where DisBack runs are there too."""
+    runs = results.get("runs", [])
+    base = [r for r in runs if r.get("label") == "base"]
+    if not base:
+        return ["no base runs in these results: the diagnostic reads the base method's own logs"]
+    growths = {r["seed"]: run_growth(r) for r in base}
+    seen = [g for g in growths.values() if g is not None]
+    lines = [
+        f"seed {s}: score-gap log growth {'n/a (no logs)' if g is None else f'{g:+.2f}'}" for s, g in growths.items()
+    ]
+    if not seen:
+        return [*lines, "these results have no train_step logs (run them with a current disback bench)"]
+    mean = sum(seen) / len(seen)
+    verdict = verdict_for(mean, threshold)
+    lines.append(f"mean {mean:+.2f} (threshold {threshold:+.2f}): critic {verdict}: {ADVICE[verdict]}")
+    primary = results.get("primary")
+    for label in sorted({r["label"] for r in runs} - {"base"}):
+        other = [r["final"][primary] for r in runs if r["label"] == label and primary in r.get("final", {})]
+        mine = [r["final"][primary] for r in base if primary in r.get("final", {})]
+        if other and mine:
+            b, d = sum(mine) / len(mine), sum(other) / len(other)
+            lines.append(f"measured: base {primary} {b:.4g}, {label} {d:.4g} ({100 * (b - d) / b:+.1f}% of the base)")
+    return lines

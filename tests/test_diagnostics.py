@@ -57,3 +57,40 @@ def test_monitor_says_when_it_has_not_seen_enough_and_resumes():
 def test_threshold_verdict():
     assert verdict_for(LAG_THRESHOLD + 1e-9) == "lagging"
     assert verdict_for(LAG_THRESHOLD) == "keeping up"
+
+
+def _results(gaps_by_seed, finals, label="disback"):
+    runs = []
+    for seed, gaps in gaps_by_seed.items():
+        evals = [{"iteration": 0, "logs": {}}] + [
+            {"iteration": 25 * (i + 1), "logs": {"generator/score_gap": g}} for i, g in enumerate(gaps)
+        ]
+        runs.append({"label": "base", "seed": seed, "spec": {"iterations": 600}, "evals": evals,
+                     "final": {"sw": finals[0]}})
+        runs.append({"label": label, "seed": seed, "spec": {"iterations": 600}, "evals": evals,
+                     "final": {"sw": finals[1]}})
+    return {"primary": "sw", "runs": runs}
+
+
+def test_disback_diagnose_reads_a_bench_folder(tmp_path, capsys):
+    import json
+
+    from disback_core.cli import main
+    from disback_core.diagnostics import run_growth
+
+    # windows at 25..150 are within the first 25% of 600 iterations; the one at 175 is not
+    res = _results({0: [1.0, 2.0, 3.0, 4.0, 5.0, 8.0, 100.0], 1: [2.0, 2.0, 2.0, 2.0, 2.0, 16.0, 0.1]}, (0.4, 0.2))
+    assert run_growth(res["runs"][0]) == pytest.approx(math.log(8.0))
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    assert main(["diagnose", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"mean {math.log(8.0):+.2f}" in out and "critic lagging" in out
+    assert "measured: base sw 0.4, disback 0.2 (+50.0% of the base)" in out
+
+
+def test_cli_refuses_abbreviated_options():
+    from disback_core.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--seed", "0"])  # once silently taken as --seeds, starting a long run
+    assert e.value.code == 2

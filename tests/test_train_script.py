@@ -315,16 +315,16 @@ def test_accelerate_launch_cpu_with_two_processes_is_refused(tmp_path, cache):
 
 # Every argparse parser refuses abbreviations (``--iter`` for ``--iterations``, ``--mod`` for ``--model``).
 # disback_core/ is to be added here once its CLI's parser has allow_abbrev=False.
-PARSER_DIRS = ("examples", "benchmarks")
-PARSER_FILES = sorted(p for d in PARSER_DIRS for p in (SCRIPT.parents[1] / d).glob("*.py")
-                      if "ArgumentParser(" in p.read_text())
+PARSER_DIRS = ("examples", "benchmarks", "disback_core")
+PARSER_FILES = sorted(p for d in PARSER_DIRS for p in (SCRIPT.parents[1] / d).rglob("*.py")
+                      if "ArgumentParser(" in p.read_text() or "add_parser(" in p.read_text())
 
 
 @pytest.mark.parametrize("path", PARSER_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_argument_parser_refuses_abbreviations(path):
     calls = [node for node in ast.walk(ast.parse(path.read_text()))
              if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
-             == "ArgumentParser"]
+             in ("ArgumentParser", "add_parser")]
     assert calls
     for call in calls:
         abbrev = [k.value for k in call.keywords if k.arg == "allow_abbrev"]
