@@ -64,6 +64,7 @@ from .presets import TINY_PRESETS, build_model, example_cond, sample_shape
 from .protocol import DSMFakeScore, LossDict, ScoreDistiller
 from .recording import DegradationRecorder, probe_inputs, probe_inputs_raw, record_degradation
 from .schedules import AdaptiveGap, Budgeted, FixedInterval, LinearPath, NodeCursor, TeacherOnly, score_gap
+from .shared_base import SharedBasePath, attach_adapter, bare_view
 from .sigmas import (
     KarrasContinuousSigma,
     KarrasIndexSigma,
@@ -150,6 +151,9 @@ __all__ = [
     "LoraTarget",
     "lora_targets",
     "Trajectory",
+    "SharedBasePath",
+    "attach_adapter",
+    "bare_view",
     "register_call",
     "call_conventions",
     "probe_inputs_raw",

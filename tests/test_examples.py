@@ -104,3 +104,44 @@ def test_wrapped_flow_loop_switches_the_raw_transformer(monkeypatch):
     assert min(gaps) > 1e-4, gaps  # the nodes really differ from the teacher: a switch is visible
     _, added, _ = show.changed_lines(mod.PLAIN, mod.DISBACK)
     assert added == 10
+
+
+def test_one_base_lora_loop_serves_the_path_beside_the_generator(monkeypatch):
+    """The LCM-LoRA layout (one base UNet, the generator a peft adapter on it, the teacher the base with
+    the adapter disabled): after every switch the user's own ``unet`` gives node k's recorded probe
+    outputs inside ``path.target()``, node 0 is the bare base bit for bit, a switch leaves the
+    generator's outputs bit-identical, the base's weights are never written, and 15 lines change."""
+    import torch
+
+    from disback_core.shared_base import SharedBasePath
+
+    seen, step = [], SharedBasePath.step
+    gen_in = (torch.randn(2, 4, 8, 8), torch.full((2,), 999), torch.randn(2, 7, 12))
+
+    def checked_step(self, stat=None):
+        def generator():
+            with torch.no_grad():
+                return self.base(gen_in[0], gen_in[1], encoder_hidden_states=gen_in[2]).sample
+
+        before = generator()
+        switched = step(self, stat)
+        if switched:
+            seen.append((self.node, self.verify()))
+            assert torch.equal(generator(), before)  # the switch wrote only the path adapter
+        return switched
+
+    monkeypatch.setattr(SharedBasePath, "step", checked_step)
+    show = _load("show_diff")
+    mod = show.load_example("wrap_lora_generator")
+    out = mod.main(["--iterations", "12", "--record-steps", "10"])
+    assert [n for _, n in out["switches"]] == [4, 3, 2, 1, 0]
+    assert [n for n, _ in seen] == [3, 2, 1, 0]
+    assert max(e for _, e in seen) < 1e-5 and seen[-1][1] == 0.0
+    assert out["node0_exact"]  # the base (the teacher, adapters off) holds its original weights bit-exactly
+    path = out["attachment"]
+    assert path.generator_adapter == "default" and all(not p.requires_grad for p in path.adapter_parameters())
+    probe = path.trajectory.probe
+    gaps = [float((o - probe.outputs[0]).abs().max()) for o in probe.outputs[1:]]
+    assert min(gaps) > 1e-4, gaps  # the nodes really differ from the teacher: a switch is visible
+    _, added, _ = show.changed_lines(mod.PLAIN, mod.DISBACK)
+    assert added == 15
