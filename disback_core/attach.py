@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .interpolate import write_position
-from .schedules import NodeCursor, TeacherOnly
+from .schedules import NodeCursor, TeacherOnly, required_schedule
 from .storage import lowest_float_dtype, tensors_fingerprint
 from .trajectory import _INTERNAL_COPY, Trajectory, _max_error, _state, node_references, probe_error, probe_output
 
@@ -95,17 +95,7 @@ class Attachment:
             raise TypeError(f"trajectory must be a Trajectory, got {type(trajectory).__name__}")
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be the nn.Module your loop calls as the teacher, got {type(module).__name__}")
-        if schedule is None and start != 0:
-            raise ValueError(
-                "attach needs a schedule, or the module stays on a degraded node for the whole run: pass "
-                "FixedInterval.from_share(total_generator_updates, trajectory.last, share=0.1) (the measured "
-                "default, docs/WHEN_DISBACK_HELPS.md), schedule='manual' to move it yourself with set_node(), "
-                "or start=0 for the fake-score warm start alone"
-            )
-        if isinstance(schedule, str):
-            if schedule != "manual":
-                raise ValueError(f"schedule must be a schedule object or 'manual', got {schedule!r}")
-            schedule = None
+        schedule = required_schedule(schedule, start, "attach")
         module = _unwrap(module)
         self.module, self.trajectory, self.call = module, trajectory, call
         self.prefix = _prefix(module, trajectory) if prefix is None else prefix

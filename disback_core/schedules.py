@@ -40,6 +40,7 @@ __all__ = [
     "NodeCursor",
     "score_gap",
     "check_schedule",
+    "required_schedule",
 ]
 
 
@@ -59,6 +60,24 @@ def check_schedule(schedule: Any, name: str = "schedule") -> Any:
             f"an object with advance (or position)/reset/state_dict/load_state_dict); "
             f"{type(schedule).__name__} lacks {missing}"
         )
+    return schedule
+
+
+def required_schedule(schedule: Any, start: int | None, who: str) -> Any:
+    """The schedule an in-place attachment (``who``) runs: required unless ``start == 0`` (without one
+    the target would hold node N-1 for the whole run); ``"manual"`` means none (the node moves only by
+    ``set_node``) and is returned as ``None``."""
+    if schedule is None and start != 0:
+        raise ValueError(
+            f"{who} needs a schedule, or the target stays on a degraded node for the whole run: pass "
+            "FixedInterval.from_share(total_generator_updates, trajectory.last, share=0.1) (the measured "
+            "default, docs/WHEN_DISBACK_HELPS.md), schedule='manual' to move it yourself with set_node(), "
+            "or start=0 for the fake-score warm start alone"
+        )
+    if isinstance(schedule, str):
+        if schedule != "manual":
+            raise ValueError(f"schedule must be a schedule object or 'manual', got {schedule!r}")
+        return None
     return schedule
 
 

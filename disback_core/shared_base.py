@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from .attach import _finer_copy, _name, _prefix, _unwrap
 from .lora import _A, _B, _backend, _target, node_layers
-from .schedules import NodeCursor, TeacherOnly
+from .schedules import NodeCursor, TeacherOnly, required_schedule
 from .storage import lowest_float_dtype, tensors_fingerprint
 from .trajectory import Trajectory, _deepcopy_quietly, _max_error, _state, node_references, probe_output
 
@@ -195,17 +195,7 @@ class SharedBasePath:
             raise TypeError(f"call must be a function fn(module, x, sigma, cond), got {call!r}")
         if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
             raise TypeError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
-        if schedule is None and start != 0:
-            raise ValueError(
-                "SharedBasePath needs a schedule, or the target stays on a degraded node for the whole run: pass "
-                "FixedInterval.from_share(total_generator_updates, trajectory.last, share=0.1) (the measured "
-                "default, docs/WHEN_DISBACK_HELPS.md), schedule='manual' to move it yourself with set_node(), "
-                "or start=0 for the fake-score warm start alone"
-            )
-        if isinstance(schedule, str):
-            if schedule != "manual":
-                raise ValueError(f"schedule must be a schedule object or 'manual', got {schedule!r}")
-            schedule = None
+        schedule = required_schedule(schedule, start, "SharedBasePath")
         if schedule is not None and callable(getattr(schedule, "position", None)):
             raise ValueError(
                 f"{type(schedule).__name__} interpolates between nodes (a weighted sum of two nodes' deltas, rank "
