@@ -111,6 +111,13 @@ diagnostic() {  # issue 20: base logs for the regimes run before the logs existe
   $BIN/python benchmarks/diagnostic.py
 }
 
+flow() {  # issue item 8: digits-flow, a rectified-flow SD3 transformer teacher (disback_core/bench/digits_flow.py)
+  local C="--problem digits-flow --seeds 0 1 2 --threads 1 --no-progress --resume --variants base disback --eval-every 25" RF=$R/digits-flow
+  $BIN/disback bench $C --adapter dmd2 --iterations 400 --out $RF/dmd2
+  $BIN/disback bench $C --adapter sid --iterations 800 --out $RF/sid
+  $BIN/disback bench $C --adapter dmd2 --critic-steps 1 --iterations 400 --out $RF/dmd2-critic1
+}
+
 case "${1:-all}" in
   toy) toy ;;
   digits) digits ;;
@@ -118,6 +125,7 @@ case "${1:-all}" in
   overhead) overhead ;;
   regimes) regimes ;;
   images) images ;;
+  flow) flow ;;
   diagnostic) diagnostic ;;
   all) toy & digits & wait; overhead ;;
 esac

@@ -12,9 +12,14 @@
   diffusers ``UNet2DModel`` teacher, class-conditional with a null label (10% label dropout), so
   one teacher serves the conditional problem (``digits-cond``) and the unconditional one
   (``digits``: every sample gets the null label).
+- ``digits-flow``: the same digits and prompts as ``digits-text``, the teacher a rectified-flow
+  diffusers ``SD3Transformer2DModel`` (velocity loss, logit-normal times) behind ``FlowMatchDenoiser``,
+  the generator fed the noise at ``t = 1``, the methods given flow-time noise samplers and the
+  flow-matching fake-score loss (:mod:`.digits_flow`).
 
 Each problem evaluates samples with offline metrics against fixed held-out data and reports the
-teacher's multi-step (EDM Heun, 18 steps) and one-step values as reference lines.
+teacher's multi-step (EDM Heun, 18 steps; flow Euler for ``digits-flow``) and one-step values as
+reference lines.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +38,7 @@ from torch import Tensor, nn
 
 from ..analytic import GaussianMixtureDenoiser
 from ..denoisers import freeze
+from ..fewstep import fewstep_sigmas
 from ..losses import DSMLoss
 from ..nets import edm_mlp, edm_unet, edm_unet_text
 from ..sampling import edm_sampler
@@ -43,9 +50,9 @@ from .metrics import class_coverage, energy_distance, frechet_distance, mode_sta
 __all__ = ["Problem", "Toy2D", "Digits", "get_problem", "PROBLEMS", "train_teacher"]
 
 log = logging.getLogger(__name__)
-PROBLEMS = ("toy2d", "toy2d-edm", "grid25", "digits", "digits-cond", "digits-text")
+PROBLEMS = ("toy2d", "toy2d-edm", "grid25", "digits", "digits-cond", "digits-text", "digits-flow")
 STUDENTS = ("copy", "fresh", "small")  # the generator's start: the teacher's weights, re-initialised, a smaller net
-CONDITIONAL = ("digits-cond", "digits-text")  # the problems with an unconditional input (teacher CFG)
+CONDITIONAL = ("digits-cond", "digits-text", "digits-flow")  # the problems with an unconditional input (teacher CFG)
 
 
 def train_teacher(
@@ -113,7 +120,29 @@ class Problem:
     teacher_info: dict[str, Any] = field(default_factory=dict)
     eval_samples: int = 2000
 
+    # how the teacher's multi-step reference samples are drawn (reports name it)
+    REFERENCE_SAMPLER = "EDM Heun, 18 steps"
+
     def cond(self, n: int, g: torch.Generator) -> Tensor | None:
+        return None
+
+    # -- what a problem may change in a run (the defaults are the EDM problems': the papers' settings)
+
+    def generator_sigma_init(self, paper_value: float) -> float:
+        """The generator's first noise level for an adapter whose paper value is ``paper_value``
+        (a flow problem: ``math.inf``, the generator fed the noise at ``t = 1``)."""
+        return paper_value
+
+    def student_sigmas(self, steps: int, sigma_init: float) -> tuple[float, ...]:
+        """A K-step student's noise levels from ``sigma_init`` (default: K points on the Karras ramp)."""
+        return fewstep_sigmas(steps, sigma_max=sigma_init)
+
+    def method_kwargs(self, adapter: str) -> dict[str, Any]:
+        """Constructor keywords for the adapter's method (e.g. noise samplers); ``{}``: the paper's."""
+        return {}
+
+    def fake_dsm_weight(self) -> Callable[[Tensor, float], Tensor] | None:
+        """The DSM weight of the fake score's (and the recording's) loss, or None for the method's own (EDM)."""
         return None
 
     def student_net(self, kind: str, seed: int) -> nn.Module:
@@ -478,7 +507,8 @@ class Digits(Problem):
 
 
 def get_problem(name: str, cache_dir=None, **kwargs: Any) -> Problem:
-    """``toy2d``, ``toy2d-edm``, ``grid25``, ``digits`` (unconditional), ``digits-cond`` (class labels) or ``digits-text`` (prompts)."""
+    """``toy2d``, ``toy2d-edm``, ``grid25``, ``digits`` (unconditional), ``digits-cond`` (class labels),
+    ``digits-text`` (prompts) or ``digits-flow`` (prompts, a rectified-flow SD3 transformer teacher)."""
     if name == "toy2d":
         return Toy2D(cache_dir, **kwargs)
     if name == "toy2d-edm":
@@ -487,4 +517,8 @@ def get_problem(name: str, cache_dir=None, **kwargs: Any) -> Problem:
         return Toy2D(cache_dir, layout="grid25", p_mean=-1.2, p_std=1.2, name=name, **kwargs)
     if name in ("digits", "digits-cond", "digits-text"):
         return Digits(conditional=name == "digits-cond", text=name == "digits-text", cache_dir=cache_dir, **kwargs)
+    if name == "digits-flow":
+        from .digits_flow import DigitsFlow
+
+        return DigitsFlow(cache_dir, **kwargs)
     raise ValueError(f"unknown problem {name!r}; choose one of {PROBLEMS}")

@@ -61,7 +61,8 @@ def write_report(result: dict[str, Any], path: str | Path, title: str = "disback
     lines += [
         "## Reference lines",
         "",
-        "| sigma_init | teacher multi-step (18 Heun steps) | teacher one-step | held-out data |",
+        f"| sigma_init | teacher multi-step ({result.get('reference_sampler', 'EDM Heun, 18 steps')}) "
+        "| teacher one-step | held-out data |",
         "|---|---|---|---|",
     ]
     for si, refs in result["references"].items():

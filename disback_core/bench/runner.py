@@ -1,7 +1,8 @@
 """Benchmark runner: base method vs DisBack on a built-in problem, several seeds, JSON + PNG.
 
 One run = one :class:`RunSpec` and one seed. The runner builds the generator (a copy of the
-teacher run one-step at the adapter's ``sigma_init``) and the fake score (a copy of the teacher;
+teacher run one-step at the adapter's ``sigma_init``, or where the problem sets one, its own: ``inf`` for
+the flow problem, whose generator is fed the noise at ``t = 1``) and the fake score (a copy of the teacher;
 with DisBack, the most degraded node), trains with :func:`~disback_core.step.train_step`, and
 evaluates on fixed inputs every ``eval_every`` generator iterations. Seconds count training only
 (evaluation excluded); a DisBack run starts its clock with the degradation recording. Both wall
@@ -13,6 +14,7 @@ JSON schema (``results.json``, ``"schema": "disback-benchmark/1"``)::
 
     {"schema", "command", "problem", "primary", "teacher": {..., "cache_key"}, "references": {sigma_init: {
        "teacher_multistep": {metric: value}, "teacher_onestep": {...}}},
+     "reference_sampler": how the teacher's multi-step samples were drawn (e.g. "EDM Heun, 18 steps"),
      "runs": [{"label", "seed", "spec": {...}, "degradation_seconds", "switches": [[iteration, node]],
                "svd_output_error": [per node] or null (node_mode "svd" only: see record_degradation),
                "student_sigmas": [the K-step student's sigmas; [sigma_init] for one step],
@@ -55,15 +57,25 @@ from ..backtracking import AdaptiveGap, Backtrack, Budgeted, FixedInterval, Line
 from ..denoisers import CFGDenoiser, OneStepGenerator, trainable_copy
 from ..export import load_checkpoint
 from ..faults import DivergenceMonitor
-from ..fewstep import MultiStepGenerator, fewstep_sigmas, sample_fewstep
+from ..fewstep import MultiStepGenerator, sample_fewstep
 from ..freezing import apply_freezing
 from ..lora import LoraSpec
-from ..recording import record_degradation
+from ..recording import record_degradation, resolve_lr_scale
 from ..step import train_step
 from ..storage import read_json, save_tensors, write_json
 from .problems import Problem, get_problem
 
-__all__ = ["RunSpec", "ADAPTERS", "run_one", "record_path", "make_student", "compare", "summarise", "plot_curves"]
+__all__ = [
+    "RunSpec",
+    "ADAPTERS",
+    "run_one",
+    "make_method",
+    "record_path",
+    "make_student",
+    "compare",
+    "summarise",
+    "plot_curves",
+]
 
 SCHEMA = "disback-benchmark/1"
 log = logging.getLogger(__name__)
@@ -145,16 +157,12 @@ class RunSpec:
 _DEFAULT_SPEC = RunSpec().to_json()
 # Fields whose default changed: what a stored spec without them ran with (so --resume never reuses it wrongly)
 _ABSENT_MEANT = {"degradation_lr_scale": 1.0}
-LORA_LR_SCALE = 3.0  # the default recording learning-rate factor of LoRA nodes
 
 
 def degradation_lr(spec: RunSpec) -> float:
-    """The recording learning rate of a DisBack run: ``lr * degradation_lr_scale``, the scale by node
-    mode when unset (3 for LoRA, 1 for full and SVD nodes)."""
-    scale = spec.degradation_lr_scale
-    if scale is None:
-        scale = LORA_LR_SCALE if spec.node_mode == "lora" else 1.0
-    return spec.lr * scale
+    """The recording learning rate of a DisBack run: ``lr * degradation_lr_scale``, the library's
+    measured default by node mode when unset (:data:`~disback_core.recording.DEGRADATION_LR_SCALE`)."""
+    return spec.lr * resolve_lr_scale(spec.node_mode, spec.degradation_lr_scale)
 
 
 def same_spec(stored: dict[str, Any], want: dict[str, Any]) -> bool:
@@ -208,6 +216,26 @@ def _generate(
     return torch.cat([generator(z[i : i + chunk], None if cond is None else cond[i : i + chunk]) for i in parts])
 
 
+def make_method(problem: Problem, spec: RunSpec) -> Any:
+    """The adapter's method at its paper settings, with the problem's noise samplers and fake-score
+    DSM weight where the problem sets them (:meth:`Problem.method_kwargs`, :meth:`Problem.fake_dsm_weight`)."""
+    a = _adapters()[spec.adapter]
+    kwargs = {
+        **problem.method_kwargs(spec.adapter),
+        **({"critic_steps": spec.critic_steps} if spec.critic_steps else {}),
+    }
+    method = a["cls"](sigma_data=problem.sigma_data, **kwargs)
+    weight = problem.fake_dsm_weight()
+    if weight is not None:
+        dsm = getattr(method, "dsm", None)
+        if dsm is None:
+            raise ValueError(
+                f"problem {problem.name!r} sets the fake score's DSM weight, but {spec.adapter} has no DSM"
+            )
+        dsm.weight = weight
+    return method
+
+
 def record_path(
     problem: Problem,
     spec: RunSpec,
@@ -227,7 +255,8 @@ def record_path(
         next_batch,
         steps=interval * spec.nodes,
         interval=interval,
-        lr=degradation_lr(spec),
+        lr=spec.lr,
+        degradation_lr_scale=spec.degradation_lr_scale,
         mode=spec.node_mode,
         lora=LoraSpec(rank=spec.rank),
         merge=spec.merge,
@@ -246,13 +275,11 @@ def run_one(
 
     ``track(run_name, iteration, scalars)`` receives every evaluation (see :mod:`.tracking`)."""
     a = _adapters()[spec.adapter]
-    sigma_init = spec.sigma_init or a["sigma_init"]
+    sigma_init = spec.sigma_init or problem.generator_sigma_init(a["sigma_init"])
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    method = a["cls"](
-        sigma_data=problem.sigma_data, **({"critic_steps": spec.critic_steps} if spec.critic_steps else {})
-    )
-    student_sigmas = fewstep_sigmas(spec.student_steps, sigma_max=sigma_init)
+    method = make_method(problem, spec)
+    student_sigmas = problem.student_sigmas(spec.student_steps, sigma_init)
     generator = make_student(problem, spec, sigma_init, student_sigmas, seed)
     if spec.disback and spec.adapter == "gdd":
         raise ValueError(
@@ -544,7 +571,9 @@ def compare(
         raise ValueError(f"compare() runs one problem at a time, got {sorted(names)}")
     problem = problem or get_problem(specs[0].problem, cache_dir)
     adapters = _adapters()
-    sigma_inits = sorted({s.sigma_init or adapters[s.adapter]["sigma_init"] for s in specs})
+    sigma_inits = sorted(
+        {s.sigma_init or problem.generator_sigma_init(adapters[s.adapter]["sigma_init"]) for s in specs}
+    )
     stored = _stored_runs(out / "results.json", problem.name) if resume else {}  # before the slow references
     references = {str(si): problem.references(si) for si in sigma_inits}
     result: dict[str, Any] = {
@@ -554,6 +583,7 @@ def compare(
         "primary": problem.primary,
         "teacher": _portable(problem.teacher_info),
         "references": references,
+        "reference_sampler": problem.REFERENCE_SAMPLER,
     }
     runs = []
     for spec in specs:
