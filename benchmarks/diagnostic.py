@@ -50,6 +50,7 @@ REGIMES = [
     ("digits-cond SiD", "image-regimes/digits-cond-sid", None),
     ("digits-flow DMD2", "digits-flow/dmd2", None),
     ("digits-flow SiD", "digits-flow/sid", None),
+    ("digits-flow DMD2 1 critic step", "digits-flow/dmd2-critic1", None),
 ]
 
 
@@ -156,7 +157,11 @@ def main() -> None:
             f"| {r['loo_threshold']:+.2f} | {'helps' if r['predicted'] else 'no gain'} | {'yes' if r['predicted'] == r['helps'] else '**no**'} |"
         )
     rho = spearman([r["growth"] for r in rows], [r["gain"] for r in rows])
+    helps = sum(r["helps"] for r in rows)
     lines += [
+        "",
+        f"Always answering the majority outcome ({'helps' if 2 * helps > len(rows) else 'no gain'}) would be right "
+        f"{max(helps, len(rows) - helps)} of {len(rows)} times.",
         "",
         f"Spearman rank correlation of the statistic with the measured gain: {rho:+.2f} ({len(rows)} regimes).",
         "",
