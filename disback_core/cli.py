@@ -12,6 +12,13 @@
   ``--student-steps 1 2 4`` trains K-step students (DMD2's multi-step generator) per variant.
 - ``disback guide``: the trained students of bench folders with and without Distillation++
   teacher guidance, the metric against network evaluations (:mod:`disback_core.bench.guide`).
+- ``disback train``: the training script (:mod:`disback_core.train`: DMD2, Diff-Instruct or SiD, with
+  or without DisBack, on a built-in problem or a diffusers model, one or many processes, exact resume,
+  ``--export``); every argument after ``train`` is its own (``disback train --help``). Needs
+  ``accelerate`` (``pip install 'disback[distributed]'``).
+- ``disback export STATE OUT``: the generator of a saved ``disback train`` state (a run folder, its
+  ``state/`` or a kept step folder), rebuilt from the run configuration the state holds, exported
+  with ``export_generator``.
 """
 
 from __future__ import annotations
@@ -385,7 +392,28 @@ def main(argv: list[str] | None = None) -> int:
         "(disback_core.diagnostics), and whether DisBack is expected to help",
     )
     dg.add_argument("folders", nargs="+", help="bench output folders (results.json)")
-    args = parser.parse_args(argv)
+    # `disback train ARGS`: ARGS are disback_core.train's, parsed there (its --help lists them); its
+    # module (torch, the adapters) is imported only when it runs, and accelerate only once it trains
+    sub.add_parser(
+        "train",
+        allow_abbrev=False,
+        add_help=False,
+        help="train a one-step generator: DMD2, Diff-Instruct or SiD, with or without DisBack, on a built-in "
+        "problem or a diffusers model, on one or many processes (`disback train --help`: its options)",
+    )
+    ex = sub.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="export the generator of a saved `disback train` state (export_generator), rebuilt from the run "
+        "configuration the state holds",
+    )
+    ex.add_argument("state", help="a run folder (--out), its state/ folder, or a kept state/step-* folder")
+    ex.add_argument("out", help="the export folder (new, empty, or an earlier export, which is replaced)")
+    ex.add_argument("--model", help="the model folder, if it moved since training (its config is used)")
+    ex.add_argument("--cache-dir", help="built-in problems: where the run's teacher is cached")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -414,6 +442,21 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args.results)
     if args.command == "diagnose":
         return _diagnose(args.folders)
+    if args.command == "train":
+        from .train import main as train_main
+
+        train_main(rest, prog="disback train")
+        return 0
+    if args.command == "export":
+        from .storage import StorageError
+        from .train import export_state
+
+        try:
+            folder = export_state(args.state, args.out, model=args.model, cache_dir=args.cache_dir)
+        except StorageError as e:  # not a state, or a damaged one: the message names the file
+            raise SystemExit(f"disback export: {e}") from None
+        print(f"exported the generator of {args.state} to {folder}")
+        return 0
     try:
         variants = args.variants
         base = _base_spec(args, args.adapter[0])

@@ -1,5 +1,7 @@
-"""examples/train.py: one process and two (torchrun, gloo), DDP and FSDP2, and exact resume; the model
-class from the config (UNets and SD3/FLUX/SANA/Wan flow transformers), with and without DisBack."""
+"""The training script (disback_core/train.py, run as examples/train.py and `disback train`): one process
+and two (torchrun, gloo), DDP and FSDP2, and exact resume; the model class from the config (UNets and
+SD3/FLUX/SANA/Wan flow transformers), with and without DisBack. The command line, --export, `disback
+export` and extending a finished run: tests/test_train_cli.py."""
 import ast
 import hashlib
 import importlib.util
@@ -84,10 +86,14 @@ def test_fsdp2_with_gradient_accumulation_on_two_cpu_ranks(tmp_path, cache):
 
 @pytest.fixture(scope="module")
 def train():
+    """The script's module (examples/train.py is a thin call of its main, checked here)."""
+    import disback_core.train
+
     spec = importlib.util.spec_from_file_location("examples_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # imports, does not run (no __main__)
+    assert script.main is disback_core.train.main
+    return disback_core.train
 
 
 def _main(train, *argv):
