@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import cast
 
@@ -101,18 +101,25 @@ def allreduce_grads(params: Iterable[nn.Parameter]) -> None:
 
 
 def share_trajectory(
-    trajectory: Trajectory | None, folder: str | os.PathLike, teacher: nn.Module, *, merge: bool = True
+    trajectory: Trajectory | None,
+    folder: str | os.PathLike,
+    teacher: nn.Module,
+    *,
+    merge: bool = True,
+    call: Callable[..., Tensor] | None = None,
 ) -> Trajectory:
     """Rank 0 saves ``trajectory`` to ``folder``; after a barrier every rank loads it onto its own
     ``teacher`` (verified: hashes, fingerprint) and all ranks must agree on the manifest's sha256
-    and on the teacher's fingerprint, else ``RuntimeError`` naming the ranks that differ."""
+    and on the teacher's fingerprint, else ``RuntimeError`` naming the ranks that differ. ``call``:
+    the probe's call for a path recorded with an unnamed function (``"custom"``), as for
+    :meth:`Trajectory.load`; a named convention must be registered on every rank."""
     folder = Path(folder)
     if rank() == 0:
         if trajectory is None:
             raise ValueError("rank 0 must pass the recorded trajectory")
         trajectory.save(folder)
     barrier()
-    loaded = Trajectory.load(folder, teacher, merge=merge)
+    loaded = Trajectory.load(folder, teacher, merge=merge, call=call)
     mine = f"{sha256_file(folder / 'manifest.json')}|{tensors_fingerprint(teacher.state_dict())}"
     everyone = gather_strings(mine)
     differ = [r for r, s in enumerate(everyone) if s != everyone[0]]
