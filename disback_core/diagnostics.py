@@ -10,13 +10,13 @@ mean over the last and the first of ``chunks`` equal parts of the early run (by 
 25% of the planned updates); :class:`CriticLagMonitor` computes it from your loop, and
 ``disback diagnose FOLDER`` from a bench folder's base runs.
 
-How well it works (``benchmarks/diagnostic.py``, ``benchmarks/results/diagnostic/TABLE.md``, 17
+How well it works (``benchmarks/diagnostic.py``, ``benchmarks/results/diagnostic/TABLE.md``, 18
 regimes, toy and image, UNet and flow): the statistic *ranks* regimes by DisBack's measured gain
-(Spearman +0.73), but as a yes/no call against "DisBack beats the base by more than the base's seed
-spread" it is right 10 of 17 times leave-one-regime-out, no better than always answering "no gain"
-(11 of 17). Every regime whose growth exceeded :data:`LAG_THRESHOLD` (0.9, a gap growing ~2.5x in
+(Spearman +0.70), but as a yes/no call against "DisBack beats the base by more than the base's seed
+spread" it is right 11 of 18 times leave-one-regime-out, no better than always answering "no gain"
+(12 of 18). Every regime whose growth exceeded :data:`LAG_THRESHOLD` (0.9, a gap growing ~2.5x in
 the first quarter) had a mean gain of 6-86%, but two of those five were within the seed spread;
-below it, gains were -4% to +14% (Diff-Instruct on digits: +14% with no growth). Read the verdict
+below it, gains were -35% to +14% (Diff-Instruct on digits: +14% with no growth). Read the verdict
 as a hint that the critic lags, not as a forecast.
 """
 
