@@ -91,7 +91,7 @@ import os
 import random
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -386,6 +386,29 @@ def check_export_target(folder: str | os.PathLike, flag: str = "--export") -> Pa
             "replaced)"
         )
     return path
+
+
+def config_changes(saved: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """The run options that differ between a saved run's configuration and this one's, as
+    ``"--seed: 0 in the run, 1 given"`` (empty: the same run)."""
+    out = []
+    for k in sorted(set(saved) | set(config)):
+        a, b = saved.get(k, "(absent)"), config.get(k, "(absent)")
+        if a != b or type(a) is not type(b):
+            out.append(f"--{k}: {a!r} in the run, {b!r} given")
+    return out
+
+
+def check_same_run(saved: Mapping[str, Any], config: Mapping[str, Any], where: Path) -> None:
+    """Refuse, before anything is loaded, resuming ``where`` (a state or a recorded path) with options
+    that change the run's identity: a changed ``--seed`` also changes a preset's random teacher, and
+    would otherwise surface later as a path "recorded on another base model"."""
+    changes = config_changes(saved, config)
+    if changes:
+        raise SystemExit(
+            f"--resume: {where} is from a run with other options: {'; '.join(changes)}. Resume with the "
+            "run's own options, or start a new run (a new --out, or --overwrite)."
+        )
 
 
 def read_state(folder: str | os.PathLike) -> dict[str, Any]:
@@ -762,6 +785,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     task = build_task(args, accelerator)
     if task.get("flow"):  # only flow runs carry the key: states of earlier UNet and problem runs still resume
         config["shift"] = task["shift"]
+    if saved_state is not None:  # the run's identity, before a path or state is loaded
+        legacy = {"iterations": saved_state["config"]["iterations"]} if "iterations" in saved_state["config"] else {}
+        check_same_run(saved_state["config"], config | legacy, saved_state["path"])
     teacher = task["teacher"].to(accelerator.device)
     method = make_method(args, task)
     set_seed(args.seed)  # Python, numpy and torch: identical initial models on every rank
@@ -775,7 +801,11 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
         path = out / "trajectory"
         if args.resume and (path / "manifest.json").is_file():
             from .trajectory import Trajectory
+            from .trajectory_files import read_manifest
 
+            recorded = read_manifest(path / "manifest.json")["meta"].get("run")
+            if isinstance(recorded, dict):  # paths of earlier versions hold no run: the teacher check alone
+                check_same_run(recorded, {k: v for k, v in config.items() if k in recorded}, path)
             traj = Trajectory.load(path, teacher)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -795,6 +825,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
                 wrap=DDP if world > 1 else None,
                 progress=accelerator.is_main_process and not args.no_progress,
             )
+            traj.meta["run"] = {k: v for k, v in config.items() if k != "iterations"}  # checked on --resume
             traj = share_trajectory(traj if rank == 0 else None, path, teacher)  # one verified path on all ranks
         # The interval comes from this total; on --resume the state's schedule (its interval and
         # position) replaces it, so an extended run keeps the first run's interval.

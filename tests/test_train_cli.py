@@ -276,3 +276,28 @@ def test_the_cli_and_the_train_module_import_without_accelerate():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and done.stdout.strip().endswith("False"), done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ a resumed run's identity
+
+
+def test_resume_with_a_changed_seed_names_the_seed_before_any_load(tmp_path, capsys):
+    """A preset's random teacher comes from --seed: resuming with another seed used to surface as a path
+    "recorded on another base model". Both the state and (without a state) the recorded path name it."""
+    out = tmp_path / "run"
+    run = [*TINY, *DISBACK, "--iterations", "2", "--save-every", "1", "--out", out]
+    _cli("train", *run, "--stop-after", "1")
+    with pytest.raises(SystemExit, match=r"--seed: 0 in the run, 1 given") as e:
+        _cli("train", *run, "--resume", "--seed", "1")
+    assert "step-000000001" in str(e.value) and "on another base model" not in str(e.value)
+    with pytest.raises(SystemExit, match=r"--lr: 0\.0001 in the run, 0\.5 given"):
+        _cli("train", *run, "--resume", "--lr", "0.5")
+    import shutil
+
+    shutil.rmtree(out / "state")  # a path without a state: its manifest's run is checked before the teacher's
+    meta = json.loads((out / "trajectory" / "manifest.json").read_text())["meta"]["run"]
+    assert meta["seed"] == 0 and meta["method"] == "dmd2" and "iterations" not in meta
+    with pytest.raises(SystemExit, match=r"trajectory is from a run with other options: --seed: 0 in the run, 1 given"):
+        _cli("train", *run, "--resume", "--seed", "1")
+    _cli("train", *run, "--resume")  # the same options: the path loads and the run goes on
+    assert _result(out)["switches"]
