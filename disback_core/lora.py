@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -155,6 +156,8 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _is_peft_layer(m: nn.Module) -> bool:
+    if "peft" not in sys.modules:  # no peft layer exists before peft is imported (importing it takes seconds)
+        return False
     from peft.tuners.lora import LoraLayer
 
     return isinstance(m, LoraLayer)
@@ -162,6 +165,8 @@ def _is_peft_layer(m: nn.Module) -> bool:
 
 def _transformer_classes() -> list[tuple[Any, tuple[str, ...]]]:
     """(diffusers class, its target set) for the flow-matching transformers this diffusers has."""
+    if "diffusers" not in sys.modules:  # no diffusers model exists before diffusers is imported
+        return []
     try:
         import diffusers
     except ImportError:  # pragma: no cover
@@ -185,8 +190,10 @@ def default_target_modules(model: nn.Module) -> list[str]:
     with a weight matrix or kernel except embeddings (lookup tables, which LoRA sets leave out).
     The first recognised network in module order decides."""
     try:
+        if "diffusers" not in sys.modules:  # no diffusers model exists before diffusers is imported
+            raise ImportError
         from diffusers import UNet2DConditionModel, UNet2DModel
-    except ImportError:  # pragma: no cover
+    except ImportError:
         UNet2DConditionModel = UNet2DModel = ()  # type: ignore[assignment,misc]
     transformers = _transformer_classes()
     for m in model.modules():
@@ -627,8 +634,10 @@ def svd_lora(
                 vh = torch.cat([vh, vh.new_zeros(pad, vh.shape[1])], 0)
                 s = torch.cat([s, s.new_zeros(pad)])
             root = s.sqrt()
-            node[t.name + _B] = ((u * root) / scale).reshape(t.b_shape).float().cpu()
-            node[t.name + _A] = (root[:, None] * vh).reshape(t.a_shape).float().cpu()
+            # contiguous, as a loaded node is: LAPACK's column-major u would round the B @ A product
+            # differently from the same node after a save and load
+            node[t.name + _B] = ((u * root) / scale).reshape(t.b_shape).float().cpu().contiguous()
+            node[t.name + _A] = (root[:, None] * vh).reshape(t.a_shape).float().cpu().contiguous()
             approx = (u * s) @ vh
             err2 += float(((delta.reshape(approx.shape) - approx) ** 2).sum())
             tot2 += float((delta**2).sum())

@@ -227,6 +227,14 @@ def test_bench_resume_reruns_only_what_an_interrupted_run_lost(tmp_path, cache, 
     for a, b in zip(reference["runs"], resumed["runs"]):  # deterministic per seed: same curves
         assert [e["metrics"] for e in a["evals"]] == [e["metrics"] for e in b["evals"]]
 
+    # a --resume asking for fewer variants or seeds keeps what an earlier command measured
+    calls.clear()
+    assert main([*args[:-2], "base", "--seeds", "1", "--out", str(out), "--resume"]) == 0
+    assert calls == []
+    kept = json.loads((out / "results.json").read_text())
+    assert sorted((r["label"], r["seed"]) for r in kept["runs"]) == sorted((r["label"], r["seed"]) for r in resumed["runs"])
+    assert set(kept["summary"]) >= {"base", "disback"}
+
     with pytest.raises(ValueError, match="--resume: .* problem 'toy2d'"):
         main(["bench", "--problem", "digits", "--teacher-steps", "2", "--iterations", "2", "--seeds", "0",
               "--cache-dir", str(cache), "--no-progress", "--out", str(out), "--resume", "--batch", "8",

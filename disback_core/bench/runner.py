@@ -585,7 +585,11 @@ def compare(
         "references": references,
         "reference_sampler": problem.REFERENCE_SAMPLER,
     }
-    runs = []
+    # stored runs this command does not ask for (other variants or seeds) stay in the file: a --resume
+    # with fewer variants adds to a results folder, it never drops what an earlier command measured
+    asked = {(s.label, seed) for s in specs for seed in seeds}
+    kept = [r for key, r in stored.items() if key not in asked]
+    runs: list[dict[str, Any]] = []
     for spec in specs:
         want = json.loads(json.dumps(spec.to_json()))
         for seed in seeds:
@@ -605,7 +609,8 @@ def compare(
                     samples, out / f"samples-{spec.label}.png", f"{spec.label}, seed {seed}, {spec.iterations} it", cond
                 )
             runs.append(r)
-            write_json(out / "results.json", {**result, "partial": True, "runs": runs})
+            write_json(out / "results.json", {**result, "partial": True, "runs": runs + kept})
+    runs += kept
     result["runs"] = runs
     result["summary"] = summarise(runs, problem.primary, base_label=specs[0].label)
     write_json(out / "results.json", result)
