@@ -306,3 +306,28 @@ def test_the_default_records_lora_nodes_at_3x_and_resume_never_reuses_older_runs
     assert not same_spec(older, want)
     assert same_spec(older, RunSpec(disback=True, degradation_lr_scale=1.0).to_json())
     assert same_spec(want, want) and not same_spec({**want, "share": 0.3}, want)
+
+
+def test_area_and_equal_compute_measures_on_hand_made_curves():
+    """The area under the curve (trapezoids over iterations) and the value at the base's compute budget."""
+    from disback_core.bench.runner import summarise
+
+    def run(label, seed, ys, cpu_per_it, start=0.0):
+        its = [0, 10, 20, 30, 40, 50]
+        evals = [{"iteration": i, "seconds": start + i * cpu_per_it, "cpu_seconds": start + i * cpu_per_it,
+                  "metrics": {"fd": y}} for i, y in zip(its, ys)]
+        return {"label": label, "seed": seed, "evals": evals, "final": {"fd": statistics.fmean(ys[-1:])},
+                "seconds_per_iteration": cpu_per_it, "cpu_seconds_per_iteration": cpu_per_it, "degradation_seconds": start}
+
+    base = [run("base", s, [100, 80, 60, 40, 20, 10], 1.0) for s in (0, 1)]
+    # DisBack: 20 CPU s of recording first, so the base's 50 s budget ends at its iteration 30
+    db = [run("disback", s, [100, 50, 30, 20, 15, 12], 1.0, start=20.0) for s in (0, 1)]
+    summ = summarise(base + db, "fd")
+    # trapezoids: (90 + 70 + 50 + 30 + 15) * 10 / 50 = 51; (75 + 40 + 25 + 17.5 + 13.5) * 10 / 50 = 34.2
+    assert summ["base"]["auc"] == {"mean": pytest.approx(51.0), "std": 0.0}
+    assert summ["disback"]["auc"]["mean"] == pytest.approx(34.2)
+    assert summ["disback"]["ratio_auc"] == pytest.approx(34.2 / 51.0)
+    assert summ["base"]["at_base_budget"]["mean"] == pytest.approx(10.0)  # the base's final value (window of 1)
+    assert summ["disback"]["at_base_budget"]["mean"] == pytest.approx(20.0)  # at 50 CPU s: iteration 30
+    short = [run("disback", s, [100, 50, 30, 20, 15, 12], 1.0, start=49.0) for s in (0, 1)]
+    assert summarise(base + short, "fd")["disback"]["at_base_budget"] is None  # no evaluation within the budget

@@ -25,13 +25,17 @@ def summary_table(result: dict[str, Any]) -> str:
     head = (
         f"| run | final {p} (mean ± std, min..max) | "
         + " | ".join(others)
-        + f" | iterations to base final (ratio) | {kind} to base final (ratio) | {kind} / iteration (ratio) |"
+        + f" | area under {p} (ratio) | {p} at the base's {kind} |"
+        + f" iterations to base final (ratio) | {kind} to base final (ratio) | {kind} / iteration (ratio) |"
     )
-    lines = [head, "|" + "---|" * (5 + len(others))]
+    lines = [head, "|" + "---|" * (7 + len(others))]
     for lab, s in summ.items():
         f = s["final"][p]
         row = [f"{lab}", f"{f['mean']:.4g} ± {f['std']:.2g} ({f['min']:.4g}..{f['max']:.4g})"]
         row += [f"{s['final'][k]['mean']:.3g}" for k in others]
+        auc, at = s.get("auc"), s.get("at_base_budget")
+        row.append(f"{auc['mean']:.4g} ± {auc['std']:.2g} ({_fmt(s.get('ratio_auc'), 3)})" if auc else "")
+        row.append(f"{at['mean']:.4g} ± {at['std']:.2g}" if at else "not reached" if "budget" in s else "")
         row.append(f"{_fmt(s.get('iterations_to_base_final'))} ({_fmt(s.get('ratio_iterations'), 3)})")
         row.append(f"{_fmt(s.get(pre + 'seconds_to_base_final'))} ({_fmt(s.get('ratio_' + pre + 'seconds'), 3)})")
         spi = s.get(pre + "seconds_per_iteration", s["seconds_per_iteration"])
@@ -51,6 +55,9 @@ def write_report(result: dict[str, Any], path: str | Path, title: str = "disback
         "over the last 20% of evaluations of each seed; ± is the standard deviation over seeds. "
         "'To base final': first evaluation where the seed-mean curve, averaged over the same trailing "
         "window, reaches the base's final value; DisBack's seconds include Degradation Recording. "
+        "'Area under': the metric's mean over the iterations (trapezoids), mean ± std over seeds, which also "
+        "ranks a base that oscillates or never converges. 'At the base's CPU s' (or wall s): each seed's value "
+        "at its last evaluation within the base's total compute, recording included (equal compute). "
         "CPU seconds (single-threaded runs) are not inflated by other processes on the machine.",
         "",
         "## Summary",

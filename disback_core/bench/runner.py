@@ -418,8 +418,36 @@ def _first_reach(xs: list[float], ys: list[float], level: float, window: int) ->
     return None
 
 
+def _area(run: dict[str, Any], key: str) -> float:
+    """The curve's mean over the run's iterations (trapezoids; the area under it over its length): a
+    measure that also ranks runs that oscillate or never settle, where "time to the base's final
+    value" can be met by chance."""
+    xs = [e["iteration"] for e in run["evals"]]
+    ys = [e["metrics"][key] for e in run["evals"]]
+    if len(xs) < 2 or xs[-1] == xs[0]:
+        return ys[-1]
+    return sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1)) / (xs[-1] - xs[0])
+
+
+def _at_budget(run: dict[str, Any], key: str, x: str, budget: float) -> float | None:
+    """The run's value at equal compute: the metric averaged, as a final value is, over the trailing
+    window of evaluations that ends at its last one within ``budget`` (of ``x``: CPU or wall seconds,
+    Degradation Recording included). For the base at its own budget this is its final value."""
+    evals = run["evals"]
+    n = sum(1 for e in evals if e[x] <= budget * (1 + 1e-9))
+    w = _final_window(len(evals) - 1)
+    if n <= w:  # not even a window of evaluations (after the initial one) within the budget
+        return None
+    return statistics.fmean(e["metrics"][key] for e in evals[n - w : n])
+
+
+def _spread(v: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+
+
 def summarise(runs: list[dict[str, Any]], primary: str, base_label: str = "base") -> dict[str, Any]:
-    """Per label: final metrics over seeds (mean, std, min, max) and the time to the base's final value."""
+    """Per label: final metrics over seeds (mean, std, min, max), the area under the primary metric's
+    curve, its value at the base's compute budget and the time to the base's final value."""
     labels = list(dict.fromkeys(r["label"] for r in runs))
     by = {lab: [r for r in runs if r["label"] == lab] for lab in labels}
     out: dict[str, Any] = {}
@@ -442,7 +470,18 @@ def summarise(runs: list[dict[str, Any]], primary: str, base_label: str = "base"
         }
         if all("cpu_seconds_per_iteration" in r for r in rs):
             out[lab]["cpu_seconds_per_iteration"] = statistics.fmean(r["cpu_seconds_per_iteration"] for r in rs)
+        out[lab]["auc"] = _spread([_area(r, primary) for r in rs])
     if base_label in by:
+        x = "cpu_seconds" if all("cpu_seconds" in e for r in runs for e in r["evals"]) else "seconds"
+        # each seed against the same seed's base budget (the mean budget where the base lacks that seed)
+        budgets = {r["seed"]: r["evals"][-1][x] for r in by[base_label]}
+        mean_budget = statistics.fmean(budgets.values())
+        base_auc = out[base_label]["auc"]["mean"]
+        for lab, rs in by.items():
+            at = [_at_budget(r, primary, x, budgets.get(r["seed"], mean_budget)) for r in rs]
+            out[lab]["at_base_budget"] = None if None in at else _spread([a for a in at if a is not None])
+            out[lab]["budget"] = {"of": x, "seconds": mean_budget}
+            out[lab]["ratio_auc"] = out[lab]["auc"]["mean"] / base_auc if base_auc else None
         level = out[base_label]["final"][primary]["mean"]
         w = _final_window(len(by[base_label][0]["evals"]) - 1)
         ref_it = _first_reach(*_mean_curve(by[base_label], primary, "iteration"), level, w)
