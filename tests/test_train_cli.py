@@ -301,3 +301,63 @@ def test_resume_with_a_changed_seed_names_the_seed_before_any_load(tmp_path, cap
         _cli("train", *run, "--resume", "--seed", "1")
     _cli("train", *run, "--resume")  # the same options: the path loads and the run goes on
     assert _result(out)["switches"]
+
+
+# ------------------------------------------------------------------ nothing lost: a fuzz over command sequences
+
+ACTIONS = {
+    "fresh": [],
+    "resume": ["--resume"],
+    "resume-longer": ["--resume", "--max_train_steps", "6"],
+    "resume-other-seed": ["--resume", "--seed", "3"],
+    "resume-other-lr": ["--resume", "--lr", "0.002"],
+    "overwrite": ["--overwrite"],
+    "overwrite-and-resume": ["--overwrite", "--resume"],
+}
+
+
+def _snapshot(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(Path(out).rglob("*")) if p.is_file()}
+
+
+def _newest(out):
+    from disback_core.state import list_states
+
+    return max(list_states(out / "state"), default=None) if (out / "state").exists() else None
+
+
+def test_no_command_sequence_deletes_work_it_was_not_told_to(tmp_path_factory):
+    """Issue 21 item 1, fuzzed: random sequences of `disback train` commands into one --out. A command
+    either refuses before it writes anything (the folder's bytes unchanged, the message naming --resume
+    or the option that differs), or it is --overwrite, or it resumes: then the newest state only moves on."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    seen = {"refused": 0, "resumed": 0, "overwritten": 0, "started": 0}
+
+    @settings(max_examples=5, deadline=None, derandomize=True)
+    @given(st.lists(st.sampled_from(list(ACTIONS)), min_size=2, max_size=3))
+    def check(actions):
+        out = tmp_path_factory.mktemp("run") / "out"
+        base = [*TINY, *DISBACK, "--iterations", "4", "--save-every", "2", "--out", out]
+        for a in actions:
+            before, newest = _snapshot(out) if out.exists() else {}, _newest(out)
+            try:
+                _cli("train", *base, *ACTIONS[a])
+            except SystemExit as e:
+                assert _snapshot(out) == before if out.exists() else before == {}, a  # nothing written
+                msg = str(e)  # (argparse's own refusals exit with code 2 and print the message)
+                assert e.code == 2 or any(w in msg for w in ("--resume", "in the run,", "not shortened")), (a, msg)
+                seen["refused"] += 1
+                continue
+            if a.startswith("overwrite"):
+                seen["overwritten"] += 1
+            elif before:
+                assert a.startswith("resume"), (a, "a fresh start into an earlier run must be refused")
+                assert newest is None or _newest(out) >= newest  # the newest state only moves on
+                seen["resumed"] += 1
+            else:
+                seen["started"] += 1
+
+    check()
+    assert seen["refused"] > 0 and seen["resumed"] + seen["overwritten"] + seen["started"] > 0, seen
