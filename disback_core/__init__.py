@@ -64,6 +64,7 @@ from .presets import TINY_PRESETS, build_model, example_cond, sample_shape
 from .protocol import DSMFakeScore, LossDict, ScoreDistiller
 from .recording import DegradationRecorder, probe_inputs, probe_inputs_raw, record_degradation
 from .schedules import AdaptiveGap, Budgeted, FixedInterval, LinearPath, NodeCursor, TeacherOnly, score_gap
+from .sharded_state import load_sharded_state, save_sharded_state
 from .shared_base import SharedBasePath, attach_adapter, bare_view
 from .sigmas import (
     KarrasContinuousSigma,
@@ -177,6 +178,8 @@ __all__ = [
     "Unconditional",
     "check_denoiser",
     "save_state",
+    "save_sharded_state",
+    "load_sharded_state",
     "load_state",
     "latest_state",
     "list_states",
