@@ -16,7 +16,10 @@ None of them takes a target argument, so :func:`attach` changes the module they 
 - ``fake=`` loads node N into the user's existing fake score in place (their optimizer keeps
   working);
 - ``requires_grad`` and train/eval mode of the user's modules are never changed nor relied on;
-- :meth:`Attachment.detach` restores the module exactly.
+- :meth:`Attachment.detach` restores the module exactly;
+- under ``torch.distributed`` with more than one rank, every rank must attach the same path (nodes,
+  steps and teacher: :func:`~disback_core.distributed.check_same_trajectory`), else every rank
+  refuses, naming the ranks that differ.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import check_same_trajectory
 from .interpolate import write_position
 from .schedules import NodeCursor, TeacherOnly, required_schedule
 from .storage import lowest_float_dtype, tensors_fingerprint
@@ -96,6 +100,7 @@ class Attachment:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be the nn.Module your loop calls as the teacher, got {type(module).__name__}")
         schedule = required_schedule(schedule, start, "attach")
+        check_same_trajectory(trajectory, "attach")  # collective under torch.distributed, before any change
         module = _unwrap(module)
         self.module, self.trajectory, self.call = module, trajectory, call
         self.prefix = _prefix(module, trajectory) if prefix is None else prefix
@@ -355,6 +360,11 @@ def attach(
             trajectory's call convention, ``trajectory.call_name``).
         check_weights: refuse a module whose weights are not the trajectory's teacher's.
         originals_device: where the copy of the original weights is kept (CPU by default).
+
+    Under ``torch.distributed`` (a process group of more than one rank) this is collective: every
+    rank calls it, and it refuses on every rank (``RuntimeError`` naming the ranks that differ from
+    rank 0) unless all ranks hold the same path (:func:`~disback_core.distributed.trajectory_digest`:
+    nodes, steps, LoRA spec and teacher; not the probe). Without a process group nothing changes.
     """
     return Attachment(
         module,

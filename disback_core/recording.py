@@ -11,6 +11,10 @@ Two entry points, one implementation:
   own loss and optimizer and calls ``recorder.step()`` after each update.
 - :func:`record_degradation`: the same loop for the library's adapters (``method.dsm_loss``).
 
+Under ``torch.distributed`` (torchrun, accelerate) both average the degrading score's gradients
+over ranks, so every rank records one path from its own data (see :class:`DegradationRecorder`,
+"Distributed"), and :meth:`DegradationRecorder.save` writes it once and checks it on every rank.
+
 Three node modes:
 
 - ``"lora"``: the degrading score is a LoRA slot on the frozen teacher weights; nodes are exact and small.
@@ -27,8 +31,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
@@ -36,6 +43,7 @@ from torch import Tensor, nn
 
 from .checks import check_number
 from .denoisers import check_denoiser, cond_rows, freeze, map_cond, pad_dims, takes_args
+from .distributed import allreduce_grads, broadcast_parameters, share_trajectory, world_size
 from .lora import (
     LoraSpec,
     inject_lora,
@@ -212,9 +220,45 @@ class DegradationRecorder:
             learning rate yourself), and gradient clipping; unused if you step your own optimizer and
             call :meth:`step`.
 
+        average_grads: average the trainable parameters' gradients over ranks under
+            ``torch.distributed`` (see "Distributed"). ``None`` (default): when a process group with
+            more than one rank is initialised and no ``DistributedDataParallel`` wrapper averages them
+            (``module`` is not one and ``wrap`` did not make one); ``False``: never (e.g. you wrap
+            ``DDP(rec.module)`` yourself after constructing the recorder); ``True``: always there.
+        wrap: applied once to the degrading score after the LoRA slot is put on it, e.g.
+            ``DistributedDataParallel`` (or ``functools.partial(DDP, device_ids=[local_rank])``); the
+            result is :attr:`wrapped`: compute the recording loss with it. A DDP result averages the
+            gradients itself, so the recorder does not.
+
     Precision: each node's probe outputs are computed in the teacher's own dtypes, by a copy of the
     teacher holding the node as :meth:`Trajectory.target` will (with an fp32 ``module`` beside a bf16
     teacher, the module's own fp32 outputs could not be reproduced from the bf16 teacher's weights).
+
+    Distributed (torchrun, accelerate; every rank runs the same loop on its own data): the ranks
+    must record one path, so the degrading score's gradients are averaged over ranks before each
+    optimizer step, as DDP would:
+
+    - by default the recorder does it itself: it sets every rank's trainable parameters to rank 0's
+      when it is made (a LoRA slot is initialised from each rank's own RNG), and averages the
+      gradients in :meth:`update` after ``backward`` (before clipping and the step). If you step
+      your own optimizer (then :meth:`step`), the gradients are averaged when that optimizer steps
+      (a step pre-hook on the optimizer holding :meth:`parameters`, until :meth:`trajectory`); to
+      clip them averaged, call :meth:`average_gradients` after ``backward`` and before clipping.
+      Your loss code calls the bare module (``rec.module``), as DMD2's ``compute_loss_fake``
+      calls its ``fake_unet``;
+    - or DDP does it: ``wrap=DistributedDataParallel`` (the recorder wraps ``rec.module`` after
+      the LoRA slot is on it; compute the loss with ``rec.wrapped``), or build
+      ``DDP(rec.module)`` yourself *after* the recorder (the recorder puts the slot on first: a DDP
+      registers the parameters that require a gradient when it is built) and pass
+      ``average_grads=False``. A ``module`` that is already a DDP wrapper is accepted in
+      ``"full"`` and ``"svd"`` mode (its parameters stay as they are; ``rec.module`` is the module
+      inside, ``rec.wrapped`` the wrapper) and refused in ``"lora"`` mode, where it would neither
+      see the slot nor get gradients for the weights it registered. After :meth:`trajectory` a
+      wrapper built around the LoRA slot is stale (the slot is gone): build a new DDP for training.
+
+    :meth:`save` then writes the path on rank 0 and checks it on every rank (its own nodes and
+    probe outputs, :func:`~disback_core.distributed.share_trajectory`), and
+    :func:`~disback_core.attach.attach` refuses ranks that hold different paths.
 
     The recording loss must be computed with :attr:`module` (the degrading copy): :meth:`update`
     refuses a loss that gives its trainable parameters no gradient, and a node equal to the previous
@@ -239,9 +283,15 @@ class DegradationRecorder:
         degradation_lr_scale: float | None = None,
         optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
         max_grad_norm: float | None = None,
+        average_grads: bool | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if average_grads not in (None, True, False):
+            raise TypeError(f"average_grads must be None (automatic), True or False, got {average_grads!r}")
+        if wrap is not None and not callable(wrap):
+            raise TypeError(f"wrap must be a function module -> wrapped module (e.g. DDP), got {wrap!r}")
         if optimizer is not None and degradation_lr_scale is not None:
             raise ValueError(
                 "degradation_lr_scale scales the recorder's own Adam; with optimizer= set the learning rate in your factory"
@@ -260,6 +310,25 @@ class DegradationRecorder:
         self.optimizer: torch.optim.Optimizer | None = None  # made by the first update()
         self.spec = (lora or LoraSpec()).resolved(teacher) if mode in ("lora", "svd") else None
         self.owned = module is None
+        given_wrapper: nn.Module | None = None
+        if module is not None and _is_ddp(module):
+            if wrap is not None:
+                raise ValueError(
+                    "module is already a DistributedDataParallel wrapper: pass wrap= or a wrapper, not both"
+                )
+            if mode == "lora":
+                raise ValueError(
+                    "module is a DistributedDataParallel wrapper built before the recorder put its LoRA slot on "
+                    "the module: DDP registers the parameters that require a gradient when it is built, so it "
+                    "would not average the slot's factors and would wait for gradients of the frozen weights. "
+                    "Pass the bare module (the recorder averages the gradients over ranks itself), or "
+                    "wrap=DistributedDataParallel (it wraps rec.module after the slot is on it; compute the loss "
+                    "with rec.wrapped), or build DDP(rec.module) after the recorder with average_grads=False"
+                )
+            inner = module.module
+            if not isinstance(inner, nn.Module):
+                raise TypeError(f"the DDP wrapper holds no module ({type(inner).__name__})")
+            given_wrapper, module = module, inner
         if module is None:
             module = copy.deepcopy(teacher).train()
             module.requires_grad_(True)
@@ -269,11 +338,16 @@ class DegradationRecorder:
             )
         else:
             _check_same_weights(module, teacher)
-        self.module = module
+        self.module: nn.Module = module
         self._flags = [(p, p.requires_grad) for p in module.parameters()]
         # A module in other dtypes than the teacher's (fp32 beside a bf16 teacher): node outputs are
         # recorded by a copy of the teacher holding the node in the teacher's precision (_precise_work).
         self._cast = _dtypes(module) != _dtypes(teacher)
+        # Low-precision teacher (bf16/fp16): the module's output with an unmerged LoRA slot is not what the
+        # target computes with the node written into the weights; record what the target will compute.
+        self._precise = self._cast or any(
+            d.is_floating_point and d not in (torch.float32, torch.float64) for d in _dtypes(teacher).values()
+        )
         self._work: nn.Module | None = None
         self._svd_base: dict[str, Tensor] | None = None
         if mode == "lora":
@@ -300,8 +374,49 @@ class DegradationRecorder:
         self.steps_done = 0
         self._finished: Trajectory | None = None
         self._t0 = time.perf_counter()
+        if not self.parameters():  # else the first update() fails inside torch ("empty parameter list")
+            raise ValueError(
+                f"module has no trainable parameters for a {mode!r} recording: every parameter has "
+                "requires_grad=False (a copy of a frozen teacher?). Call module.requires_grad_(True) first"
+            )
+        # Distributed: the module the loss is computed with, whether a DDP wrapper averages its
+        # gradients, and whether they were averaged since the last optimizer step.
+        self.wrapped: nn.Module = given_wrapper if given_wrapper is not None else (wrap(module) if wrap else module)
+        self._ddp = _is_ddp(self.wrapped)
+        self.average_grads = average_grads
+        self._averaged = False
+        self._hook: Any = None
+        if self.averaging():
+            broadcast_parameters(self.parameters())  # one start on every rank (DDP does the same when built)
+            self._hook = _register_step_hook(self)
         if probe is not None:
             self.set_probe(probe)
+
+    def averaging(self) -> bool:
+        """Whether the recorder averages the gradients over ranks now: more than one rank, and
+        ``average_grads`` True, or None with no DDP wrapper (:attr:`wrapped`) doing it."""
+        if self.average_grads is False or world_size() < 2:
+            return False
+        return self.average_grads is True or not self._ddp
+
+    def average_gradients(self) -> None:
+        """Average the trainable parameters' gradients over ranks now (when :meth:`averaging`), once
+        per optimizer step: :meth:`update` calls it after ``backward``; with your own optimizer, call
+        it after ``backward`` if you clip the gradients, else the optimizer's step does it. A
+        parameter without a gradient on every rank is left alone. Collective: every rank calls it."""
+        if self._averaged or not self.averaging():
+            return
+        allreduce_grads(self.parameters(), only_present=True)
+        self._averaged = True
+
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step pre-hook: average this recorder's gradients before an optimizer that
+        holds its parameters steps, unless done already since the last :meth:`step`."""
+        if self._averaged or optimizer is self.optimizer or not self.averaging():
+            return
+        mine = {id(p) for p in self.parameters()}
+        if any(id(p) in mine for group in optimizer.param_groups for p in group["params"]):
+            self.average_gradients()
 
     def set_probe(self, probe: Tensor | tuple[Tensor, Any, Any]) -> None:
         """Set the probe (see ``probe`` above) before the first node; records the teacher's outputs on it."""
@@ -333,6 +448,7 @@ class DegradationRecorder:
         if self.optimizer is None:
             self.optimizer = self._make_optimizer(self.parameters())
         self.optimizer.zero_grad(set_to_none=True)
+        self._averaged = False
         if not isinstance(loss, Tensor) or not loss.requires_grad:
             raise ValueError(
                 "the recording loss has no gradient: compute it with rec.module (the degrading copy), "
@@ -345,6 +461,7 @@ class DegradationRecorder:
                 "rec.module (the degrading copy), not with another module (e.g. your own fake score when the "
                 "recorder made its own copy, or the teacher); otherwise every node would be the teacher"
             )
+        self.average_gradients()  # under torch.distributed: one gradient on every rank, before clipping
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.parameters(), self.max_grad_norm)
         self.optimizer.step()
@@ -356,6 +473,7 @@ class DegradationRecorder:
         ``(x, sigma, cond)``) become the probe. Returns True when a node was taken."""
         if self._finished is not None:
             raise RuntimeError("this recorder has finished (trajectory() was called); make a new one")
+        self._averaged = False  # the next optimizer step needs its gradients averaged again
         if probe is not None and self.probe is None and not self.nodes:
             self.set_probe(probe[:16] if isinstance(probe, Tensor) else probe)
         self.steps_done += 1
@@ -397,7 +515,7 @@ class DegradationRecorder:
                 self.svd_output_error.append(
                     float((out - full_out).norm() / (full_out - self.outputs[0]).norm().clamp_min(1e-12))
                 )
-        if out is not None and probe is not None and self._cast and self.mode != "svd":
+        if out is not None and probe is not None and self._precise and self.mode != "svd":
             out = _run(self._precise_work(self.nodes[-1]), self.call, probe)
         if out is not None:
             self.outputs.append(out)
@@ -433,6 +551,9 @@ class DegradationRecorder:
             return self._finished
         if not self.nodes:
             raise ValueError(f"no node recorded yet: {self.steps_done} steps done, a node every {self.interval}")
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         if self.mode == "lora":
             remove_lora(self.module)
         for p, flag in self._flags:
@@ -470,9 +591,44 @@ class DegradationRecorder:
         )
         return self._finished
 
-    def save(self, path: Any) -> Any:
-        """Finish and write the trajectory folder (verified on load by :meth:`Trajectory.load`)."""
-        return self.trajectory().save(path)
+    def save(self, path: str | os.PathLike, *, rtol: float | None = None) -> Path:
+        """Finish and write the trajectory folder (verified on load by :meth:`Trajectory.load`).
+
+        Under ``torch.distributed`` with more than one rank (collective: every rank calls it with the
+        same ``path``, on a file system they share): rank 0 writes, all ranks wait, then every rank
+        loads the folder and checks it against its own recording: the same nodes, and its own probe
+        outputs reproduced on its own probe inputs (within ``rtol``); the manifest's sha256 and the
+        teacher's fingerprint are compared across ranks. Any mismatch is a ``RuntimeError`` on every
+        rank, naming the ranks (:func:`~disback_core.distributed.share_trajectory`)."""
+        trajectory = self.trajectory()
+        if world_size() < 2:
+            return trajectory.save(path)
+        share_trajectory(trajectory, path, self.teacher, merge=self.merge, call=self.call, rtol=rtol)
+        return Path(path)
+
+
+def _is_ddp(module: Any) -> bool:
+    """A ``DistributedDataParallel`` wrapper (which averages its parameters' gradients itself)."""
+    return isinstance(module, torch.nn.parallel.DistributedDataParallel)
+
+
+def _register_step_hook(recorder: DegradationRecorder) -> Any:
+    """A global optimizer step pre-hook averaging ``recorder``'s gradients before a user's optimizer
+    over its parameters steps (it holds the recorder weakly; :meth:`trajectory` removes it)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    ref = weakref.ref(recorder)
+    handles: list[Any] = []
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        rec = ref()
+        if rec is None:  # the recorder is gone unfinished: nothing left to average
+            handles[0].remove()
+            return
+        rec._before_step(optimizer)
+
+    handles.append(register_optimizer_step_pre_hook(hook))
+    return handles[0]
 
 
 def _interval(interval: int | None, steps: int | None, nodes: int | None) -> tuple[int, int | None]:
@@ -595,7 +751,9 @@ def record_degradation(
         merge: passed to the :class:`Trajectory` (merged or unmerged targets).
         seed: seeds the recording's randomness (sigmas, noise) without touching the caller's RNG state.
         wrap: applied once to the degrading score before training, e.g. ``DistributedDataParallel``
-            so that its gradients are averaged over ranks (then :func:`~disback_core.distributed.share_trajectory`).
+            so that its gradients are averaged over ranks; without a DDP wrapper the recorder averages
+            them itself under ``torch.distributed`` (:class:`DegradationRecorder`, "Distributed"). Then
+            :func:`~disback_core.distributed.share_trajectory`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -623,13 +781,14 @@ def record_degradation(
             degradation_lr_scale=degradation_lr_scale,
             optimizer=optimizer,
             max_grad_norm=max_grad_norm,
+            wrap=wrap,
         )
         first = as_batch(sample())
         cond = map_cond(lambda t: t[:probe_size], first.cond)
         with torch.no_grad():
             x0 = call_generator(generator, first.z[:probe_size], cond)
         rec.set_probe(probe_inputs(x0, cond, **_sigma_range(teacher)))
-        degrading = wrap(rec.module) if wrap is not None else rec.module
+        degrading = rec.wrapped
         losses, running = [], 0.0
         it = range(1, steps + 1)
         if progress:

@@ -208,3 +208,11 @@ def test_a_state_with_another_config_or_an_unsaved_object_is_refused_not_half_lo
     with pytest.raises(StorageError, match=r"'other'"):
         load_state(tmp_path, modules={"net": net2, "other": nn.Linear(1, 1)}, config={"a": 1})
     assert _same(net2.state_dict(), before)
+
+
+def test_a_frozen_copy_as_the_degrading_score_is_named_not_a_torch_error():
+    teacher = CondDenoiser().requires_grad_(False)
+    for mode in ("full", "svd"):
+        with pytest.raises(ValueError, match=r"module has no trainable parameters .*requires_grad_\(True\)"):
+            DegradationRecorder(teacher, copy.deepcopy(teacher), interval=2, mode=mode)
+    DegradationRecorder(teacher, copy.deepcopy(teacher), interval=2, mode="lora")  # the slot is trainable
