@@ -10,6 +10,7 @@
     disback train ... --resume                                    # continue exactly where it stopped
     disback train ... --resume --max_train_steps 20000            # extend a finished run
     disback train ... --overwrite                                 # start over in an --out that holds a run
+    disback train ... --fsdp --state-format full                  # gathered full states instead of shards
     disback export runs/train runs/train/onestep                  # the generator of any saved state
 
 ``examples/train.py`` calls :func:`main` (``python examples/train.py ...``, ``accelerate launch
@@ -53,9 +54,26 @@ configuration. Nothing is lost by mistake: a run pointed at an ``--out`` that ho
 (states, a recorded path or ``result.json``) refuses to start unless told ``--resume`` or
 ``--overwrite``. A launch that does not match what it asked for (``accelerate launch --cpu
 --num_processes 2`` runs one process; ``WORLD_SIZE`` set but no process group) is refused before
-training, naming both numbers (:func:`check_launch`). With ``--fsdp`` the state holds the gathered
-full weights and optimizer states (plain CPU copies of both models,
-:func:`disback_core.distributed.full_state_to`), so it loads at any world size.
+training, naming both numbers (:func:`check_launch`).
+
+State formats (``--state-format``): ``sharded`` (the default with ``--fsdp``) saves with
+:func:`disback_core.sharded_state.save_sharded_state` straight from the live objects: under FSDP2
+every rank writes its own shards of both models and both optimizers (torch.distributed.checkpoint,
+safetensors), and no rank gathers the model; ``--resume`` reads them back with
+:func:`~disback_core.sharded_state.load_sharded_state`, each rank only its part. ``full`` (the default
+otherwise) saves with :func:`disback_core.state.save_state`: one file per module and optimizer; under
+FSDP2 the full weights and optimizer states are first gathered into plain CPU copies of both models
+(:func:`disback_core.distributed.full_state_to`). ``sharded`` without ``--fsdp`` (one process, or DDP)
+is allowed. Both formats share the run folder's layout (``state/latest.json``, ``state/step-*``) and
+resume exactly (a sharded state's files are not byte-reproducible; what they hold is). The format
+is not part of the run's identity (it is not in the run's config): ``--resume`` follows the format
+of the state it finds (states of runs that predate the flag are all ``full``, ``--fsdp`` ones too,
+and resume as they were saved), and refuses a ``--state-format`` that names the other one (a run
+does not change format midway). The world size is part of the run's identity, in both formats: a
+run saved at 2 ranks resumes at 2 ranks only (a sharded state's resharding serves ``disback export``
+and :func:`build_generator`, which read it in one process). With ``--fsdp`` and ``sharded``,
+``--export`` gathers the generator once, at the end of the run (rank 0 holds it, on the CPU), and
+``generator_change`` in ``result.json`` is computed shard by shard.
 
 Extending a run: the total (``--iterations`` / ``--max_train_steps``) is not part of the run's
 identity; ``--resume`` with a larger total continues from the state's update to the new total (a
@@ -73,10 +91,11 @@ the teacher.
 Export: ``--export FOLDER`` writes the trained generator at the end of the run with
 :func:`disback_core.export.export_generator` (rank 0; under FSDP2 from the gathered full weights;
 the run configuration in the note's metadata); ``disback export STATE OUT`` (:func:`export_state`)
-rebuilds the run's generator from any saved state (a run's ``--out``, its ``state/`` folder, or a
-kept ``state/step-*`` folder) with the configuration stored in that state, and exports it. A folder
-that exists and is not an export is refused before anything starts (an earlier export is replaced
-atomically).
+rebuilds the run's generator from any saved state of either format (a run's ``--out``, its
+``state/`` folder, or a kept ``state/step-*`` folder) with the configuration stored in that state,
+and exports it (one process: a sharded state of a 2-rank FSDP2 run is resharded into it, and
+exports the same bytes as the same run saved ``full``). A folder that exists and is not an export
+is refused before anything starts (an earlier export is replaced atomically).
 """
 
 from __future__ import annotations
@@ -124,6 +143,7 @@ __all__ = [
 METHODS: dict[str, tuple[Any, float]] = {"dmd2": (DMD2, 80.0), "di": (DiffInstruct, 1.0), "sid": (SiD, 2.5)}
 DEFAULT_SHIFT = 3.0  # SD3's sampling shift, when neither --shift nor a pipeline scheduler gives one
 DEFAULT_BATCH = 256
+STATE_FORMATS = ("full", "sharded")  # --state-format: disback_core.state's or disback_core.sharded_state's
 DESCRIPTION = (
     "Train a one-step generator: DMD2, Diff-Instruct or SiD, with or without DisBack, on one or many "
     "processes, with exact resume and --export."
@@ -246,6 +266,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         *_flags("--mixed-precision", "--mixed_precision"), dest="mixed_precision", choices=["no", "bf16"], default="no"
     )
     ap.add_argument("--fsdp", action="store_true", help="shard generator and fake score with FSDP2 instead of DDP")
+    ap.add_argument(
+        "--state-format",
+        choices=STATE_FORMATS,
+        default=None,
+        help="how resumable states are written: 'sharded', every rank writes its own shards "
+        "(torch.distributed.checkpoint, safetensors; nothing is gathered), or 'full', the full weights and "
+        "optimizer states (gathered under --fsdp), one file per module (default: sharded with --fsdp, full "
+        "otherwise). --resume follows the state's own format and refuses this flag naming the other one; "
+        "disback export reads either",
+    )
     ap.add_argument("--record-steps", type=int, default=500)
     ap.add_argument("--nodes", type=int, default=5)
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank of the path's nodes")
@@ -411,16 +441,35 @@ def check_same_run(saved: Mapping[str, Any], config: Mapping[str, Any], where: P
         )
 
 
+def _manifest_format(step_dir: Path) -> Any:
+    """The ``format`` field of ``step_dir``'s manifest, unverified (None when it cannot be read: the
+    reader of the full format then names the problem)."""
+    from .state import MANIFEST, MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH
+    from .storage import StorageError, parse_json, read_bytes
+
+    path = step_dir / MANIFEST
+    try:
+        m = parse_json(read_bytes(path, "manifest", MAX_MANIFEST_BYTES), path, "manifest", MAX_MANIFEST_DEPTH)
+    except StorageError:
+        return None
+    return m.get("format") if isinstance(m, dict) else None
+
+
 def read_state(folder: str | os.PathLike) -> dict[str, Any]:
     """A saved state's manifest, verified (digest, and the sha256 ``latest.json`` records): ``{"config",
-    "step", "world_size", "path"}``, for a state folder (with ``latest.json``) or a step folder. The
-    tensors are not read (:func:`~disback_core.state.load_state` verifies them)."""
+    "step", "world_size", "path", "format"}``, for a state folder (with ``latest.json``) or a step
+    folder, of either format: ``"format"`` is ``"full"`` (:mod:`disback_core.state`, manifest format
+    ``disback-state``) or ``"sharded"`` (:mod:`disback_core.sharded_state`, ``disback-sharded-state``).
+    The tensors are not read (:func:`~disback_core.state.load_state` and
+    :func:`~disback_core.sharded_state.load_sharded_state` verify them)."""
+    from . import sharded_state
     from .state import _decode, _read_manifest, _resolve
 
     step_dir, sha = _resolve(Path(folder))
-    m = _read_manifest(step_dir, sha)
+    fmt = "sharded" if _manifest_format(step_dir) == sharded_state.FORMAT else "full"
+    m = sharded_state._read_manifest(step_dir, sha)[0] if fmt == "sharded" else _read_manifest(step_dir, sha)
     config = _decode(m["config"], {}, f"{step_dir / 'manifest.json'}: config")
-    return {"config": config, "step": m["step"], "world_size": m["world_size"], "path": step_dir}
+    return {"config": config, "step": m["step"], "world_size": m["world_size"], "path": step_dir, "format": fmt}
 
 
 # torchrun's and accelerate's multi-GPU launcher's counts, and MPI's (which accelerate reads on CPUs).
@@ -737,8 +786,50 @@ def _import_accelerate() -> tuple[Any, Any]:
     return Accelerator, set_seed
 
 
+def resolve_state_format(args: argparse.Namespace, saved_state: Mapping[str, Any] | None) -> str:
+    """``--state-format``: on ``--resume`` the state's own format (the flag, when given, must name it: a
+    run does not change format midway), else the flag, else ``sharded`` under ``--fsdp`` and ``full``
+    otherwise. The format is not part of the run's identity (not in its config): states of runs
+    that predate the flag (all full) resume as they were saved."""
+    if saved_state is None:
+        return args.state_format or ("sharded" if args.fsdp else "full")
+    fmt = saved_state["format"]
+    if args.state_format is not None and args.state_format != fmt:
+        raise SystemExit(
+            f"--resume: {saved_state['path']} is a {fmt} state, but --state-format {args.state_format} was "
+            f"given. Resume with --state-format {fmt}, or without --state-format (a resumed run keeps its "
+            "states' format); to save the other format, start a new run (a new --out, or --overwrite)."
+        )
+    return str(fmt)
+
+
+def _max_change(module: nn.Module, initial: Mapping[str, torch.Tensor]) -> float:
+    """max |W - W_0| over ``module``'s state (``initial``: W_0 in full, by the same names). Each rank
+    compares its local shard of an FSDP2 (DTensor) entry with the matching slice of W_0, then the ranks
+    take the maximum (one all-reduce): the value the full tensors give, without gathering them."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from .distributed import _comm_device, is_distributed
+
+    moved = -math.inf
+    for k, v in module.state_dict().items():
+        v = v.detach()
+        w0 = initial[k]
+        if isinstance(v, DTensor):  # W_0 cut as v is (each rank slices its own part: no communication)
+            w0 = distribute_tensor(w0.to(v.device), v.device_mesh, v.placements, src_data_rank=None).to_local()
+            v = v.to_local()
+        if v.numel():
+            moved = max(moved, float((v.cpu().float() - w0.cpu().float()).abs().max()))
+    if is_distributed():
+        t = torch.tensor([moved], dtype=torch.float64, device=_comm_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        moved = float(t.item())
+    return moved
+
+
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str, Any]:
     """Train (``disback train``; ``argv`` as on its command line); returns what ``result.json`` holds."""
+    from .sharded_state import load_sharded_state, save_sharded_state
     from .state import latest_state, load_state, save_state
 
     args = parse_args(argv, prog)
@@ -760,6 +851,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
                 f"{out / 'state'} reached ({saved_state['step']}): a run can be extended, not "
                 "shortened (its newest state is kept as it is)"
             )
+    state_format = resolve_state_format(args, saved_state)
+    sharded = state_format == "sharded"
     Accelerator, set_seed = _import_accelerate()
     torch.set_num_threads(args.threads)
     accelerator = Accelerator(
@@ -836,7 +929,11 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     make_opt = lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)  # noqa: E731
     initial = {k: v.detach().to("cpu", copy=True) for k, v in generator.state_dict().items()}
     mirrors: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
-    if args.fsdp:  # plain CPU copies that hold the gathered weights and optimizer states for saving
+    # sharded FSDP2 states need no copies; --export gathers the generator once, at the end, into this one
+    template = (
+        copy.deepcopy(generator).to("cpu") if args.fsdp and sharded and args.export is not None and rank == 0 else None
+    )
+    if args.fsdp and not sharded:  # plain CPU copies that hold the gathered weights and optimizer states for saving
         for name, m in (("generator", generator), ("fake", fake)):
             mirror = copy.deepcopy(m).to("cpu")
             mirror_opt = make_opt(mirror.parameters())
@@ -851,21 +948,22 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, warm)
     f_sched = torch.optim.lr_scheduler.LambdaLR(f_opt, warm)
     live = {"generator": (unwrap(gen_w), g_opt), "fake": (unwrap(fake_w), f_opt)}
-    saved = mirrors or live  # what save_state/load_state see: the live objects, or the FSDP2 mirrors
+    saved = mirrors or live  # what the state functions see: the live objects, or the FSDP2 mirrors
     start = 0
     if saved_state is not None:
         # A state saved before the total was taken out of the run's identity holds it: checked as theirs.
         legacy = {"iterations": saved_state["config"]["iterations"]} if "iterations" in saved_state["config"] else {}
-        got = load_state(
-            out / "state",
-            modules={k: m for k, (m, _) in saved.items()},
-            optimizers={k: o for k, (_, o) in saved.items()},
-            schedulers={"generator": g_sched, "fake": f_sched},
-            generators={"data": data},
-            config=config | legacy,
-            rank=rank,
-            world_size=world,
-        )
+        objects: dict[str, Any] = {
+            "modules": {k: m for k, (m, _) in saved.items()},
+            "optimizers": {k: o for k, (_, o) in saved.items()},
+            "schedulers": {"generator": g_sched, "fake": f_sched},
+            "generators": {"data": data},
+            "config": config | legacy,
+        }
+        if sharded:  # collective: each rank reads its own shards into the live (FSDP2-sharded) objects
+            got = load_sharded_state(out / "state", **objects)
+        else:
+            got = load_state(out / "state", **objects, rank=rank, world_size=world)
         for name, (m, o) in mirrors.items():
             full_state_from(m, live[name][0], o, live[name][1])
         start = got["step"]
@@ -879,22 +977,22 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     fake_unwrapped, gen_unwrapped = unwrap(fake_w), unwrap(gen_w)
 
     def save(step: int) -> None:
+        objects: dict[str, Any] = {
+            "step": step,
+            "modules": {k: m for k, (m, _) in saved.items()},
+            "optimizers": {k: o for k, (_, o) in saved.items()},
+            "schedulers": {"generator": g_sched, "fake": f_sched},
+            "generators": {"data": data},
+            "extra": {"backtrack": distiller.state_dict() if args.disback else None},
+            "config": config,
+            "keep": args.keep,
+        }
+        if sharded:  # collective: every rank writes its own shards of the live objects, nothing gathered
+            save_sharded_state(out / "state", **objects)
+            return
         for name, (m, o) in mirrors.items():
             full_state_to(m, live[name][0], o, live[name][1])
-        save_state(
-            out / "state",
-            step=step,
-            modules={k: m for k, (m, _) in saved.items()},
-            optimizers={k: o for k, (_, o) in saved.items()},
-            schedulers={"generator": g_sched, "fake": f_sched},
-            generators={"data": data},
-            extra={"backtrack": distiller.state_dict() if args.disback else None},
-            config=config,
-            keep=args.keep,
-            rank=rank,
-            world_size=world,
-            barrier=accelerator.wait_for_everyone,
-        )
+        save_state(out / "state", **objects, rank=rank, world_size=world, barrier=accelerator.wait_for_everyone)
 
     def critic_loss(b: Batch) -> torch.Tensor:
         with torch.no_grad():
@@ -963,8 +1061,19 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     if mirrors:
         full_state_to(mirrors["generator"][0], gen_unwrapped)  # collective: every rank
     trained = mirrors["generator"][0] if mirrors else gen_unwrapped  # the full weights, unwrapped from DDP/FSDP2
-    final = trained.state_dict()
-    moved = max(float((final[k].detach().cpu().float() - v.float()).abs().max()) for k, v in initial.items())
+    if args.fsdp and sharded:  # FSDP2 without mirrors: each rank compares its shards, nothing gathered
+        moved = _max_change(gen_unwrapped, initial)
+        if args.export is not None:  # collective: rank 0 gets the full weights (on the CPU), the others nothing
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(gen_unwrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if template is not None:
+                template.load_state_dict(full, strict=True)
+                trained = template
+            del full
+    else:
+        final = trained.state_dict()
+        moved = max(float((final[k].detach().cpu().float() - v.float()).abs().max()) for k, v in initial.items())
     result: dict[str, Any] = {
         "logs": logs,
         "updates": args.iterations,
@@ -1014,7 +1123,10 @@ def build_generator(
     cache_dir: str | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The generator of a saved state (see :func:`export_state`), and :func:`read_state`'s answer."""
+    """The generator of a saved state of either format (see :func:`export_state`), and
+    :func:`read_state`'s answer. In one process (no process group): a sharded state of any world size
+    is read whole, resharded to this one process."""
+    from .sharded_state import load_sharded_state
     from .state import load_state
 
     saved = read_state(_state_folder(Path(state)))
@@ -1043,14 +1155,17 @@ def build_generator(
     rng = (random.getstate(), np.random.get_state())  # load_state restores the saved run's RNG states:
     try:  # this process keeps its own
         with torch.random.fork_rng():
-            load_state(
-                saved["path"],
-                modules={"generator": generator},
-                config=cfg,
-                rank=0,
-                world_size=saved["world_size"],
-                strict=False,
-            )
+            if saved["format"] == "sharded":
+                load_sharded_state(saved["path"], modules={"generator": generator}, config=cfg, strict=False)
+            else:
+                load_state(
+                    saved["path"],
+                    modules={"generator": generator},
+                    config=cfg,
+                    rank=0,
+                    world_size=saved["world_size"],
+                    strict=False,
+                )
     finally:
         random.setstate(rng[0])
         np.random.set_state(rng[1])

@@ -361,3 +361,145 @@ def test_no_command_sequence_deletes_work_it_was_not_told_to(tmp_path_factory):
 
     check()
     assert seen["refused"] > 0 and seen["resumed"] + seen["overwritten"] + seen["started"] > 0, seen
+
+
+# ------------------------------------------------------------------ sharded states (--state-format, --fsdp)
+
+# torchrun's processes run these `disback train` command lines one after the other (one launch: the
+# interpreter, torch and diffusers start once), resetting accelerate's singleton state between them and
+# keeping the process group (end_training would destroy it; a new one would not rendezvous again).
+_RUNS = """import json, sys
+import torch.distributed as dist
+from accelerate.state import AcceleratorState, PartialState
+from disback_core.train import main
+keep = lambda self, group=None: None
+PartialState.destroy_process_group = AcceleratorState.destroy_process_group = keep
+for argv in json.loads(sys.argv[1]):
+    main(argv)
+    AcceleratorState._reset_state(True)
+dist.destroy_process_group()
+"""
+
+
+def _torchrun(tmp_path, *runs):
+    import socket
+
+    script = tmp_path / "runs.py"
+    script.write_text(_RUNS)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           str(script), json.dumps([[str(a) for a in r] for r in runs])]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _sharded_content(step_dir):
+    """What a sharded step folder holds, file by file: the shards' tensors and sharding information
+    (their bytes are not reproducible: the safetensors package orders a file's metadata at random),
+    the other files' bytes, and the manifest without the shards' hashes (and so its digest)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    got = {}
+    for p in sorted(Path(step_dir).iterdir()):
+        if p.name.startswith("shard-"):
+            with safe_open(str(p), "pt") as f:
+                info = json.loads(f.metadata()["DCP_SHARDING_INFO"])
+            got[p.name] = (info, load_file(str(p)))
+        elif p.name == "manifest.json":
+            m = json.loads(p.read_text())
+            m.pop("digest")
+            m["files"] = {k: v for k, v in m["files"].items() if not k.startswith("shard-")}
+            got[p.name] = m
+        else:
+            got[p.name] = p.read_bytes()
+    return got
+
+
+def _same_content(a, b):
+    assert set(a) == set(b)
+    for name in a:
+        if name.startswith("shard-"):
+            assert a[name][0] == b[name][0], name
+            assert set(a[name][1]) == set(b[name][1]), name
+            assert all(torch.equal(a[name][1][k], b[name][1][k]) for k in a[name][1]), name
+        else:
+            assert a[name] == b[name], name
+
+
+def test_fsdp2_sharded_states_resume_exactly_and_export_as_the_full_format(tmp_path, capsys):
+    """Issue 22 item 1: `disback train --fsdp` on 2 ranks saves sharded states by default (every rank its
+    own shards, nothing gathered). The run equals the same run saved --state-format full: its --export,
+    `disback export` of its state in this one process (resharded 2 -> 1) and generator_change are the
+    same; stopped and resumed, it equals the uninterrupted run (every shard's tensors, every rank's RNG,
+    the optimizers, schedules and DisBack's schedule). A --state-format naming the other format is
+    refused on --resume, and so is resuming at another world size (the world size is the run's)."""
+    from disback_core.sharded_state import FORMAT as SHARDED
+    from disback_core.state import FORMAT as FULL
+    from disback_core.state import list_states
+
+    base = ["--model", "tiny-sd3", "--batch-size", "2", "--no-progress", "--fsdp", *DISBACK, "--iterations", "4",
+            "--save-every", "2"]
+    full, whole, cut = tmp_path / "full", tmp_path / "whole", tmp_path / "cut"
+    _torchrun(tmp_path,
+              [*base, "--state-format", "full", "--out", full, "--export", tmp_path / "full-exp"],
+              [*base, "--out", whole, "--export", tmp_path / "whole-exp"],
+              [*base, "--out", cut, "--stop-after", "3"])
+    log = _torchrun(tmp_path, [*base, "--out", cut, "--resume", "--export", tmp_path / "cut-exp"])
+    assert "resumed at update 3, to go on to 4" in log
+
+    def manifest(out, step):
+        return json.loads((out / "state" / f"step-{step:09d}" / "manifest.json").read_text())
+
+    assert list_states(whole / "state") == [2, 4] and list_states(cut / "state") == [2, 3, 4]
+    for out, steps in ((whole, (2, 4)), (cut, (2, 3, 4))):  # sharded by default under --fsdp: 2 ranks' shards
+        for step in steps:
+            m = manifest(out, step)
+            assert m["format"] == SHARDED and m["world_size"] == 2
+            assert m["shards"] == [f"shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]
+        assert train_mod.read_state(out / "state")["format"] == "sharded"
+    assert manifest(full, 4)["format"] == FULL and train_mod.read_state(full / "state")["format"] == "full"
+    config = train_mod.read_state(whole / "state")["config"]
+    assert config == train_mod.read_state(full / "state")["config"] and "state_format" not in config
+
+    # stopped at 3 and resumed: the same state as the uninterrupted run, at 4 (and at 2, before the stop)
+    for step in (2, 4):
+        _same_content(_sharded_content(whole / "state" / f"step-{step:09d}"),
+                      _sharded_content(cut / "state" / f"step-{step:09d}"))
+    rng = [f"rng-rank{r}.{x}" for r in (0, 1) for x in ("safetensors", "json")]  # the same writer in both formats
+    assert all(_files(full / "state" / "step-000000004")[n] == _files(whole / "state" / "step-000000004")[n]
+               for n in rng)
+    results = [_result(out) for out in (full, whole, cut)]
+    assert results[0]["generator_change"] == results[1]["generator_change"] == results[2]["generator_change"] > 0
+    assert results[0]["switches"] == results[1]["switches"] == results[2]["switches"]
+
+    # exports: the run's own (gathered at the end), and `disback export` in one process: all the same bytes
+    want = _weights(tmp_path / "full-exp")
+    assert _weights(tmp_path / "whole-exp") == want and _weights(tmp_path / "cut-exp") == want
+    assert read_export_note(tmp_path / "whole-exp")["metadata"] == read_export_note(tmp_path / "full-exp")["metadata"]
+    for out in (whole, cut):
+        _cli("export", out, tmp_path / f"{out.name}-again")
+        assert _weights(tmp_path / f"{out.name}-again") == want
+    rebuilt, saved = train_mod.build_generator(whole / "state" / "step-000000004")
+    assert saved["format"] == "sharded" and saved["world_size"] == 2
+    assert _same_outputs(rebuilt, load_generator(tmp_path / "full-exp"))
+    _cli("export", cut / "state" / "step-000000003", tmp_path / "step3")  # a kept step folder of the stopped run
+    assert read_export_note(tmp_path / "step3")["metadata"]["updates"] == 3 and _weights(tmp_path / "step3") != want
+
+    # --resume: the format follows the state; a flag naming the other one is refused before anything
+    before = _snapshot(whole)
+    for out, fmt, other in ((whole, "sharded", "full"), (full, "full", "sharded")):
+        with pytest.raises(SystemExit) as e:
+            _cli("train", *base, "--out", out, "--resume", "--iterations", "6", "--state-format", other)
+        assert str(e.value.code) == (
+            f"--resume: {out / 'state' / 'step-000000004'} is a {fmt} state, but --state-format {other} was given. "
+            f"Resume with --state-format {fmt}, or without --state-format (a resumed run keeps its states' format); "
+            "to save the other format, start a new run (a new --out, or --overwrite).")
+    # a 2-rank run resumed in one process: refused, naming the world size (part of the run's identity)
+    with pytest.raises(SystemExit, match=r"--world_size: 2 in the run, 1 given"):
+        _cli("train", *base, "--out", whole, "--resume", "--iterations", "6")
+    assert _snapshot(whole) == before
