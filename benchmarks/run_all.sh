@@ -92,6 +92,9 @@ images() {  # issue 20: the critic-lag regimes on images; base vs the default Di
   $BIN/disback bench --problem digits --adapter dmd2 --fake-lr-scale 0.3 $C --out $RI/digits-dmd2-slowcritic0.3
   $BIN/disback bench --problem digits --adapter di $C --out $RI/digits-di
   $BIN/disback bench --problem digits --adapter sid $C --out $RI/digits-sid
+  # SiD: the paper's 1x path and the fake-score warm start alone (fake from node N, target the teacher)
+  $BIN/disback bench --problem digits --adapter sid --seeds 0 1 2 --threads 1 --no-progress --resume \
+    --variants base disback disback:degradation_lr_scale=1 disback:schedule=warm_start --out $RI/digits-sid
   $BIN/disback bench --problem digits --adapter dmd2 --student small $C --out $RI/digits-dmd2-small
   $BIN/disback bench --problem digits --adapter dmd2 --init-generator $RI/digits-dmd2-critic1/generator-base-seed0.safetensors \
     --critic-steps 1 $C --out $RI/digits-dmd2-distilled-critic1
@@ -99,6 +102,12 @@ images() {  # issue 20: the critic-lag regimes on images; base vs the default Di
   $BIN/disback bench --problem digits-cond --adapter dmd2 --fake-lr-scale 0.3 $C --out $RI/digits-cond-dmd2-slowcritic0.3
   $BIN/disback bench --problem digits-cond --adapter di $C --out $RI/digits-cond-di
   $BIN/disback bench --problem digits-cond --adapter sid $C --out $RI/digits-cond-sid
+}
+
+patches() {  # issue 20 item 3: 16x16 RGB patches of scikit-learn's photographs (disback_core/bench/patches.py), 300 iterations
+  local C="--problem patches --adapter dmd2 --seeds 0 1 2 --threads 1 --no-progress --resume --variants base disback --iterations 300" RP=$R/patches
+  $BIN/disback bench $C --critic-steps 1 --out $RP/dmd2-critic1
+  $BIN/disback bench $C --out $RP/dmd2
 }
 
 diagnostic() {  # issue 20: base logs for the regimes run before the logs existed, then the leave-one-out table
@@ -125,6 +134,7 @@ case "${1:-all}" in
   overhead) overhead ;;
   regimes) regimes ;;
   images) images ;;
+  patches) patches ;;
   flow) flow ;;
   diagnostic) diagnostic ;;
   all) toy & digits & wait; overhead ;;

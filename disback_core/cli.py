@@ -56,6 +56,7 @@ PROBLEM_DEFAULTS: dict[str, _ProblemDefaults] = {
     "digits-cond": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
     "digits-text": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
     "digits-flow": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
+    "patches": {"iterations": 600, "batch": 64, "lr": 5e-5, "eval_every": 50, "degradation_steps": 300},
 }
 DISBACK_FIELDS: dict[str, Callable[[str], Any]] = {
     "nodes": int,

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,14 @@ from torch import Tensor, nn
 
 from .cache import cached_model
 
-__all__ = ["load_digits_split", "DigitsClassifier", "digits_classifier", "digit_features", "predict_labels"]
+__all__ = [
+    "load_digits_split",
+    "DigitsClassifier",
+    "digits_classifier",
+    "digit_features",
+    "predict_labels",
+    "fit_classifier",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +70,25 @@ class DigitsClassifier(nn.Module):
 
     conv3x3(1->c) ReLU, conv3x3(c->c) ReLU, maxpool2 (8->4), conv3x3(c->2c) ReLU, maxpool2
     (4->2), flatten (2c*4), linear -> ``feature_dim`` SiLU (the features), linear -> 10 logits.
+    ``in_channels`` / ``image_size`` / ``num_classes`` give the same net for other images
+    (``patches``: RGB 16x16, 32 classes; the flattened size is ``2c * (image_size / 4)^2``).
     The feature layer uses SiLU rather than ReLU: with ReLU about half of the 64 units die in
     training, leaving constant features (a singular covariance) for the Frechet distance.
     """
 
-    def __init__(self, width: int = 32, feature_dim: int = 64, num_classes: int = NUM_CLASSES):
+    def __init__(
+        self,
+        width: int = 32,
+        feature_dim: int = 64,
+        num_classes: int = NUM_CLASSES,
+        in_channels: int = 1,
+        image_size: int = 8,
+    ):
         super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4 (two 2x poolings), got {image_size}")
         self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
+            nn.Conv2d(in_channels, width, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=1),
             nn.ReLU(),
@@ -78,7 +97,7 @@ class DigitsClassifier(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(2 * width * 4, feature_dim),
+            nn.Linear(2 * width * (image_size // 4) ** 2, feature_dim),
             nn.SiLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
@@ -141,37 +160,61 @@ def _train_loop(model: DigitsClassifier, cfg: dict[str, Any]) -> dict[str, Any]:
     x_tr, y_tr, x_te, y_te = load_digits_split(cfg["split_seed"], cfg["test_fraction"])
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(cfg["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    steps, bs = cfg["steps"], cfg["batch_size"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / steps)))
-    order, pos, losses = torch.randperm(len(x_tr), generator=g), 0, []
-    model.train()
-    for _ in range(steps):
+    bs = cfg["batch_size"]
+    order, pos = torch.randperm(len(x_tr), generator=g), 0
+
+    def batch() -> tuple[Tensor, Tensor]:
+        nonlocal order, pos
         if pos + bs > len(order):  # new epoch: a fresh permutation from the seeded generator
             order, pos = torch.randperm(len(x_tr), generator=g), 0
         idx = order[pos : pos + bs]
         pos += bs
-        xb = _random_shift(x_tr[idx], cfg["max_shift"], g)
-        loss = F.cross_entropy(model(xb), y_tr[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.detach().item())
+        return _random_shift(x_tr[idx], cfg["max_shift"], g), y_tr[idx]
+
+    losses = fit_classifier(model, batch, cfg["steps"], cfg["lr"], cfg["weight_decay"])
     seconds = time.perf_counter() - t0
-    model.eval()
-    tail = losses[-max(1, min(50, steps)) :]
+    tail = losses[-max(1, min(50, cfg["steps"])) :]
     facts = {
         "test_accuracy": _accuracy(model, x_te, y_te),
         "train_accuracy": _accuracy(model, x_tr, y_tr),
         "final_loss": sum(tail) / len(tail),
         "train_seconds": seconds,
-        "steps": steps,
+        "steps": cfg["steps"],
         "n_train": len(x_tr),
         "n_test": len(x_te),
     }
-    log.info("digits classifier: test accuracy %.4f after %d steps in %.1fs", facts["test_accuracy"], steps, seconds)
+    log.info(
+        "digits classifier: test accuracy %.4f after %d steps in %.1fs", facts["test_accuracy"], cfg["steps"], seconds
+    )
     return facts
+
+
+def fit_classifier(
+    model: nn.Module, batch: Callable[[], tuple[Tensor, Tensor]], steps: int, lr: float, weight_decay: float
+) -> list[float]:
+    """Cross-entropy training of ``model`` on ``steps`` batches ``batch() -> (x, labels)``: AdamW,
+    cosine learning-rate decay to 0, no warm-up; the model is left in eval mode. Returns the
+    per-step losses. Deterministic when ``batch`` is (it draws from its own seeded generator); runs
+    on one intra-op thread (restored afterwards), so the bits do not depend on the core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / steps)))
+        losses = []
+        model.train()
+        for _ in range(steps):
+            xb, yb = batch()
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.detach().item())
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
+    return losses
 
 
 def digits_classifier(

@@ -16,6 +16,9 @@
   diffusers ``SD3Transformer2DModel`` (velocity loss, logit-normal times) behind ``FlowMatchDenoiser``,
   the generator fed the noise at ``t = 1``, the methods given flow-time noise samplers and the
   flow-matching fake-score loss (:mod:`.digits_flow`).
+- ``patches``: 16x16 RGB patches of scikit-learn's two sample photographs, an unconditional
+  EDM-preconditioned ``UNet2DModel`` teacher, Frechet distance on a region classifier's features
+  (:mod:`.patches`).
 
 Each problem evaluates samples with offline metrics against fixed held-out data and reports the
 teacher's multi-step (EDM Heun, 18 steps; flow Euler for ``digits-flow``) and one-step values as
@@ -50,7 +53,7 @@ from .metrics import class_coverage, energy_distance, frechet_distance, mode_sta
 __all__ = ["Problem", "Toy2D", "Digits", "get_problem", "PROBLEMS", "train_teacher"]
 
 log = logging.getLogger(__name__)
-PROBLEMS = ("toy2d", "toy2d-edm", "grid25", "digits", "digits-cond", "digits-text", "digits-flow")
+PROBLEMS = ("toy2d", "toy2d-edm", "grid25", "digits", "digits-cond", "digits-text", "digits-flow", "patches")
 STUDENTS = ("copy", "fresh", "small")  # the generator's start: the teacher's weights, re-initialised, a smaller net
 CONDITIONAL = ("digits-cond", "digits-text", "digits-flow")  # the problems with an unconditional input (teacher CFG)
 
@@ -508,7 +511,8 @@ class Digits(Problem):
 
 def get_problem(name: str, cache_dir=None, **kwargs: Any) -> Problem:
     """``toy2d``, ``toy2d-edm``, ``grid25``, ``digits`` (unconditional), ``digits-cond`` (class labels),
-    ``digits-text`` (prompts) or ``digits-flow`` (prompts, a rectified-flow SD3 transformer teacher)."""
+    ``digits-text`` (prompts), ``digits-flow`` (prompts, a rectified-flow SD3 transformer teacher) or
+    ``patches`` (16x16 RGB photograph patches)."""
     if name == "toy2d":
         return Toy2D(cache_dir, **kwargs)
     if name == "toy2d-edm":
@@ -521,4 +525,8 @@ def get_problem(name: str, cache_dir=None, **kwargs: Any) -> Problem:
         from .digits_flow import DigitsFlow
 
         return DigitsFlow(cache_dir, **kwargs)
+    if name == "patches":
+        from .patches import Patches
+
+        return Patches(cache_dir, **kwargs)
     raise ValueError(f"unknown problem {name!r}; choose one of {PROBLEMS}")
