@@ -98,6 +98,7 @@ from .storage import (
     atomic_write_bytes,
     body_digest,
     fsync_dir,
+    is_number,
     is_sha256,
     load_tensors,
     open_regular,
@@ -539,7 +540,7 @@ _FILES = {
 
 def _positive(note: Mapping[str, Any], key: str, path: Path) -> float:
     v = note.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+    if not is_number(v) or v <= 0:
         raise StorageError(f"export note {path}: {key} must be a finite number > 0, got {v!r}")
     return float(v)
 
@@ -580,16 +581,12 @@ def _check_start(note: Mapping[str, Any], path: Path) -> None:
         raise StorageError(f"export note {path}: {e}") from None
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _numbers_match(got: Any, want: list[float]) -> bool:
+def _numbers_match(got: Any, want: list[float], abs_tol: float = 1e-12) -> bool:
     """``got`` is a list of finite numbers equal to ``want`` (computed from the sigmas) to 1e-9."""
     return (
         isinstance(got, list)
         and len(got) == len(want)
-        and all(_is_number(a) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(got, want))
+        and all(is_number(a) and math.isclose(a, b, rel_tol=1e-9, abs_tol=abs_tol) for a, b in zip(got, want))
     )
 
 
@@ -617,11 +614,11 @@ def _check_flow(note: Mapping[str, Any], path: Path) -> None:
     if not _same_json(f["scheduler"], PIPELINE_SCHEDULER):
         raise StorageError(f"export note {path}: flow.scheduler must be {json.dumps(PIPELINE_SCHEDULER)}")
     for key in ("shift", "time_scale"):
-        if not _is_number(f[key]) or f[key] <= 0:
+        if not is_number(f[key]) or f[key] <= 0:
             raise StorageError(f"export note {path}: flow.{key} must be a finite number > 0, got {f[key]!r}")
     if not isinstance(f["cond_kwarg"], str) or not f["cond_kwarg"].isidentifier():
         raise StorageError(f"export note {path}: flow.cond_kwarg {f['cond_kwarg']!r} is not a keyword name")
-    if f["guidance"] is not None and not _is_number(f["guidance"]):
+    if f["guidance"] is not None and not is_number(f["guidance"]):
         raise StorageError(f"export note {path}: flow.guidance must be null or a finite number, got {f['guidance']!r}")
     ds = f["dynamic_shift"]
     if ds is None:
@@ -630,8 +627,8 @@ def _check_flow(note: Mapping[str, Any], path: Path) -> None:
         raise StorageError(
             f"export note {path}: flow.dynamic_shift must be null or an object of {sorted(_DYNAMIC_SHIFT_KEYS)}"
         )
-    bad = [k for k in ("base_shift", "max_shift") if k in ds and not _is_number(ds[k])]
-    bad += [k for k in ("base_image_seq_len", "max_image_seq_len") if k in ds and not (_is_number(ds[k]) and ds[k] > 0)]
+    bad = [k for k in ("base_shift", "max_shift") if k in ds and not is_number(ds[k])]
+    bad += [k for k in ("base_image_seq_len", "max_image_seq_len") if k in ds and not (is_number(ds[k]) and ds[k] > 0)]
     if ds.get("time_shift_type", "exponential") not in ("exponential", "linear"):
         bad.append("time_shift_type")
     if bad:
@@ -973,27 +970,13 @@ def _ddpm_denoiser(net: nn.Module, root: Path, note: Mapping[str, Any]) -> Diffu
         ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
     except ValueError as e:
         raise StorageError(f"export note {root / NOTE_NAME}: the sigmas do not fit the schedule: {e}") from None
-    t = ts[0]
-    listed = d["timesteps"]
-    if (
-        not isinstance(listed, list)
-        or len(listed) != len(ts)
-        or not all(
-            isinstance(a, (int, float)) and not isinstance(a, bool) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-            for a, b in zip(listed, ts)
-        )
-    ):
+    if not _numbers_match(d["timesteps"], ts, abs_tol=1e-9):
         raise StorageError(f"export note {root / NOTE_NAME}: diffusers.timesteps do not match the sigmas")
     scale = note["noise_scale"] / math.sqrt(1.0 + note["sigma_init"] ** 2)
-    for key, want in (("timestep", t), ("latent_scale", scale)):  # what a pipeline user reads must agree
-        got = d[key]
-        if (
-            isinstance(got, bool)
-            or not isinstance(got, (int, float))
-            or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
-        ):
+    for key, want in (("timestep", ts[0]), ("latent_scale", scale)):  # what a pipeline user reads must agree
+        if not _numbers_match([d[key]], [want], abs_tol=1e-9):
             raise StorageError(
-                f"export note {root / NOTE_NAME}: diffusers.{key} is {got!r}, but sigma_init and "
+                f"export note {root / NOTE_NAME}: diffusers.{key} is {d[key]!r}, but sigma_init and "
                 f"noise_scale give {want!r}"
             )
     return wrapper

@@ -47,7 +47,6 @@ import math
 import os
 import random
 import re
-import reprlib
 import shutil
 import stat
 from collections.abc import Callable, Mapping
@@ -63,10 +62,12 @@ from .storage import (
     atomic_write,
     atomic_write_bytes,
     body_digest,
+    check_int,
     check_json,
     config_hash,
     fsync_dir,
     gc_paused,
+    is_number,
     is_sha256,
     load_tensors,
     parse_json,
@@ -75,6 +76,7 @@ from .storage import (
     save_tensors,
     sha256_bytes,
     sha256_stream,
+    short,
 )
 
 __all__ = ["save_state", "load_state", "latest_state", "list_states", "FORMAT", "VERSION"]
@@ -102,20 +104,6 @@ _POINTER_TMP = re.compile(r"\.latest\.json\.(tmp-.*|[0-9a-f]{16}\.tmp)", re.DOTA
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _TAGS = ("__tuple__", "__tensor__", "__dict__", "__float__")
 _TAG_SET = frozenset(_TAGS)
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 2, 4, 4, 4
-
-
-def _short(v: Any) -> str:
-    """A bounded rendering of a value read from a file, for messages (never the whole value)."""
-    if isinstance(v, str):
-        return json.dumps(v[:60] + ("..." if len(v) > 60 else ""))
-    if v is None or isinstance(v, (bool, int, float)):
-        return json.dumps(v)[:60]
-    return _REPR.repr(v)
-
-
 # --------------------------------------------------------------------------- JSON encoding
 
 
@@ -207,7 +195,7 @@ def _decoded(obj: Any, tensors: Mapping[str, Tensor], used: set[str]) -> Any:
                 try:
                     obj[k] = _decoded(v, tensors, used)
                 except _Malformed as e:
-                    e.path.append(f"[{_short(k)}]")
+                    e.path.append(f"[{short(k)}]")
                     raise
         return obj
     if len(obj) != 1:
@@ -217,7 +205,7 @@ def _decoded(obj: Any, tensors: Mapping[str, Tensor], used: set[str]) -> Any:
         return tuple(_decoded(v, tensors, used))
     if tag == "__tensor__" and isinstance(v, str):
         if v not in tensors:
-            raise _Malformed(f"tensor {_short(v)} is not in the state's tensor file")
+            raise _Malformed(f"tensor {short(v)} is not in the state's tensor file")
         used.add(v)
         return tensors[v]
     if tag == "__float__" and v in ("nan", "inf", "-inf"):
@@ -233,12 +221,12 @@ def _decoded(obj: Any, tensors: Mapping[str, Tensor], used: set[str]) -> Any:
             try:
                 out[k] = _decoded(x, tensors, used)
             except TypeError:
-                raise _Malformed(f"key {i} ({_short(k)}) cannot be a dict key") from None
+                raise _Malformed(f"key {i} ({short(k)}) cannot be a dict key") from None
             except _Malformed as e:
-                e.path.append(f"[{_short(k)}]")
+                e.path.append(f"[{short(k)}]")
                 raise
         return out
-    raise _Malformed(f"malformed {tag} value {_short(v)}")
+    raise _Malformed(f"malformed {tag} value {short(v)}")
 
 
 def _tensor_refs(obj: Any, out: set[str] | None = None) -> set[str]:
@@ -328,11 +316,7 @@ def _link_copy(src: Path, dst: Path) -> None:
 # --------------------------------------------------------------------------- argument checks
 
 
-def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
-    if type(value) is not int or value < lo or (hi is not None and value > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
-    return value
+_check_int = check_int
 
 
 def _check_names(objs: Mapping[str, Any], arg: str, kind: type | tuple[type, ...] | None = None) -> None:
@@ -729,13 +713,13 @@ def _read_pointer(folder: Path) -> tuple[Path, str]:
             f"state pointer {ptr} is not a disback state pointer (an object with exactly {sorted(keys)})"
         )
     if type(d["version"]) is not int or d["version"] != VERSION:
-        raise StorageError(f"state pointer {ptr} has version {_short(d['version'])}; this library reads {VERSION}")
+        raise StorageError(f"state pointer {ptr} has version {short(d['version'])}; this library reads {VERSION}")
     name, step, sha = d["directory"], d["step"], d["manifest_sha256"]
     m = (_STEP_DIR.fullmatch(name) or _TMP_DIR.fullmatch(name)) if isinstance(name, str) else None
     if m is None:
-        raise StorageError(f"state pointer {ptr} names {_short(name)}, which is not a step folder inside {folder}")
+        raise StorageError(f"state pointer {ptr} names {short(name)}, which is not a step folder inside {folder}")
     if type(step) is not int or step != int(m.group(1)):
-        raise StorageError(f"state pointer {ptr}: step {_short(step)} does not match its folder {name}")
+        raise StorageError(f"state pointer {ptr}: step {short(step)} does not match its folder {name}")
     if not is_sha256(sha):
         raise StorageError(f"state pointer {ptr}: manifest_sha256 is not 64 hex digits")
     path = folder / name
@@ -815,7 +799,7 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
     _want(
         type(m.get("version")) is int and m.get("version") == VERSION,
         path,
-        f"format version {_short(m.get('version'))}; this library reads {VERSION}",
+        f"format version {short(m.get('version'))}; this library reads {VERSION}",
     )
     if "digest" in m:
         _want(
@@ -870,7 +854,7 @@ def _check_file_table(m: dict[str, Any], path: Path) -> None:
     manifest's sections name, and every rank's RNG files."""
     for name, e in m["files"].items():
         _want(
-            bool(_NAME.fullmatch(name)) and name != MANIFEST, path, f"file name {_short(name)} is not a plain file name"
+            bool(_NAME.fullmatch(name)) and name != MANIFEST, path, f"file name {short(name)} is not a plain file name"
         )
         _want(
             isinstance(e, dict)
@@ -879,20 +863,20 @@ def _check_file_table(m: dict[str, Any], path: Path) -> None:
             and type(e["size"]) is int
             and e["size"] >= 0,
             path,
-            f"file {_short(name)} needs a sha256 (64 hex digits) and a size",
+            f"file {short(name)} needs a sha256 (64 hex digits) and a size",
         )
     want = {f"rng-rank{r}.{ext}" for r in range(m["world_size"]) for ext in ("safetensors", "json")}
     for section in ("modules", "optimizers"):
         for name, e in m[section].items():
             _want(
-                isinstance(e, dict) and isinstance(e.get("file"), str), path, f"{section}[{_short(name)}] names no file"
+                isinstance(e, dict) and isinstance(e.get("file"), str), path, f"{section}[{short(name)}] names no file"
             )
             want.add(e["file"])
     if m.get("tensors_file") is not None:
         want.add(m["tensors_file"])
     missing, extra = sorted(want - set(m["files"])), sorted(set(m["files"]) - want)
-    _want(not missing, path, f"file {_short(missing[0] if missing else '')} is used but not in the file table")
-    _want(not extra, path, f"file {_short(extra[0] if extra else '')} is in the file table but used by nothing")
+    _want(not missing, path, f"file {short(missing[0] if missing else '')} is used but not in the file table")
+    _want(not extra, path, f"file {short(extra[0] if extra else '')} is in the file table but used by nothing")
 
 
 def _verify_files(step_dir: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
@@ -925,7 +909,7 @@ def _config_diff(saved: Any, given: Any, path: str = "") -> list[str]:
         return out
     if saved == given and type(saved) is type(given):
         return []
-    return [f"{path or '<config>'}: {_short(saved)} in the state, {_short(given)} given"]
+    return [f"{path or '<config>'}: {short(saved)} in the state, {short(given)} given"]
 
 
 def _check_config(m: Mapping[str, Any], config: Mapping[str, Any], path: Path) -> None:
@@ -958,7 +942,7 @@ def _check_sections(m: Mapping[str, Any], given: Mapping[str, Mapping[str, Any]]
         missing = sorted(set(objs) - saved)
         if missing:
             raise StorageError(
-                f"{path}: {section} {missing[0]!r} is not in the state (it holds {_short(sorted(saved))})"
+                f"{path}: {section} {missing[0]!r} is not in the state (it holds {short(sorted(saved))})"
             )
         unused = sorted(saved - set(objs))
         if strict and unused:
@@ -991,11 +975,9 @@ def _check_module(name: str, module: nn.Module, saved: Mapping[str, Tensor], fil
 
 
 def _is_number(v: Any) -> bool:
-    """A finite int or float (not a bool), or a one-element finite floating tensor (torch takes tensor lrs)."""
-    if type(v) is int:
+    """A number (:func:`~disback_core.storage.is_number`) or a one-element finite floating tensor (torch takes tensor lrs)."""
+    if is_number(v):
         return True
-    if type(v) is float:
-        return math.isfinite(v)
     return isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point() and bool(torch.isfinite(v).all())
 
 
@@ -1046,7 +1028,7 @@ def _check_groups(groups: list[Any], own: list[dict[str, Any]], where: str) -> N
                     lambda v: _is_pair(v, lambda x: x is None or _is_number(x)),
                 )
             if ok is not None and not ok(v):
-                raise StorageError(f"{where}: param_groups[{i}].{key} is {_short(v)}, not {want}")
+                raise StorageError(f"{where}: param_groups[{i}].{key} is {short(v)}, not {want}")
 
 
 def _check_optimizer(
@@ -1107,13 +1089,13 @@ def _check_scheduler(name: str, sched: Any, sd: Any, strict: bool, path: Path) -
     if strict and set(sd) != set(own):
         diff = sorted(set(sd) ^ set(own), key=repr)  # a forged state may hold non-string keys
         raise StorageError(
-            f"{path}: scheduler {name!r} does not fit the state: key {_short(diff[0])} is in only one of "
+            f"{path}: scheduler {name!r} does not fit the state: key {short(diff[0])} is in only one of "
             "the state and this scheduler"
         )
     odd = sorted((k for k in set(sd) & set(own) if not _same_kind(sd[k], own[k])), key=repr)
     if odd:
         raise StorageError(
-            f"{path}: scheduler {name!r}: {odd[0]!r} is {_short(sd[odd[0]])} in "
+            f"{path}: scheduler {name!r}: {odd[0]!r} is {short(sd[odd[0]])} in "
             f"the state, which is not the kind of value this scheduler holds ({type(own[odd[0]]).__name__})"
         )
 
@@ -1148,7 +1130,7 @@ class _RankRng:
         n, gens = info.get("cuda_devices"), info.get("generators")
         if type(n) is not int or not 0 <= n <= min(_MAX_CUDA_DEVICES, len(tensors)):  # before any list is built
             raise StorageError(
-                f"RNG file {jfile}: cuda_devices is {_short(n)}, not a device count 0..{_MAX_CUDA_DEVICES} "
+                f"RNG file {jfile}: cuda_devices is {short(n)}, not a device count 0..{_MAX_CUDA_DEVICES} "
                 f"with a state in {tfile.name} for each"
             )
         if not isinstance(gens, dict) or not all(
@@ -1158,7 +1140,7 @@ class _RankRng:
         want = {"torch.cpu", *(f"torch.cuda.{i}" for i in range(n)), *(f"generator.{g}" for g in gens)}
         if set(tensors) != want:
             odd = sorted(set(tensors) ^ want)[0]
-            raise StorageError(f"RNG file {tfile}: tensor {_short(odd)} is in only one of the file and {jfile.name}")
+            raise StorageError(f"RNG file {tfile}: tensor {short(odd)} is in only one of the file and {jfile.name}")
         self.cpu = tensors["torch.cpu"]
         _scratch_generator(self.cpu, "cpu", f"RNG file {tfile}: torch.cpu")
         self.cuda = [tensors[f"torch.cuda.{i}"] for i in range(n)]
@@ -1178,7 +1160,7 @@ class _RankRng:
             dev = gens[name]["device"]
             if dev != str(g.device):
                 raise StorageError(
-                    f"RNG file {jfile}: generator {name!r} was on {_short(dev)}, this one is on {g.device}"
+                    f"RNG file {jfile}: generator {name!r} was on {short(dev)}, this one is on {g.device}"
                 )
             _scratch_generator(t, str(g.device), f"RNG file {tfile}: generator {name!r}")
             self.generators[name] = t
@@ -1200,7 +1182,7 @@ class _RankRng:
             raise StorageError(f"{where} is not {{version: 3, state: 625 integers, gauss_next}}")
         gauss = _decode(d["gauss_next"], {}, f"{where}: gauss_next")
         if gauss is not None and type(gauss) is not float:
-            raise StorageError(f"{where}: gauss_next is {_short(gauss)}, not a float or null")
+            raise StorageError(f"{where}: gauss_next is {short(gauss)}, not a float or null")
         st = (d["version"], tuple(d["state"]), gauss)
         try:
             random.Random().setstate(st)
@@ -1237,7 +1219,7 @@ class _RankRng:
             )
         cached = _decode(d["cached_gaussian"], {}, f"{where}: cached_gaussian")
         if type(cached) not in (int, float):
-            raise StorageError(f"{where}: cached_gaussian is {_short(cached)}, not a number")
+            raise StorageError(f"{where}: cached_gaussian is {short(cached)}, not a number")
         st = (d["bit_generator"], np.array(d["keys"], dtype=np.uint32), d["pos"], d["has_gauss"], float(cached))
         try:
             np.random.RandomState().set_state(st)

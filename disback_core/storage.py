@@ -30,12 +30,13 @@ import json
 import math
 import os
 import re
+import reprlib
 import secrets
 import stat
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeGuard
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ from torch import Tensor
 
 __all__ = [
     "StorageError",
+    "short",
+    "is_number",
+    "check_int",
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_HEADER_BYTES",
@@ -110,6 +114,38 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 
 class StorageError(ValueError):
     """A file is missing, corrupted, tampered with, or belongs to something else."""
+
+
+# --------------------------------------------------------------------------- values in messages and checks
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 2, 4, 4, 4
+
+
+def short(v: Any) -> str:
+    """A bounded rendering of a value read from a file, for messages (never the whole value)."""
+    if isinstance(v, str):
+        return json.dumps(v[:60] + ("..." if len(v) > 60 else ""))
+    if v is None or isinstance(v, (bool, int, float)):
+        return json.dumps(v)[:60]
+    return _REPR.repr(v)
+
+
+def is_number(v: Any) -> TypeGuard[int | float]:
+    """Whether ``v`` is an int (not a bool) or a float whose value is a finite float."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def check_int(value: Any, name: str, lo: int, hi: int | None = None, error: type[Exception] = ValueError) -> int:
+    """``value`` if it is an int (not a bool) in ``lo..hi``; else ``error`` naming ``name``."""
+    if type(value) is not int or value < lo or (hi is not None and value > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise error(f"{name} must be an integer {rng}, got {short(value)}")
+    return value
 
 
 # --------------------------------------------------------------------------- writing

@@ -39,12 +39,14 @@ from .storage import (
     MAX_JSON_BYTES,
     StorageError,
     body_digest,
+    check_int,
     is_sha256,
     load_tensors,
     lowest_float_dtype,
     parse_json,
     read_json,
     save_tensors_once,
+    short,
     tensors_fingerprint,
     tensors_sha256,
 )
@@ -55,7 +57,7 @@ READ_VERSIONS = (1, 2, 3)
 KINDS = ("lora", "full")
 FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MANIFEST = "manifest.json"
-MAX_STEP = 2**63
+MAX_STEP = 2**63 - 1
 MAX_NAME = 200
 _V1_KEYS = {"format", "version", "kind", "base_fingerprint", "lora", "nodes", "probe", "meta"}
 _KEYS = {  # version -> (required, optional) top-level manifest fields
@@ -88,22 +90,10 @@ def _dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
 
 
-def _check_step(step: Any, where: str) -> None:
-    if type(step) is not int or not 0 <= step < MAX_STEP:
-        raise StorageError(f"{where}: step must be an integer in 0..2**63-1, got {_short(step)}")
-
-
-def _short(v: Any) -> str:
-    """``repr(v)`` cut to 80 characters (values from a file can be huge)."""
-    r = repr(v)
-    return r if len(r) <= 80 else r[:77] + "..."
-
-
 def _check_savable(steps: Sequence[Any], meta: Any) -> None:
     """Refuse, before writing, steps a reader would refuse and meta that is not JSON it would read."""
     for k, step in enumerate(steps, start=1):
-        if type(step) is not int or not 0 <= step < MAX_STEP:
-            raise ValueError(f"node {k}: step must be an integer in 0..2**63-1 to be saved, got {step!r}")
+        check_int(step, f"node {k}: step", 0, MAX_STEP)
     try:
         text = json.dumps(meta, allow_nan=True).encode()
     except (TypeError, ValueError) as e:
@@ -181,15 +171,15 @@ def read_manifest(where: Path) -> dict[str, Any]:
         raise StorageError(f"{where} is not a disback trajectory manifest")
     version = man.get("version")
     if type(version) is not int or version not in READ_VERSIONS:
-        raise StorageError(f"{where} has format version {_short(version)}; this library reads {list(READ_VERSIONS)}")
+        raise StorageError(f"{where} has format version {short(version)}; this library reads {list(READ_VERSIONS)}")
     required, optional = _KEYS[version]
     missing, unknown = sorted(required - set(man)), sorted(set(man) - required - optional)
     if missing or unknown:
         raise StorageError(f"{where}: missing fields {missing}, unknown fields {[u[:40] for u in unknown[:5]]}")
     if not isinstance(man["kind"], str) or man["kind"] not in KINDS:
-        raise StorageError(f"{where}: unknown node kind {_short(man['kind'])}; expected one of {KINDS}")
+        raise StorageError(f"{where}: unknown node kind {short(man['kind'])}; expected one of {KINDS}")
     if not isinstance(man.get("library", ""), str):
-        raise StorageError(f"{where}: library must be a string, got {_short(man['library'])}")
+        raise StorageError(f"{where}: library must be a string, got {short(man['library'])}")
     _check_fingerprints(man, where)
     _check_lora_field(man, where)
     _check_nodes_field(man, where)
@@ -200,11 +190,11 @@ def read_manifest(where: Path) -> dict[str, Any]:
     if version >= 3 and not (isinstance(man["call"], str) and _CALL_NAME.fullmatch(man["call"])):
         raise StorageError(
             f"{where}: call must be a call convention name (1-64 characters of a-z, 0-9, '_', '.', '-'), "
-            f"got {_short(man['call'])}"
+            f"got {short(man['call'])}"
         )
     if version >= 2:
         if not is_sha256(man["digest"]):
-            raise StorageError(f"{where}: digest must be 64 hex digits, got {_short(man['digest'])}")
+            raise StorageError(f"{where}: digest must be 64 hex digits, got {short(man['digest'])}")
         if manifest_digest(man) != man["digest"]:
             raise StorageError(
                 f"{where} fails its digest check: node entries, their order, the LoRA spec, the "
@@ -215,7 +205,7 @@ def read_manifest(where: Path) -> dict[str, Any]:
 
 def _check_fingerprints(man: Mapping[str, Any], where: Path) -> None:
     if not is_sha256(man["base_fingerprint"]):
-        raise StorageError(f"{where}: base_fingerprint must be 64 hex digits, got {_short(man['base_fingerprint'])}")
+        raise StorageError(f"{where}: base_fingerprint must be 64 hex digits, got {short(man['base_fingerprint'])}")
     fps = man.get("base_fingerprints", {})
     known = {_dtype_name(d) for d in FINGERPRINT_DTYPES}
     if (
@@ -225,7 +215,7 @@ def _check_fingerprints(man: Mapping[str, Any], where: Path) -> None:
         or not all(is_sha256(v) for v in fps.values())
     ):
         raise StorageError(
-            f"{where}: base_fingerprints must map {sorted(known)} to 64-hex fingerprints, got {_short(fps)}"
+            f"{where}: base_fingerprints must map {sorted(known)} to 64-hex fingerprints, got {short(fps)}"
         )
 
 
@@ -234,20 +224,20 @@ def _check_lora_field(man: Mapping[str, Any], where: Path) -> None:
     spec = man["lora"]
     if man["kind"] == "full":
         if spec is not None:
-            raise StorageError(f"{where}: a kind='full' trajectory has no LoRA spec, got {_short(spec)}")
+            raise StorageError(f"{where}: a kind='full' trajectory has no LoRA spec, got {short(spec)}")
         return
     if not isinstance(spec, dict):
-        raise StorageError(f"{where}: bad LoRA spec: must be a JSON object, got {_short(spec)}")
+        raise StorageError(f"{where}: bad LoRA spec: must be a JSON object, got {short(spec)}")
     if man["version"] >= 2 and set(spec) != _LORA_KEYS:
         raise StorageError(f"{where}: bad LoRA spec: fields must be {sorted(_LORA_KEYS)}, got {sorted(map(str, spec))}")
     if man["version"] >= 2 and (isinstance(spec["alpha"], bool) or not isinstance(spec["alpha"], (int, float))):
         raise StorageError(
-            f"{where}: bad LoRA spec: alpha must be a number (saved resolved), got {_short(spec['alpha'])}"
+            f"{where}: bad LoRA spec: alpha must be a number (saved resolved), got {short(spec['alpha'])}"
         )
     tm = spec.get("target_modules")
     if (tm is None and man["version"] >= 2) or (tm is not None and not _is_name_list(tm)):
         raise StorageError(
-            f"{where}: bad LoRA spec: target_modules must be a non-empty list of distinct layer names, got {_short(tm)}"
+            f"{where}: bad LoRA spec: target_modules must be a non-empty list of distinct layer names, got {short(tm)}"
         )
 
 
@@ -263,18 +253,18 @@ def _is_name_list(v: Any) -> bool:
 def _check_nodes_field(man: Mapping[str, Any], where: Path) -> None:
     entries = man["nodes"]
     if not isinstance(entries, list) or not entries:
-        raise StorageError(f"{where}: nodes must be a non-empty list, got {_short(entries)}")
+        raise StorageError(f"{where}: nodes must be a non-empty list, got {short(entries)}")
     if man["version"] >= 2 and (type(man["node_count"]) is not int or man["node_count"] != len(entries)):
         raise StorageError(
-            f"{where}: node_count {_short(man['node_count'])} does not match the {len(entries)} node "
+            f"{where}: node_count {short(man['node_count'])} does not match the {len(entries)} node "
             "entries (an entry was dropped or added)"
         )
     for i, e in enumerate(entries, start=1):
         what = f"node entry {i}"
         _check_fields(e, _ENTRY_KEYS, where, what)
         if type(e["index"]) is not int or e["index"] != i:
-            raise StorageError(f"{where}: {what} has index {_short(e['index'])}; entries must be in order 1..N")
-        _check_step(e["step"], f"{where}: {what}")
+            raise StorageError(f"{where}: {what} has index {short(e['index'])}; entries must be in order 1..N")
+        check_int(e["step"], f"{where}: {what}: step", 0, MAX_STEP, StorageError)
         _check_file_entry(e, _ENTRY_KEYS, where, what, _node_name(e, man["version"]))
 
 
@@ -293,7 +283,7 @@ def _probe_name(e: Any, version: int) -> str:
 def _check_fields(e: Any, keys: set[str], where: Path, what: str) -> None:
     """``e`` must be a JSON object with exactly the fields ``keys``."""
     if not isinstance(e, dict) or set(e) != keys:
-        got = f"fields {sorted(k[:40] for k in e)}" if isinstance(e, dict) else _short(e)
+        got = f"fields {sorted(k[:40] for k in e)}" if isinstance(e, dict) else short(e)
         raise StorageError(f"{where}: {what} must be a JSON object with fields {sorted(keys)}, got {got}")
 
 
@@ -301,11 +291,11 @@ def _check_file_entry(e: Any, keys: set[str], where: Path, what: str, expected_n
     """A file entry: exactly ``keys``, a 64-hex sha256, a plain file name equal to ``expected_name``."""
     _check_fields(e, keys, where, what)
     if not is_sha256(e["sha256"]):
-        raise StorageError(f"{where}: {what} has sha256 {_short(e['sha256'])}, not 64 hex digits")
+        raise StorageError(f"{where}: {what} has sha256 {short(e['sha256'])}, not 64 hex digits")
     name = e["file"]
     problem = _name_problem(name)
     if problem:
-        raise StorageError(f"{where}: {what} has an invalid file name {_short(name)} ({problem})")
+        raise StorageError(f"{where}: {what} has an invalid file name {short(name)} ({problem})")
     if name != expected_name:
         raise StorageError(
             f"{where}: {what} names file {name!r}, expected {expected_name!r} (entries edited or swapped)"
