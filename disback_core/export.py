@@ -97,18 +97,16 @@ from .storage import (
     StorageError,
     atomic_write_bytes,
     body_digest,
+    file_entry,
     fsync_dir,
+    is_file_entry,
     is_number,
-    is_sha256,
     load_tensors,
-    open_regular,
-    parse_json,
-    read_bytes,
     read_json,
     read_tensor_header,
     save_tensors,
-    sha256_bytes,
     sha256_file,
+    verify_file,
 )
 
 __all__ = ["export_generator", "load_generator", "read_export_note", "load_checkpoint", "NOTE_NAME"]
@@ -272,10 +270,6 @@ def _flow_fields(d: FlowMatchDenoiser, note: Mapping[str, Any]) -> dict[str, Any
 # --------------------------------------------------------------------------- export
 
 
-def _file_entry(data_sha: str, size: int) -> dict[str, Any]:
-    return {"sha256": data_sha, "bytes": size}
-
-
 def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
@@ -429,11 +423,12 @@ def export_generator(
     try:
         if wrapper is not None:
             config = model.to_json_string().encode()  # type: ignore[operator]
-            atomic_write_bytes(new / CONFIG_NAME, config, sync_dir=False)
-            files[CONFIG_NAME] = _file_entry(sha256_bytes(config), len(config))
+            files[CONFIG_NAME] = file_entry(
+                new / CONFIG_NAME, atomic_write_bytes(new / CONFIG_NAME, config, False), "bytes"
+            )
         if isinstance(wrapper, FlowMatchDenoiser):
             sha = save_tensors(new / DIFFUSERS_WEIGHTS, state, {"format": "pt"}, sync_dir=False)
-            files[DIFFUSERS_WEIGHTS] = _file_entry(sha, (new / DIFFUSERS_WEIGHTS).stat().st_size)
+            files[DIFFUSERS_WEIGHTS] = file_entry(new / DIFFUSERS_WEIGHTS, sha, "bytes")
         elif wrapper is not None:
             ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
             note["kind"] = DIFFUSERS
@@ -450,12 +445,11 @@ def export_generator(
                 (DIFFUSERS_WEIGHTS, state, {"format": "pt"}),
                 (SCHEDULE_NAME, {"log_sigmas": wrapper.log_sigmas.detach().cpu()}, None),
             ):
-                sha = save_tensors(new / name, tensors, md, sync_dir=False)
-                files[name] = _file_entry(sha, (new / name).stat().st_size)
+                files[name] = file_entry(new / name, save_tensors(new / name, tensors, md, sync_dir=False), "bytes")
         else:
             note["kind"] = MODULE
             sha = save_tensors(new / MODULE_WEIGHTS, state, {"format": "pt"}, sync_dir=False)
-            files[MODULE_WEIGHTS] = _file_entry(sha, (new / MODULE_WEIGHTS).stat().st_size)
+            files[MODULE_WEIGHTS] = file_entry(new / MODULE_WEIGHTS, sha, "bytes")
         note["files"] = files
         note["digest"] = body_digest(note)
         text = json.dumps(note, indent=2, sort_keys=True, allow_nan=False)  # no NaN/Infinity: not JSON
@@ -697,14 +691,7 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
     if not isinstance(files, dict) or set(files) != expected:
         raise StorageError(f"export note {path}: files must be exactly {sorted(expected)}")
     for name, entry in files.items():
-        if (
-            not isinstance(entry, dict)
-            or set(entry) != {"sha256", "bytes"}
-            or not is_sha256(entry["sha256"])
-            or isinstance(entry["bytes"], bool)
-            or not isinstance(entry["bytes"], int)
-            or entry["bytes"] < 0
-        ):
+        if not is_file_entry(entry, "bytes"):
             raise StorageError(f"export note {path}: files[{name!r}] must be {{sha256: 64 hex, bytes: int >= 0}}")
     for field, its_kind in (("diffusers", DIFFUSERS), ("flow", FLOW)):
         if field in note and kind != its_kind:
@@ -727,15 +714,12 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
 
 def _sized(root: Path, note: Mapping[str, Any], name: str) -> tuple[Path, str, int]:
     """(path, sha256, size) of a listed file, which must be a regular file of exactly that size."""
-    entry, path = note["files"][name], root / name
-    f, size = open_regular(path, "export file")  # no symlink, FIFO or device; never blocks
-    f.close()
-    if size != entry["bytes"]:
-        raise StorageError(
-            f"export file {path} is {size} bytes, the note says {entry['bytes']}: "
-            "it was truncated, extended or replaced"
-        )
-    return path, entry["sha256"], entry["bytes"]
+    entry = note["files"][name]
+    return (
+        verify_file(root / name, None, entry["bytes"], "export file", "the note says"),
+        entry["sha256"],
+        entry["bytes"],
+    )
 
 
 # Buffers a model computes when it is built (rotary frequencies: Wan's rope.freqs_cos/sin) are not in
@@ -789,8 +773,6 @@ def _build_and_load(cls: Any, config: Mapping[str, Any], cfg_path: Path, path: P
        the model built with its parameters on meta and the loaded tensors assigned to it.
     A file that fails a check of step 2 is refused for its sha256 first if it was modified.
     """
-    if path.is_symlink():
-        raise StorageError(f"weights {path} are a symlink; only regular files are read")
     try:
         meta = _build(cls, config, cfg_path, everything_on_meta=True)
     except StorageError:
@@ -849,21 +831,11 @@ def _load_dtype(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> to
 
 
 def _load_weights(model: nn.Module, path: Path, sha: str, size: int) -> None:
-    if path.is_symlink():
-        raise StorageError(f"weights {path} are a symlink; only regular files are read")
     state = load_tensors(path, sha256=sha, max_bytes=size)
     _check_template(model, state, str(path))
-    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    current = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if len(dtypes) == 1 and current != dtypes:  # exported in one dtype (e.g. fp16): run in it, as exported
-        model.to(next(iter(dtypes)))
-    now = model.state_dict()
-    cast = sorted(k for k, v in state.items() if v.dtype != now[k].dtype)
-    if cast:  # mixed precisions in the file that the model does not have: never cast silently
-        raise StorageError(
-            f"weights {path}: {len(cast)} tensors differ in dtype from the model after loading "
-            f"(e.g. {cast[0]}: {state[cast[0]].dtype} vs {now[cast[0]].dtype})"
-        )
+    target = _load_dtype(model, state, path)
+    if target is not None:  # exported in one dtype (e.g. fp16): run in it, as exported
+        model.to(target)
     model.load_state_dict(state, strict=True)
 
 
@@ -904,11 +876,8 @@ def load_generator(
             )
         import diffusers
 
-        cfg_path, cfg_sha, cfg_size = _sized(root, note, CONFIG_NAME)
-        raw = read_bytes(cfg_path, "model config", max_bytes=cfg_size)
-        if sha256_bytes(raw) != cfg_sha:
-            raise StorageError(f"model config {cfg_path} fails its sha256 check: it was modified")
-        config = parse_json(raw, cfg_path, "model config")
+        cfg_path, cfg_sha, _ = _sized(root, note, CONFIG_NAME)
+        config = read_json(cfg_path, "model config", sha256=cfg_sha)  # its size is checked already
         cls = getattr(diffusers, note["class"], None)
         if not isinstance(config, dict) or config.get("_class_name") != note["class"]:
             raise StorageError(f"model config {cfg_path}: _class_name is not {note['class']!r}")

@@ -65,8 +65,10 @@ from .storage import (
     check_int,
     check_json,
     config_hash,
+    file_entry,
     fsync_dir,
     gc_paused,
+    is_file_entry,
     is_number,
     is_sha256,
     load_tensors,
@@ -77,6 +79,7 @@ from .storage import (
     sha256_bytes,
     sha256_stream,
     short,
+    verify_file,
 )
 
 __all__ = ["save_state", "load_state", "latest_state", "list_states", "FORMAT", "VERSION"]
@@ -452,15 +455,15 @@ class _Payload:
 
 
 def _write_tensors(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
-    sha = save_tensors(path, tensors)
-    return {"sha256": sha, "size": os.stat(path).st_size}
+    return file_entry(path, save_tensors(path, tensors))
 
 
 def _write_rank_files(tmp: Path, rank: int, tensors: Mapping[str, Tensor], data: bytes) -> dict[str, Any]:
-    files = {f"rng-rank{rank}.safetensors": _write_tensors(tmp / f"rng-rank{rank}.safetensors", tensors)}
-    _write_new(tmp / f"rng-rank{rank}.json", data, sync_dir=False)
-    files[f"rng-rank{rank}.json"] = {"sha256": sha256_bytes(data), "size": len(data)}
-    return files
+    jfile = tmp / f"rng-rank{rank}.json"
+    return {
+        f"rng-rank{rank}.safetensors": _write_tensors(tmp / f"rng-rank{rank}.safetensors", tensors),
+        jfile.name: file_entry(jfile, _write_new(jfile, data, sync_dir=False)),
+    }
 
 
 def _hash_rank_files(tmp: Path, rank: int) -> dict[str, Any]:
@@ -856,15 +859,7 @@ def _check_file_table(m: dict[str, Any], path: Path) -> None:
         _want(
             bool(_NAME.fullmatch(name)) and name != MANIFEST, path, f"file name {short(name)} is not a plain file name"
         )
-        _want(
-            isinstance(e, dict)
-            and set(e) == {"sha256", "size"}
-            and is_sha256(e["sha256"])
-            and type(e["size"]) is int
-            and e["size"] >= 0,
-            path,
-            f"file {short(name)} needs a sha256 (64 hex digits) and a size",
-        )
+        _want(is_file_entry(e), path, f"file {short(name)} needs a sha256 (64 hex digits) and a size")
     want = {f"rng-rank{r}.{ext}" for r in range(m["world_size"]) for ext in ("safetensors", "json")}
     for section in ("modules", "optimizers"):
         for name, e in m[section].items():
@@ -882,13 +877,7 @@ def _check_file_table(m: dict[str, Any], path: Path) -> None:
 def _verify_files(step_dir: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
     """Every listed file: a regular file of the recorded size and sha256 (streamed)."""
     for name in sorted(files):
-        path, e = step_dir / name, files[name]
-        sha, _ = sha256_stream(path, "state file", size=e["size"])  # a file of another size is not read
-        if sha != e["sha256"]:
-            raise StorageError(
-                f"state file {path} fails its sha256 check (expected {e['sha256'][:12]}..., "
-                f"got {sha[:12]}...): it was modified"
-            )
+        verify_file(step_dir / name, files[name]["sha256"], files[name]["size"], "state file", "the manifest says")
 
 
 # --------------------------------------------------------------------------- checking what is restored

@@ -71,6 +71,9 @@ __all__ = [
     "sha256_bytes",
     "sha256_file",
     "sha256_stream",
+    "file_entry",
+    "is_file_entry",
+    "verify_file",
     "tensors_to_bytes",
     "tensors_sha256",
     "save_tensors",
@@ -197,9 +200,9 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], 
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, [data], sync_dir)
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync_dir: bool = True) -> str:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`); returns its sha256."""
+    return atomic_write(path, [data], sync_dir)
 
 
 def _holds(path: Path, sha256: str) -> bool:
@@ -506,6 +509,45 @@ def sha256_stream(path: str | os.PathLike, what: str = "file", size: int | None 
         if size is not None and got != size:
             raise StorageError(f"{what} {path} is {got} bytes, expected {size}: it was truncated or extended")
         return _sha256_open(f), got
+
+
+# --------------------------------------------------------------------------- manifests of files
+
+
+def file_entry(path: str | os.PathLike, sha256: str, size_key: str = "size") -> dict[str, Any]:
+    """A manifest's entry for the file just written at ``path`` with this sha256: ``{sha256, size}``."""
+    return {"sha256": sha256, size_key: os.stat(path).st_size}
+
+
+def is_file_entry(entry: Any, size_key: str = "size") -> bool:
+    """Whether ``entry`` is a well-formed :func:`file_entry`: exactly a 64-hex sha256 and a size >= 0."""
+    return (
+        isinstance(entry, dict)
+        and set(entry) == {"sha256", size_key}
+        and is_sha256(entry["sha256"])
+        and type(entry[size_key]) is int
+        and entry[size_key] >= 0
+    )
+
+
+def verify_file(
+    path: str | os.PathLike, sha256: str | None, size: int, what: str = "file", source: str = "its manifest"
+) -> Path:
+    """``path``, checked against its manifest entry: a regular file (no symlink, FIFO or device; never
+    blocks) of ``size`` bytes, checked before anything is read, whose content has ``sha256``
+    (streamed; ``None`` for a file whose reader hashes it anyway)."""
+    path = Path(path)
+    f, got = _open_regular(path, what)
+    with f:
+        if got != size:
+            raise StorageError(
+                f"{what} {path} is {got} bytes, {source} says {size}: it was truncated, extended or replaced"
+            )
+        if sha256 is not None and (sha := _sha256_open(f)) != sha256:
+            raise StorageError(
+                f"{what} {path} fails its sha256 check (expected {sha256[:12]}..., got {sha[:12]}...): it was modified"
+            )
+    return path
 
 
 # --------------------------------------------------------------------------- safetensors
