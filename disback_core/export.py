@@ -75,12 +75,10 @@ with ``torch.load(weights_only=True)`` only.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import math
 import os
-import secrets
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -97,15 +95,20 @@ from .storage import (
     StorageError,
     atomic_write_bytes,
     body_digest,
+    exchange_folders,
     file_entry,
     fsync_dir,
     is_file_entry,
     is_number,
     load_tensors,
+    new_folder_beside,
     read_json,
     read_tensor_header,
+    recover_folder,
+    remove_stale_beside,
     save_tensors,
     sha256_file,
+    switch_folder,
     verify_file,
 )
 
@@ -128,7 +131,6 @@ PIPELINE_SCHEDULER: dict[str, Any] = {
     "shift": 1.0,
     "use_dynamic_shifting": False,
 }
-_PARTIAL, _PREVIOUS = ".partial", ".previous"
 
 
 # --------------------------------------------------------------------------- what a generator is
@@ -289,67 +291,7 @@ def _is_ours(folder: Path) -> bool:
     return isinstance(note, dict) and note.get("format") == FORMAT
 
 
-def _siblings(folder: Path, suffix: str) -> list[Path]:
-    prefix = f".{folder.name}."
-    try:
-        return sorted(
-            p
-            for p in folder.parent.iterdir()
-            if p.name.startswith(prefix) and p.name.endswith(suffix) and p.is_dir() and not p.is_symlink()
-        )
-    except FileNotFoundError:
-        return []
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel cannot
-        return False
-    raise OSError(err, f"cannot switch {b} into place: {os.strerror(err)}")
-
-
-def _previous_export(folder: Path) -> Path | None:
-    """The newest complete export an interrupted two-rename switch left beside ``folder``, if any."""
-    return next((p for p in reversed(_siblings(folder, _PREVIOUS)) if _is_ours(p)), None)
-
-
-def _recover(folder: Path) -> None:
-    """An earlier two-rename switch that stopped half way: put the previous complete export back."""
-    if folder.exists() or folder.is_symlink():
-        return
-    prev = _previous_export(folder)
-    if prev is not None:
-        os.replace(prev, folder)
-        fsync_dir(folder.parent)
-        log.warning("restored the previous export %s from %s (an export was interrupted)", folder, prev.name)
-
-
-def _switch(new: Path, folder: Path) -> None:
-    """Make ``new`` (complete, fsynced) the folder ``folder``; the old one is gone afterwards."""
-    parent = folder.parent
-    if not folder.exists():
-        os.rename(new, folder)
-        fsync_dir(parent)
-        return
-    if _exchange(new, folder):
-        fsync_dir(parent)
-        shutil.rmtree(new, ignore_errors=True)  # now the old export
-        return
-    old = parent / f".{folder.name}.{secrets.token_hex(8)}{_PREVIOUS}"
-    os.rename(folder, old)
-    os.rename(new, folder)  # a crash between the two renames leaves the old export at `old`
-    fsync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True)
+_exchange = exchange_folders  # how the switch swaps folders (tests take the two-rename path by replacing it)
 
 
 def export_generator(
@@ -384,7 +326,9 @@ def export_generator(
     meta = _check_metadata(metadata)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    _recover(folder)
+    prev = recover_folder(folder, _is_ours)  # an earlier export interrupted between two renames
+    if prev is not None:
+        log.warning("restored the previous export %s from %s (an export was interrupted)", folder, prev.name)
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise FileExistsError(f"export folder {folder} exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not _is_ours(folder):
@@ -417,9 +361,7 @@ def export_generator(
         except StorageError as e:
             raise ValueError(f"cannot export this flow generator: {e}") from None
     files: dict[str, dict[str, Any]] = {}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    new = folder.parent / f".{folder.name}.{secrets.token_hex(8)}{_PARTIAL}"
-    new.mkdir()
+    new = new_folder_beside(folder)
     try:
         if wrapper is not None:
             config = model.to_json_string().encode()  # type: ignore[operator]
@@ -453,13 +395,13 @@ def export_generator(
         note["files"] = files
         note["digest"] = body_digest(note)
         text = json.dumps(note, indent=2, sort_keys=True, allow_nan=False)  # no NaN/Infinity: not JSON
-        atomic_write_bytes(new / NOTE_NAME, (text + "\n").encode())
-        _switch(new, folder)
+        atomic_write_bytes(new / NOTE_NAME, (text + "\n").encode(), sync_dir=False)
+        fsync_dir(new)  # every file of the new export is durable before the switch
+        switch_folder(new, folder, _exchange)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
-    for stale in _siblings(folder, _PARTIAL) + _siblings(folder, _PREVIOUS):  # of earlier interrupted exports
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_beside(folder)
     return folder
 
 
@@ -648,7 +590,7 @@ def _where(folder: Path) -> Path:
     if folder.is_symlink():
         raise StorageError(f"export folder {folder} is a symlink; pass the folder itself")
     if not folder.exists():
-        prev = _previous_export(folder)
+        prev = recover_folder(folder, _is_ours, restore=False)
         if prev is None:
             raise StorageError(f"export folder {folder} does not exist")
         log.warning("export folder %s is missing (an export was interrupted); reading %s", folder, prev.name)

@@ -47,7 +47,6 @@ import math
 import os
 import random
 import re
-import shutil
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -75,6 +74,7 @@ from .storage import (
     parse_json,
     read_bytes,
     read_json,
+    remove_path,
     save_tensors,
     sha256_bytes,
     sha256_stream,
@@ -285,21 +285,7 @@ def _loadable(data: bytes, what: str, where: str, max_bytes: int, max_depth: int
 _fsync_dir = fsync_dir
 _write_new = atomic_write_bytes  # a file of the temporary folder (sync_dir=False: the folder is fsynced once)
 _replace_file = atomic_write_bytes  # latest.json: temporary file, fsync, os.replace, fsync of the run folder
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, symlink or folder tree at ``path`` if there is one."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+_remove = remove_path
 
 
 def _link_copy(src: Path, dst: Path) -> None:

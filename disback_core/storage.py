@@ -23,6 +23,7 @@ needs a fixed window (a few MiB), the parse the text and the objects it builds.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import hashlib
 import io
@@ -32,8 +33,9 @@ import os
 import re
 import reprlib
 import secrets
+import shutil
 import stat
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeGuard
@@ -74,6 +76,13 @@ __all__ = [
     "file_entry",
     "is_file_entry",
     "verify_file",
+    "remove_path",
+    "exchange_folders",
+    "new_folder_beside",
+    "switch_folder",
+    "folders_beside",
+    "recover_folder",
+    "remove_stale_beside",
     "tensors_to_bytes",
     "tensors_sha256",
     "save_tensors",
@@ -548,6 +557,102 @@ def verify_file(
                 f"{what} {path} fails its sha256 check (expected {sha256[:12]}..., got {sha[:12]}...): it was modified"
             )
     return path
+
+
+# --------------------------------------------------------------------------- switching folders
+
+PARTIAL, PREVIOUS = ".partial", ".previous"  # a folder being written beside its destination, one switched out
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove the file, symlink or folder tree at ``path``, if there is one (a folder best effort)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def exchange_folders(a: Path, b: Path) -> bool:
+    """Atomically swap two folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel cannot
+        return False
+    raise OSError(err, f"cannot switch {b} into place: {os.strerror(err)}")
+
+
+def new_folder_beside(folder: Path) -> Path:
+    """A new empty folder ``.<name>.<16 hex>.partial`` beside ``folder``, to be filled and switched in."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    new = folder.parent / f".{folder.name}.{secrets.token_hex(8)}{PARTIAL}"
+    new.mkdir()
+    return new
+
+
+def switch_folder(new: Path, folder: Path, exchange: Callable[[Path, Path], bool] = exchange_folders) -> None:
+    """Make ``new`` (complete, fsynced) the folder ``folder`` atomically; the old one is removed.
+
+    Where the OS swaps folders (``exchange``) one swap is the switch. Elsewhere two renames are: a
+    crash between them leaves the old folder complete at ``.<name>.<16 hex>.previous``, which
+    :func:`recover_folder` puts back."""
+    parent = folder.parent
+    if not folder.exists():
+        os.rename(new, folder)
+        fsync_dir(parent)
+        return
+    if exchange(new, folder):
+        fsync_dir(parent)
+        remove_path(new)  # now the old folder
+        return
+    old = parent / f".{folder.name}.{secrets.token_hex(8)}{PREVIOUS}"
+    os.rename(folder, old)
+    os.rename(new, folder)  # a crash between the two renames leaves the old folder at `old`
+    fsync_dir(parent)
+    remove_path(old)
+
+
+def folders_beside(folder: Path, suffix: str) -> list[Path]:
+    """The folders ``.<name>.*<suffix>`` beside ``folder`` (not symlinks), sorted."""
+    prefix = f".{folder.name}."
+    try:
+        return sorted(
+            p
+            for p in folder.parent.iterdir()
+            if p.name.startswith(prefix) and p.name.endswith(suffix) and p.is_dir() and not p.is_symlink()
+        )
+    except FileNotFoundError:
+        return []
+
+
+def recover_folder(folder: Path, complete: Callable[[Path], bool], restore: bool = True) -> Path | None:
+    """The newest complete folder (``complete``) an interrupted two-rename :func:`switch_folder` left
+    beside ``folder``, when ``folder`` is missing (else None); with ``restore``, it is renamed back first."""
+    if folder.exists() or folder.is_symlink():
+        return None
+    prev = next((p for p in reversed(folders_beside(folder, PREVIOUS)) if complete(p)), None)
+    if prev is not None and restore:
+        os.replace(prev, folder)
+        fsync_dir(folder.parent)
+    return prev
+
+
+def remove_stale_beside(folder: Path) -> None:
+    """Remove the folders that interrupted writes and switches of ``folder`` left beside it."""
+    for stale in folders_beside(folder, PARTIAL) + folders_beside(folder, PREVIOUS):
+        remove_path(stale)
 
 
 # --------------------------------------------------------------------------- safetensors
