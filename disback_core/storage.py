@@ -68,6 +68,7 @@ __all__ = [
     "check_json",
     "parse_json",
     "canonical_json",
+    "json_bytes",
     "body_digest",
     "is_sha256",
     "sha256_bytes",
@@ -75,6 +76,8 @@ __all__ = [
     "sha256_stream",
     "file_entry",
     "is_file_entry",
+    "check_format",
+    "check_digest",
     "verify_file",
     "remove_path",
     "exchange_folders",
@@ -477,6 +480,31 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode()
 
 
+def json_bytes(
+    obj: Any,
+    what: str = "JSON file",
+    where: str | os.PathLike = "",
+    *,
+    indent: int = 2,
+    sort_keys: bool = True,
+    allow_nan: bool = True,
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+) -> bytes:
+    """The bytes of a JSON file holding ``obj`` (indented, ASCII, a final newline), or a ValueError,
+    before anything is written, where it is not JSON or :func:`parse_json` would not read it back
+    (more than ``max_bytes``, nested deeper than ``max_depth``): nothing is saved that cannot be loaded."""
+    try:
+        data = (json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n").encode()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be JSON-serialisable: {e}") from None
+    try:
+        check_json(data, where, what, max_depth, max_bytes)
+    except StorageError as e:
+        raise ValueError(f"{what} cannot be saved: it would not load back: {e}") from None
+    return data
+
+
 # --------------------------------------------------------------------------- hashes
 
 
@@ -537,6 +565,21 @@ def is_file_entry(entry: Any, size_key: str = "size") -> bool:
         and type(entry[size_key]) is int
         and entry[size_key] >= 0
     )
+
+
+def check_format(m: Any, where: str | os.PathLike, fmt: str, versions: Iterable[int], what: str = "manifest") -> int:
+    """A manifest's first checks: a JSON object of format ``fmt`` and one of ``versions`` (returned)."""
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        raise StorageError(f"{where}: not a {fmt} {what}")
+    if type(m.get("version")) is not int or m["version"] not in versions:
+        raise StorageError(f"{where} has format version {short(m.get('version'))}; this library reads {list(versions)}")
+    return m["version"]
+
+
+def check_digest(m: Mapping[str, Any], where: str | os.PathLike) -> None:
+    """A manifest's ``digest`` (:func:`body_digest`) must match its other fields: none was edited."""
+    if not is_sha256(m.get("digest")) or m["digest"] != body_digest(m):
+        raise StorageError(f"{where} fails its digest check: its fields were edited")
 
 
 def verify_file(

@@ -21,7 +21,6 @@ or, under a convention other than ``"denoiser"``, an integer tensor (a diffusers
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -36,14 +35,16 @@ from torch import Tensor, nn
 from .denoisers import flatten_cond, unflatten_cond
 from .lora import LoraSpec, lora_template
 from .storage import (
-    MAX_JSON_BYTES,
     StorageError,
     body_digest,
+    check_digest,
+    check_format,
     check_int,
+    is_number,
     is_sha256,
+    json_bytes,
     load_tensors,
     lowest_float_dtype,
-    parse_json,
     read_json,
     save_tensors_once,
     short,
@@ -58,7 +59,6 @@ KINDS = ("lora", "full")
 FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MANIFEST = "manifest.json"
 MAX_STEP = 2**63 - 1
-MAX_NAME = 200
 _V1_KEYS = {"format", "version", "kind", "base_fingerprint", "lora", "nodes", "probe", "meta"}
 _KEYS = {  # version -> (required, optional) top-level manifest fields
     1: (_V1_KEYS, {"library", "base_fingerprints"}),
@@ -94,14 +94,7 @@ def _check_savable(steps: Sequence[Any], meta: Any) -> None:
     """Refuse, before writing, steps a reader would refuse and meta that is not JSON it would read."""
     for k, step in enumerate(steps, start=1):
         check_int(step, f"node {k}: step", 0, MAX_STEP)
-    try:
-        text = json.dumps(meta, allow_nan=True).encode()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"trajectory meta must be JSON-serialisable: {e}") from e
-    try:
-        parse_json(text, "meta", "trajectory meta")
-    except StorageError as e:
-        raise ValueError(f"trajectory meta cannot be saved: {e}") from e
+    json_bytes(meta, "meta", "of this trajectory", sort_keys=False)
 
 
 def _check_call_savable(call_name: str, probe: Probe | None) -> None:
@@ -118,24 +111,30 @@ def _check_call_savable(call_name: str, probe: Probe | None) -> None:
         )
 
 
+def _file_name(prefix: str, sha: Any, version: int = VERSION) -> str:
+    """A node's or the probe's file name: ``<prefix>-<first 16 hex of its sha256>.safetensors``
+    (format 1: ``<prefix>.safetensors``)."""
+    return f"{prefix}.safetensors" if version == 1 else f"{prefix}-{str(sha)[:16]}.safetensors"
+
+
+def _write_file(folder: Path, prefix: str, tensors: Mapping[str, Tensor], meta: Any = None) -> dict[str, Any]:
+    """Write ``tensors`` as a content-named file (reused if already there); returns its manifest entry."""
+    sha = tensors_sha256(tensors, meta)
+    save_tensors_once(folder / _file_name(prefix, sha), tensors, sha, meta)
+    return {"file": _file_name(prefix, sha), "sha256": sha}
+
+
 def _write_node(folder: Path, k: int, state: Mapping[str, Tensor], step: int) -> dict[str, Any]:
-    """Write node ``k`` as ``node-<k>-<first 16 hex of sha256>.safetensors`` (reused if already
-    there); returns its manifest entry."""
-    meta = {"node": str(k), "step": str(step)}
-    sha = tensors_sha256(state, meta)
-    name = f"node-{k:04d}-{sha[:16]}.safetensors"
-    save_tensors_once(folder / name, state, sha, meta)
-    return {"index": k, "step": step, "file": name, "sha256": sha}
+    return {
+        "index": k,
+        "step": step,
+        **_write_file(folder, f"node-{k:04d}", state, {"node": str(k), "step": str(step)}),
+    }
 
 
 def _write_probe(folder: Path, probe: Probe) -> dict[str, str]:
-    """Write the probe as ``probe-<first 16 hex of sha256>.safetensors``; returns its manifest entry."""
     t = {"x": probe.x, "sigma": probe.sigma, **flatten_cond(probe.cond)}  # "cond" or "cond.<key>[.<key>]"
-    t.update({f"out.{k}": o for k, o in enumerate(probe.outputs)})
-    sha = tensors_sha256(t)
-    name = f"probe-{sha[:16]}.safetensors"
-    save_tensors_once(folder / name, t, sha)
-    return {"file": name, "sha256": sha}
+    return _write_file(folder, "probe", {**t, **{f"out.{k}": o for k, o in enumerate(probe.outputs)}})
 
 
 def manifest_digest(body: Mapping[str, Any]) -> str:
@@ -147,10 +146,7 @@ def manifest_digest(body: Mapping[str, Any]) -> str:
 def _manifest_bytes(body: Mapping[str, Any]) -> bytes:
     """The manifest file's bytes (key-sorted, indented JSON with its digest); refused if a reader
     would refuse it (too large or too deeply nested meta)."""
-    data = (json.dumps({**body, "digest": manifest_digest(body)}, indent=2, sort_keys=True) + "\n").encode()
-    if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f"the manifest would be {len(data)} bytes (more than {MAX_JSON_BYTES}): meta is too large")
-    return data
+    return json_bytes({**body, "digest": manifest_digest(body)}, "the manifest", "of this trajectory")
 
 
 def stale_files(folder: str | os.PathLike, keep: Iterable[str]) -> list[str]:
@@ -167,11 +163,7 @@ def read_manifest(where: Path) -> dict[str, Any]:
     """Read and validate ``manifest.json`` (format 1 or 2): every field's type and range, file
     names, the node count and (format 2) the digest. Raises :class:`StorageError` naming ``where``."""
     man = read_json(where, "trajectory manifest")
-    if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise StorageError(f"{where} is not a disback trajectory manifest")
-    version = man.get("version")
-    if type(version) is not int or version not in READ_VERSIONS:
-        raise StorageError(f"{where} has format version {short(version)}; this library reads {list(READ_VERSIONS)}")
+    version = check_format(man, where, FORMAT, READ_VERSIONS)
     required, optional = _KEYS[version]
     missing, unknown = sorted(required - set(man)), sorted(set(man) - required - optional)
     if missing or unknown:
@@ -184,7 +176,7 @@ def read_manifest(where: Path) -> dict[str, Any]:
     _check_lora_field(man, where)
     _check_nodes_field(man, where)
     if man["probe"] is not None:
-        _check_file_entry(man["probe"], _PROBE_KEYS, where, "the probe entry", _probe_name(man["probe"], version))
+        _check_file_entry(man["probe"], _PROBE_KEYS, where, "the probe entry", "probe", version)
     if not isinstance(man["meta"], dict):
         raise StorageError(f"{where}: meta must be a JSON object, got {type(man['meta']).__name__}")
     if version >= 3 and not (isinstance(man["call"], str) and _CALL_NAME.fullmatch(man["call"])):
@@ -192,14 +184,8 @@ def read_manifest(where: Path) -> dict[str, Any]:
             f"{where}: call must be a call convention name (1-64 characters of a-z, 0-9, '_', '.', '-'), "
             f"got {short(man['call'])}"
         )
-    if version >= 2:
-        if not is_sha256(man["digest"]):
-            raise StorageError(f"{where}: digest must be 64 hex digits, got {short(man['digest'])}")
-        if manifest_digest(man) != man["digest"]:
-            raise StorageError(
-                f"{where} fails its digest check: node entries, their order, the LoRA spec, the "
-                "probe or meta were edited"
-            )
+    if version >= 2:  # node entries, their order, the LoRA spec, the probe, meta
+        check_digest(man, where)
     return man
 
 
@@ -230,7 +216,7 @@ def _check_lora_field(man: Mapping[str, Any], where: Path) -> None:
         raise StorageError(f"{where}: bad LoRA spec: must be a JSON object, got {short(spec)}")
     if man["version"] >= 2 and set(spec) != _LORA_KEYS:
         raise StorageError(f"{where}: bad LoRA spec: fields must be {sorted(_LORA_KEYS)}, got {sorted(map(str, spec))}")
-    if man["version"] >= 2 and (isinstance(spec["alpha"], bool) or not isinstance(spec["alpha"], (int, float))):
+    if man["version"] >= 2 and not is_number(spec["alpha"]):
         raise StorageError(
             f"{where}: bad LoRA spec: alpha must be a number (saved resolved), got {short(spec['alpha'])}"
         )
@@ -265,19 +251,7 @@ def _check_nodes_field(man: Mapping[str, Any], where: Path) -> None:
         if type(e["index"]) is not int or e["index"] != i:
             raise StorageError(f"{where}: {what} has index {short(e['index'])}; entries must be in order 1..N")
         check_int(e["step"], f"{where}: {what}: step", 0, MAX_STEP, StorageError)
-        _check_file_entry(e, _ENTRY_KEYS, where, what, _node_name(e, man["version"]))
-
-
-def _node_name(e: Mapping[str, Any], version: int) -> str:
-    sha = e.get("sha256")
-    return (
-        f"node-{e['index']:04d}.safetensors" if version == 1 else f"node-{e['index']:04d}-{str(sha)[:16]}.safetensors"
-    )
-
-
-def _probe_name(e: Any, version: int) -> str:
-    sha = e.get("sha256") if isinstance(e, dict) else None
-    return "probe.safetensors" if version == 1 else f"probe-{str(sha)[:16]}.safetensors"
+        _check_file_entry(e, _ENTRY_KEYS, where, what, f"node-{i:04d}", man["version"])
 
 
 def _check_fields(e: Any, keys: set[str], where: Path, what: str) -> None:
@@ -287,32 +261,16 @@ def _check_fields(e: Any, keys: set[str], where: Path, what: str) -> None:
         raise StorageError(f"{where}: {what} must be a JSON object with fields {sorted(keys)}, got {got}")
 
 
-def _check_file_entry(e: Any, keys: set[str], where: Path, what: str, expected_name: str) -> None:
-    """A file entry: exactly ``keys``, a 64-hex sha256, a plain file name equal to ``expected_name``."""
+def _check_file_entry(e: Any, keys: set[str], where: Path, what: str, prefix: str, version: int) -> None:
+    """A file entry: exactly ``keys``, a 64-hex sha256, and the file name its prefix and sha256 give
+    (so a plain name inside the folder)."""
     _check_fields(e, keys, where, what)
     if not is_sha256(e["sha256"]):
         raise StorageError(f"{where}: {what} has sha256 {short(e['sha256'])}, not 64 hex digits")
-    name = e["file"]
-    problem = _name_problem(name)
-    if problem:
-        raise StorageError(f"{where}: {what} has an invalid file name {short(name)} ({problem})")
-    if name != expected_name:
+    if e["file"] != (want := _file_name(prefix, e["sha256"], version)):
         raise StorageError(
-            f"{where}: {what} names file {name!r}, expected {expected_name!r} (entries edited or swapped)"
+            f"{where}: {what} has an invalid file name {short(e['file'])}, expected {want!r} (entries edited or swapped)"
         )
-
-
-def _name_problem(name: Any) -> str | None:
-    """Why ``name`` is not a plain file name inside the folder (None if it is one)."""
-    if not isinstance(name, str):
-        return f"not a string but {type(name).__name__}"
-    if not 0 < len(name) <= MAX_NAME:
-        return f"length {len(name)}, expected 1..{MAX_NAME}"
-    if any(c in name for c in "/\\\0") or ".." in name or name.startswith("."):
-        return "it must not contain '/', '\\', '..' or NUL, nor start with '.'"
-    if not name.endswith(".safetensors"):
-        return "not a .safetensors file"
-    return None
 
 
 def _check_fingerprint(man: Mapping[str, Any], teacher: nn.Module, where: Path) -> str:
@@ -359,16 +317,6 @@ def _node_max_bytes(template: Mapping[str, tuple[int, ...]]) -> int:
     return 8 + (64 << 10) + 1024 * len(template) + 8 * sum(math.prod(s) for s in template.values())
 
 
-def _member(folder: Path, name: str) -> Path:
-    """``folder / name``, refused if it is a symlink or does not resolve inside ``folder``."""
-    path = folder / name
-    if path.is_symlink():
-        raise StorageError(f"tensor file {path} is a symlink; only regular files in the folder are read")
-    if path.resolve().parent != folder.resolve():
-        raise StorageError(f"tensor file {path} resolves outside the trajectory folder")
-    return path
-
-
 def _load_node(
     folder: Path,
     e: Mapping[str, Any],
@@ -377,7 +325,7 @@ def _load_node(
     max_bytes: int,
 ) -> dict[str, Tensor]:
     """Node entry ``e``'s tensors, checked: size, sha256, header, keys, shapes, float dtypes."""
-    path = _member(folder, e["file"])
+    path = folder / e["file"]  # a plain name (read_manifest); a symlink is refused by the reader
     state = load_tensors(path, sha256=e["sha256"], max_bytes=max_bytes)
     missing, unexpected = sorted(set(template) - set(state)), sorted(set(state) - set(template))
     if missing or unexpected:
@@ -404,7 +352,7 @@ def _load_probe(folder: Path, e: Mapping[str, Any], n_nodes: int, integer_sigma:
     """The probe's tensors, checked: sha256, header, exactly x, sigma, [cond], out.0..out.N, float
     inputs and outputs, one output shape with x's batch size. ``integer_sigma``: the sigma may also
     be an integer tensor (a raw model's timesteps, under a call convention other than ``"denoiser"``)."""
-    path = _member(folder, e["file"])
+    path = folder / e["file"]  # a plain name (read_manifest); a symlink is refused by the reader
     t = load_tensors(path, sha256=e["sha256"])
     outs = [f"out.{k}" for k in range(n_nodes + 1)]
     conds = sorted(k for k in t if k == "cond" or (k.startswith("cond.") and all(k.split(".")[1:])))
