@@ -95,11 +95,14 @@ from .storage import (
     StorageError,
     atomic_write_bytes,
     body_digest,
+    check_digest,
+    check_file_table,
+    check_format,
     exchange_folders,
     file_entry,
     fsync_dir,
-    is_file_entry,
     is_number,
+    json_bytes,
     load_tensors,
     new_folder_beside,
     read_json,
@@ -277,10 +280,7 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
         raise TypeError("metadata must be a dict with string keys")
-    try:
-        return json.loads(json.dumps(dict(metadata), allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"metadata must be JSON-serialisable without NaN/Inf: {e}") from None
+    return json.loads(json_bytes(dict(metadata), "metadata", "of this export", allow_nan=False))  # as read back
 
 
 def _is_ours(folder: Path) -> bool:
@@ -394,8 +394,7 @@ def export_generator(
             files[MODULE_WEIGHTS] = file_entry(new / MODULE_WEIGHTS, sha, "bytes")
         note["files"] = files
         note["digest"] = body_digest(note)
-        text = json.dumps(note, indent=2, sort_keys=True, allow_nan=False)  # no NaN/Infinity: not JSON
-        atomic_write_bytes(new / NOTE_NAME, (text + "\n").encode(), sync_dir=False)
+        atomic_write_bytes(new / NOTE_NAME, json_bytes(note, "the export note", new, allow_nan=False), sync_dir=False)
         fsync_dir(new)  # every file of the new export is durable before the switch
         switch_folder(new, folder, _exchange)
     except BaseException:
@@ -607,14 +606,10 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
     root = _where(folder)
     path = root / NOTE_NAME
     note = read_json(path, "export note")
-    if not isinstance(note, dict) or note.get("format") != FORMAT:
-        raise StorageError(f"export note {path}: not a {FORMAT} note")
-    if note.get("version") != VERSION or isinstance(note.get("version"), bool):
-        raise StorageError(f"export note {path}: version {note.get('version')!r} is not {VERSION}")
+    check_format(note, f"export note {path}", FORMAT, (VERSION,), "note")
     if set(note) - {"diffusers", "flow", "start"} != _NOTE_KEYS:
         raise StorageError(f"export note {path}: fields {sorted(set(note))} are not {sorted(_NOTE_KEYS)}")
-    if note["digest"] != body_digest(note):
-        raise StorageError(f"export note {path}: its digest does not match its fields: it was edited")
+    check_digest(note, f"export note {path}")
     kind = note["kind"]
     expected = _FILES.get(kind) if isinstance(kind, str) else None
     if expected is None:
@@ -629,12 +624,7 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
     _check_start(note, path)
     if not isinstance(note["metadata"], dict):
         raise StorageError(f"export note {path}: metadata must be an object")
-    files = note["files"]
-    if not isinstance(files, dict) or set(files) != expected:
-        raise StorageError(f"export note {path}: files must be exactly {sorted(expected)}")
-    for name, entry in files.items():
-        if not is_file_entry(entry, "bytes"):
-            raise StorageError(f"export note {path}: files[{name!r}] must be {{sha256: 64 hex, bytes: int >= 0}}")
+    check_file_table(note["files"], expected, f"export note {path}", "bytes")
     for field, its_kind in (("diffusers", DIFFUSERS), ("flow", FLOW)):
         if field in note and kind != its_kind:
             raise StorageError(f"export note {path}: a {kind!r} export has no {field} field")

@@ -42,7 +42,6 @@ replicated (DDP) run shares one folder on a shared file system, rank 0 writing a
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import random
@@ -61,15 +60,18 @@ from .storage import (
     atomic_write,
     atomic_write_bytes,
     body_digest,
+    check_digest,
+    check_file_table,
+    check_format,
     check_int,
-    check_json,
     config_hash,
     file_entry,
     fsync_dir,
     gc_paused,
-    is_file_entry,
     is_number,
+    is_plain_name,
     is_sha256,
+    json_bytes,
     load_tensors,
     parse_json,
     read_bytes,
@@ -104,7 +106,6 @@ _STEP_DIR = re.compile(r"step-(\d{9})")
 _TMP_DIR = re.compile(r"\.step-(\d{9})\.tmp-[A-Za-z0-9-]{1,80}")
 # temporary files of a latest.json write: storage's (".latest.json.<16 hex>.tmp") and this module's earlier ones
 _POINTER_TMP = re.compile(r"\.latest\.json\.(tmp-.*|[0-9a-f]{16}\.tmp)", re.DOTALL)
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _TAGS = ("__tuple__", "__tensor__", "__dict__", "__float__")
 _TAG_SET = frozenset(_TAGS)
 # --------------------------------------------------------------------------- JSON encoding
@@ -263,19 +264,13 @@ def _same_kind(saved: Any, own: Any) -> bool:
     return True
 
 
-def _json_bytes(obj: Any) -> bytes:
-    """Deterministic JSON bytes (ASCII, no NaN). Keys keep their order, so that a restored dict
-    iterates like the saved one; the library's own sections are built in a fixed order."""
-    return (json.dumps(obj, indent=1, ensure_ascii=True, allow_nan=False) + "\n").encode()
-
-
-def _loadable(data: bytes, what: str, where: str, max_bytes: int, max_depth: int) -> bytes:
-    """``data`` if the loader's JSON reader would read it back, else a ValueError before it is written."""
-    try:
-        check_json(data, where, what, max_depth, max_bytes)
-    except StorageError as e:
-        raise ValueError(f"the state cannot be saved: it would not load back: {e}") from None
-    return data
+def _json_bytes(obj: Any, what: str, where: Any, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> bytes:
+    """Deterministic JSON bytes (ASCII, no NaN), refused before they are written if the loader would
+    refuse them. Keys keep their order, so that a restored dict iterates like the saved one; the
+    library's own sections are built in a fixed order."""
+    return json_bytes(
+        obj, what, where, indent=1, sort_keys=False, allow_nan=False, max_bytes=max_bytes, max_depth=max_depth
+    )
 
 
 # --------------------------------------------------------------------------- files
@@ -312,7 +307,7 @@ def _check_names(objs: Mapping[str, Any], arg: str, kind: type | tuple[type, ...
     if not isinstance(objs, Mapping):
         raise TypeError(f"{arg} must be a mapping of names to objects, got {type(objs).__name__}")
     for name, obj in objs.items():
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not is_plain_name(name):
             raise ValueError(
                 f"{arg}: name {name!r} must be 1-100 characters of letters, digits, '_', '.' "
                 "or '-', not starting with '.' or '-'"
@@ -480,7 +475,7 @@ def _manifest(
 
 
 def _manifest_bytes(m: Mapping[str, Any]) -> bytes:
-    return _loadable(_json_bytes(m), "the manifest", "of this state", MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH)
+    return _json_bytes(m, "the manifest", "of this state", MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH)
 
 
 # --------------------------------------------------------------------------- switching
@@ -496,17 +491,9 @@ def _tmp_name(step: int, world_size: int) -> str:
 
 
 def _write_pointer(folder: Path, directory: str, step: int, manifest_sha: str) -> None:
+    d = {"format": POINTER_FORMAT, "version": VERSION, "step": step, "directory": directory}
     _replace_file(
-        folder / LATEST,
-        _json_bytes(
-            {
-                "format": POINTER_FORMAT,
-                "version": VERSION,
-                "step": step,
-                "directory": directory,
-                "manifest_sha256": manifest_sha,
-            }
-        ),
+        folder / LATEST, _json_bytes({**d, "manifest_sha256": manifest_sha}, "the pointer", folder, MAX_POINTER_BYTES)
     )
 
 
@@ -652,7 +639,7 @@ def save_state(
         names = [*payload.files, *(f"rng-rank{r}.{x}" for r in range(world_size) for x in ("safetensors", "json"))]
         _manifest_bytes(_manifest(step, world_size, generators, payload.sections, dict.fromkeys(names, dummy)))
     rng_tensors, rng_info = _rng_state(generators, rank, world_size)
-    rng_json = _loadable(_json_bytes(rng_info), "the RNG file", f"of rank {rank}", MAX_RNG_JSON_BYTES, MAX_JSON_DEPTH)
+    rng_json = _json_bytes(rng_info, "the RNG file", f"of rank {rank}", MAX_RNG_JSON_BYTES)
 
     tmp = folder / _tmp_name(step, world_size)
     if rank == 0:
@@ -696,13 +683,9 @@ def _read_pointer(folder: Path) -> tuple[Path, str]:
     manifest sha256 it records."""
     ptr = folder / LATEST
     d = read_json(ptr, "state pointer", MAX_POINTER_BYTES)
-    keys = {"format", "version", "step", "directory", "manifest_sha256"}
-    if not isinstance(d, dict) or d.get("format") != POINTER_FORMAT or set(d) != keys:
-        raise StorageError(
-            f"state pointer {ptr} is not a disback state pointer (an object with exactly {sorted(keys)})"
-        )
-    if type(d["version"]) is not int or d["version"] != VERSION:
-        raise StorageError(f"state pointer {ptr} has version {short(d['version'])}; this library reads {VERSION}")
+    check_format(d, f"state pointer {ptr}", POINTER_FORMAT, (VERSION,), "pointer")
+    if set(d) != (keys := {"format", "version", "step", "directory", "manifest_sha256"}):
+        raise StorageError(f"state pointer {ptr} is not an object with exactly {sorted(keys)}")
     name, step, sha = d["directory"], d["step"], d["manifest_sha256"]
     m = (_STEP_DIR.fullmatch(name) or _TMP_DIR.fullmatch(name)) if isinstance(name, str) else None
     if m is None:
@@ -758,9 +741,8 @@ def _resolve(folder: Path) -> tuple[Path, str | None]:
 # --------------------------------------------------------------------------- reading a manifest
 
 
-def _want(cond: bool, where: Path, problem: str) -> None:
-    if not cond:
-        raise StorageError(f"manifest {where}: {problem}")
+def _bad(path: Path, problem: str) -> StorageError:
+    return StorageError(f"manifest {path}: {problem}")
 
 
 def _pointer_sha(step_dir: Path) -> str | None:
@@ -770,6 +752,10 @@ def _pointer_sha(step_dir: Path) -> str | None:
     except StorageError:
         return None
     return sha if live.name == step_dir.name else None
+
+
+_FIELDS = {"step": int, "world_size": int, "files": dict, "modules": dict, "optimizers": dict, "schedulers": dict}
+_FIELDS.update({"generators": list, "config": dict, "config_hash": str})  # and their JSON types
 
 
 def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
@@ -782,82 +768,48 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
         raise StorageError(f"step folder {step_dir} has no {MANIFEST}: an incomplete or foreign save")
     data = read_bytes(path, "manifest", MAX_MANIFEST_BYTES)
     if expected_sha is not None and sha256_bytes(data) != expected_sha:
-        raise StorageError(f"manifest {path} fails the sha256 recorded in {LATEST}: it was modified or replaced")
+        raise _bad(path, f"fails the sha256 recorded in {LATEST}: it was modified or replaced")
     m = parse_json(data, path, "manifest", MAX_MANIFEST_DEPTH, MAX_MANIFEST_BYTES)
-    _want(isinstance(m, dict) and m.get("format") == FORMAT, path, f"not a {FORMAT} manifest")
-    _want(
-        type(m.get("version")) is int and m.get("version") == VERSION,
-        path,
-        f"format version {short(m.get('version'))}; this library reads {VERSION}",
-    )
+    check_format(m, f"manifest {path}", FORMAT, (VERSION,))
     if "digest" in m:
-        _want(
-            is_sha256(m["digest"]) and m["digest"] == body_digest(m),
-            path,
-            "its digest does not match its content: it was modified",
-        )
-    elif expected_sha is None:
-        known = _pointer_sha(step_dir)
-        _want(
-            known is not None,
+        check_digest(m, f"manifest {path}")
+    elif expected_sha is None and (known := _pointer_sha(step_dir)) is None:
+        raise _bad(
             path,
             f"it has no digest (saved before states had one) and the run folder's {LATEST} does not name "
             f"{step_dir.name}: nothing can verify it (load the run folder while this is its latest state)",
         )
-        _want(sha256_bytes(data) == known, path, f"fails the sha256 recorded in {LATEST}: it was modified or replaced")
-    for key, kind in (
-        ("step", int),
-        ("world_size", int),
-        ("files", dict),
-        ("modules", dict),
-        ("optimizers", dict),
-        ("schedulers", dict),
-        ("generators", list),
-        ("config", dict),
-        ("config_hash", str),
-    ):
-        _want(type(m.get(key)) is kind, path, f"{key!r} is missing or not a {kind.__name__}")
-    _want(
-        0 <= m["step"] <= MAX_STEP and 1 <= m["world_size"] <= len(m["files"]) // 2,
-        path,
-        "step or world_size out of range (every rank has two RNG files in the file table)",
-    )
-    _want(
-        all(isinstance(g, str) for g in m["generators"]) and len(set(m["generators"])) == len(m["generators"]),
-        path,
-        "'generators' must be a list of distinct names",
-    )
-    _want(
-        m.get("tensors_file") is None or isinstance(m["tensors_file"], str),
-        path,
-        "'tensors_file' must be a file name or null",
-    )
+    elif expected_sha is None and sha256_bytes(data) != known:
+        raise _bad(path, f"fails the sha256 recorded in {LATEST}: it was modified or replaced")
+    for key, kind in _FIELDS.items():
+        if type(m.get(key)) is not kind:
+            raise _bad(path, f"{key!r} is missing or not a {kind.__name__}")
+    if not (0 <= m["step"] <= MAX_STEP and 1 <= m["world_size"] <= len(m["files"]) // 2):
+        raise _bad(path, "step or world_size out of range (every rank has two RNG files in the file table)")
+    if not all(isinstance(g, str) for g in m["generators"]) or len(set(m["generators"])) != len(m["generators"]):
+        raise _bad(path, "'generators' must be a list of distinct names")
+    if not (m.get("tensors_file") is None or isinstance(m["tensors_file"], str)):
+        raise _bad(path, "'tensors_file' must be a file name or null")
     match = _STEP_DIR.fullmatch(step_dir.name) or _TMP_DIR.fullmatch(step_dir.name)
-    _want(match is None or int(match.group(1)) == m["step"], path, f"step {m['step']} does not match its folder's name")
+    if match is not None and int(match.group(1)) != m["step"]:
+        raise _bad(path, f"step {m['step']} does not match its folder's name")
     _check_file_table(m, path)
     return m
 
 
 def _check_file_table(m: dict[str, Any], path: Path) -> None:
-    """Every file entry has a plain name, a sha256 and a size; the table lists exactly the files the
-    manifest's sections name, and every rank's RNG files."""
-    for name, e in m["files"].items():
-        _want(
-            bool(_NAME.fullmatch(name)) and name != MANIFEST, path, f"file name {short(name)} is not a plain file name"
-        )
-        _want(is_file_entry(e), path, f"file {short(name)} needs a sha256 (64 hex digits) and a size")
+    """The file table lists exactly the files the manifest's sections name and every rank's RNG files."""
     want = {f"rng-rank{r}.{ext}" for r in range(m["world_size"]) for ext in ("safetensors", "json")}
     for section in ("modules", "optimizers"):
         for name, e in m[section].items():
-            _want(
-                isinstance(e, dict) and isinstance(e.get("file"), str), path, f"{section}[{short(name)}] names no file"
-            )
+            if not (isinstance(e, dict) and isinstance(e.get("file"), str)):
+                raise _bad(path, f"{section}[{short(name)}] names no file")
             want.add(e["file"])
     if m.get("tensors_file") is not None:
         want.add(m["tensors_file"])
-    missing, extra = sorted(want - set(m["files"])), sorted(set(m["files"]) - want)
-    _want(not missing, path, f"file {short(missing[0] if missing else '')} is used but not in the file table")
-    _want(not extra, path, f"file {short(extra[0] if extra else '')} is in the file table but used by nothing")
+    if MANIFEST in want:
+        raise _bad(path, f"a section names {MANIFEST} as its file")
+    check_file_table(m["files"], want, f"manifest {path}")
 
 
 def _verify_files(step_dir: Path, files: Mapping[str, Mapping[str, Any]]) -> None:

@@ -76,6 +76,8 @@ __all__ = [
     "sha256_stream",
     "file_entry",
     "is_file_entry",
+    "is_plain_name",
+    "check_file_table",
     "check_format",
     "check_digest",
     "verify_file",
@@ -107,6 +109,7 @@ TEMP_SUFFIX = ".tmp"
 _CHUNK = 1 << 20
 _SCAN_CHUNK = 1 << 18  # the JSON scan's window: its arrays take about 30 bytes per byte of window (~8 MiB)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 # safetensors dtype name -> torch dtype (only those this library reads and writes)
 DTYPES: dict[str, torch.dtype] = {
@@ -565,6 +568,28 @@ def is_file_entry(entry: Any, size_key: str = "size") -> bool:
         and type(entry[size_key]) is int
         and entry[size_key] >= 0
     )
+
+
+def is_plain_name(v: Any) -> bool:
+    """Whether ``v`` is 1-100 letters, digits, '_', '.' or '-', not starting with '.' or '-': a file
+    name inside its folder, never a path or a hidden file."""
+    return isinstance(v, str) and _PLAIN_NAME.fullmatch(v) is not None
+
+
+def check_file_table(files: Any, expected: Iterable[str], where: str | os.PathLike, size_key: str = "size") -> None:
+    """A manifest's table of files: exactly the ``expected`` plain names, each with a well-formed
+    :func:`file_entry`."""
+    if not isinstance(files, dict):
+        raise StorageError(f"{where}: files must be exactly the files it uses, as an object, got {short(files)}")
+    odd = sorted(set(files) ^ set(expected), key=str)
+    if odd:
+        problem = "listed but not used" if odd[0] in files else "used but not listed"
+        raise StorageError(f"{where}: files must be exactly the files it uses: {short(odd[0])} is {problem}")
+    for name, entry in files.items():
+        if not is_plain_name(name):
+            raise StorageError(f"{where}: file name {short(name)} is not a plain file name")
+        if not is_file_entry(entry, size_key):
+            raise StorageError(f"{where}: files[{short(name)}] needs a sha256 (64 hex digits) and a {size_key} >= 0")
 
 
 def check_format(m: Any, where: str | os.PathLike, fmt: str, versions: Iterable[int], what: str = "manifest") -> int:
