@@ -112,6 +112,7 @@ from .storage import (
     save_tensors,
     sha256_file,
     switch_folder,
+    tensors_misfit,
     verify_file,
 )
 
@@ -405,37 +406,9 @@ def export_generator(
 
 
 def _check_template(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """The weights' keys and shapes must be exactly the model's (a plain, LoRA-free instance), and
-    each tensor floating where the model's is (integer buffers of the same dtype): a relabelled
-    or integer tensor is never cast into a weight."""
-    ref = merged_state_dict(model)
-    want = {k: tuple(v.shape) for k, v in ref.items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-    kinds = sorted(
-        k
-        for k in set(want) & set(got)
-        if ref[k].is_floating_point() != state[k].is_floating_point()
-        or (not ref[k].is_floating_point() and ref[k].dtype != state[k].dtype)
-    )
-    if kinds:
-        k = kinds[0]
-        raise StorageError(
-            f"{source}: {len(kinds)} tensors have the wrong dtype (e.g. {k}: {state[k].dtype} in the "
-            f"file, {ref[k].dtype} in {type(model).__name__})"
-        )
-    if missing or extra or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys missing (e.g. {missing[:3]})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected keys (e.g. {extra[:3]})")
-        if bad:
-            parts.append(
-                f"{len(bad)} shapes differ (e.g. {bad[0]}: {got[bad[0]]} in the file, {want[bad[0]]} in the model)"
-            )
-        raise StorageError(f"{source}: the weights do not fit {type(model).__name__}: " + "; ".join(parts))
+    """The weights must fit the model (a plain, LoRA-free instance): :func:`~disback_core.storage.tensors_misfit`."""
+    if problem := tensors_misfit(state, merged_state_dict(model)):
+        raise StorageError(f"{source}: the weights do not fit {type(model).__name__}: {problem}")
 
 
 # --------------------------------------------------------------------------- load

@@ -81,6 +81,7 @@ from .storage import (
     sha256_bytes,
     sha256_stream,
     short,
+    tensors_misfit,
     verify_file,
 )
 
@@ -880,25 +881,8 @@ def _check_sections(m: Mapping[str, Any], given: Mapping[str, Mapping[str, Any]]
 
 
 def _check_module(name: str, module: nn.Module, saved: Mapping[str, Tensor], file: Path) -> None:
-    own = module.state_dict()
-    missing, unexpected = [k for k in own if k not in saved], [k for k in saved if k not in own]
-    if missing:
-        raise StorageError(
-            f"{file}: module {name!r} does not fit the state: key {missing[0]!r} is not in the file"
-            f" ({len(missing)} missing)"
-        )
-    if unexpected:
-        raise StorageError(
-            f"{file}: module {name!r} does not fit the state: the file's key {unexpected[0]!r} is "
-            f"not in the module ({len(unexpected)} unexpected)"
-        )
-    for k in own:  # the module's order: the first that does not fit is named
-        a, b = saved[k], own[k]
-        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
-            raise StorageError(
-                f"{file}: module {name!r} does not fit the state: {k!r} is {a.dtype} "
-                f"{list(a.shape)} in the file, {b.dtype} {list(b.shape)} in the module"
-            )
+    if problem := tensors_misfit(saved, module.state_dict(), exact_dtype=True):
+        raise StorageError(f"{file}: module {name!r} does not fit the state: {problem}")
 
 
 def _is_number(v: Any) -> bool:

@@ -94,6 +94,7 @@ __all__ = [
     "save_tensors_once",
     "read_tensor_header",
     "load_tensors",
+    "tensors_misfit",
     "tensors_fingerprint",
     "lowest_float_dtype",
     "config_hash",
@@ -977,6 +978,34 @@ def load_tensors(
         if h is not None and h.hexdigest() != sha256:
             raise StorageError(f"tensor file {path} changed while it was read")
     return {k: v.to(device) for k, v in out.items()}
+
+
+def tensors_misfit(got: Mapping[str, Tensor], want: Mapping[str, Tensor], exact_dtype: bool = False) -> str | None:
+    """What keeps the tensors ``got`` (read from a file) from fitting the template ``want`` (a module's
+    state dict, or meta tensors): missing or unexpected keys, shapes, dtypes (``exact_dtype``: the same;
+    else floating where the template is, other dtypes the same: a relabelled or integer tensor is
+    never cast into a weight); None if they fit."""
+    missing, extra = [k for k in want if k not in got], [k[:80] for k in got if k not in want]
+    both = [k for k in want if k in got]
+    shapes = [k for k in both if tuple(got[k].shape) != tuple(want[k].shape)]
+    dtypes = [
+        k
+        for k in both
+        if got[k].dtype != want[k].dtype
+        and (exact_dtype or not (got[k].is_floating_point() and want[k].is_floating_point()))
+    ]
+    parts = [f"{len(missing)} keys missing (e.g. {missing[:3]})"] if missing else []
+    if extra:
+        parts.append(f"{len(extra)} unexpected keys (e.g. {extra[:3]})")
+    if shapes:
+        k = shapes[0]
+        a, b = list(got[k].shape), list(want[k].shape)
+        parts.append(f"{len(shapes)} shapes differ (e.g. {k!r}: {a} in the file, {b} in the module)")
+    if dtypes:
+        k = dtypes[0]
+        a, b = got[k].dtype, want[k].dtype
+        parts.append(f"{len(dtypes)} dtypes differ (e.g. {k!r}: {a} in the file, {b} in the module)")
+    return "; ".join(parts) or None
 
 
 # --------------------------------------------------------------------------- fingerprints

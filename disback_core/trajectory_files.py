@@ -21,7 +21,6 @@ or, under a convention other than ``"denoiser"``, an integer tensor (a diffusers
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,6 +48,7 @@ from .storage import (
     save_tensors_once,
     short,
     tensors_fingerprint,
+    tensors_misfit,
     tensors_sha256,
 )
 
@@ -295,11 +295,10 @@ def _check_fingerprint(man: Mapping[str, Any], teacher: nn.Module, where: Path) 
 
 def _node_template(
     man: Mapping[str, Any], teacher: nn.Module, where: Path
-) -> tuple[LoraSpec | None, dict[str, tuple[int, ...]], dict[str, bool]]:
-    """(LoRA spec, key -> shape a node must have, key -> whether it must be floating)."""
+) -> tuple[LoraSpec | None, dict[str, Tensor]]:
+    """(LoRA spec, the tensors a node must hold: the teacher's, or meta tensors of the LoRA factors' shapes)."""
     if man["kind"] == "full":
-        state = teacher.state_dict()
-        return None, {k: tuple(v.shape) for k, v in state.items()}, {k: v.is_floating_point() for k, v in state.items()}
+        return None, teacher.state_dict()
     spec = man["lora"]
     tm = spec.get("target_modules")
     if tm is not None and len(tm) > sum(1 for _ in teacher.modules()):
@@ -309,38 +308,20 @@ def _node_template(
         template = lora_template(teacher, lora)
     except (KeyError, TypeError, ValueError, re.error) as e:
         raise StorageError(f"{where}: bad LoRA spec: {e}") from e
-    return lora, template, {k: True for k in template}
+    return lora, {k: torch.empty(s, device="meta") for k, s in template.items()}
 
 
-def _node_max_bytes(template: Mapping[str, tuple[int, ...]]) -> int:
+def _node_max_bytes(template: Mapping[str, Tensor]) -> int:
     """The largest file a node of ``template`` can be: 8-byte elements and a generous header."""
-    return 8 + (64 << 10) + 1024 * len(template) + 8 * sum(math.prod(s) for s in template.values())
+    return 8 + (64 << 10) + 1024 * len(template) + 8 * sum(t.numel() for t in template.values())
 
 
-def _load_node(
-    folder: Path,
-    e: Mapping[str, Any],
-    template: Mapping[str, tuple[int, ...]],
-    floating: Mapping[str, bool],
-    max_bytes: int,
-) -> dict[str, Tensor]:
+def _load_node(folder: Path, e: Mapping[str, Any], template: Mapping[str, Tensor], max_bytes: int) -> dict[str, Tensor]:
     """Node entry ``e``'s tensors, checked: size, sha256, header, keys, shapes, float dtypes."""
     path = folder / e["file"]  # a plain name (read_manifest); a symlink is refused by the reader
     state = load_tensors(path, sha256=e["sha256"], max_bytes=max_bytes)
-    missing, unexpected = sorted(set(template) - set(state)), sorted(set(state) - set(template))
-    if missing or unexpected:
-        raise StorageError(
-            f"{path}: keys do not fit this teacher: missing {missing[:3]}, "
-            f"unexpected {[u[:80] for u in unexpected[:3]]}"
-        )
-    for k, shape in template.items():
-        if tuple(state[k].shape) != shape:
-            raise StorageError(f"{path}: {k} has shape {tuple(state[k].shape)}, expected {shape}")
-        if state[k].is_floating_point() != floating[k]:
-            raise StorageError(
-                f"{path}: {k} has dtype {state[k].dtype}, expected "
-                f"{'a floating' if floating[k] else 'a non-floating'} dtype"
-            )
+    if problem := tensors_misfit(state, template):
+        raise StorageError(f"{path}: keys do not fit this teacher: {problem}")
     return state
 
 
