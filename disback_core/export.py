@@ -153,10 +153,8 @@ def _unwrap(m: Any) -> Any:
 
 
 def _is_diffusers_model(m: Any) -> bool:
-    try:
-        from diffusers import ModelMixin
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
+    from diffusers import ModelMixin
+
     return isinstance(m, ModelMixin)
 
 
@@ -355,45 +353,38 @@ def export_generator(
         **_sampling_note(sampling),
         "metadata": meta,
     }
-    if isinstance(wrapper, FlowMatchDenoiser):  # checked as the loader checks it, before anything is written
+    contents: dict[str, Any] = {}  # file name -> bytes, or (tensors, safetensors metadata)
+    if wrapper is not None:
+        contents[CONFIG_NAME] = model.to_json_string().encode()  # type: ignore[operator]
+    contents[MODULE_WEIGHTS if wrapper is None else DIFFUSERS_WEIGHTS] = (state, {"format": "pt"})
+    if wrapper is None:
+        note["kind"] = MODULE
+    elif isinstance(wrapper, FlowMatchDenoiser):  # checked as the loader checks it, before anything is written
         note["kind"], note["flow"] = FLOW, _flow_fields(wrapper, note)
         try:
             _check_flow(note, Path(folder) / NOTE_NAME)
         except StorageError as e:
             raise ValueError(f"cannot export this flow generator: {e}") from None
-    files: dict[str, dict[str, Any]] = {}
+    else:
+        ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
+        note["kind"] = DIFFUSERS
+        note["diffusers"] = {
+            "timestep": ts[0],
+            "timesteps": ts,
+            "latent_scale": sampling["noise_scale"] / math.sqrt(1.0 + sampling["sigma_init"] ** 2),
+            "prediction_type": wrapper.prediction_type,
+            "timestep_mode": wrapper.timestep,
+            "clamp": wrapper.clamp,
+            "cond_kwarg": wrapper.cond_kwarg,
+        }
+        contents[SCHEDULE_NAME] = ({"log_sigmas": wrapper.log_sigmas.detach().cpu()}, None)
     new = new_folder_beside(folder)
     try:
-        if wrapper is not None:
-            config = model.to_json_string().encode()  # type: ignore[operator]
-            files[CONFIG_NAME] = file_entry(
-                new / CONFIG_NAME, atomic_write_bytes(new / CONFIG_NAME, config, False), "bytes"
-            )
-        if isinstance(wrapper, FlowMatchDenoiser):
-            sha = save_tensors(new / DIFFUSERS_WEIGHTS, state, {"format": "pt"}, sync_dir=False)
-            files[DIFFUSERS_WEIGHTS] = file_entry(new / DIFFUSERS_WEIGHTS, sha, "bytes")
-        elif wrapper is not None:
-            ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
-            note["kind"] = DIFFUSERS
-            note["diffusers"] = {
-                "timestep": ts[0],
-                "timesteps": ts,
-                "latent_scale": sampling["noise_scale"] / math.sqrt(1.0 + sampling["sigma_init"] ** 2),
-                "prediction_type": wrapper.prediction_type,
-                "timestep_mode": wrapper.timestep,
-                "clamp": wrapper.clamp,
-                "cond_kwarg": wrapper.cond_kwarg,
-            }
-            for name, tensors, md in (
-                (DIFFUSERS_WEIGHTS, state, {"format": "pt"}),
-                (SCHEDULE_NAME, {"log_sigmas": wrapper.log_sigmas.detach().cpu()}, None),
-            ):
-                files[name] = file_entry(new / name, save_tensors(new / name, tensors, md, sync_dir=False), "bytes")
-        else:
-            note["kind"] = MODULE
-            sha = save_tensors(new / MODULE_WEIGHTS, state, {"format": "pt"}, sync_dir=False)
-            files[MODULE_WEIGHTS] = file_entry(new / MODULE_WEIGHTS, sha, "bytes")
-        note["files"] = files
+        note["files"] = {}
+        for name, c in contents.items():
+            path = new / name
+            sha = atomic_write_bytes(path, c, False) if isinstance(c, bytes) else save_tensors(path, c[0], c[1], False)
+            note["files"][name] = file_entry(path, sha, "bytes")
         note["digest"] = body_digest(note)
         atomic_write_bytes(new / NOTE_NAME, json_bytes(note, "the export note", new, allow_nan=False), sync_dir=False)
         fsync_dir(new)  # every file of the new export is durable before the switch

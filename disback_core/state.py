@@ -51,6 +51,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -109,6 +110,8 @@ _TMP_DIR = re.compile(r"\.step-(\d{9})\.tmp-[A-Za-z0-9-]{1,80}")
 _POINTER_TMP = re.compile(r"\.latest\.json\.(tmp-.*|[0-9a-f]{16}\.tmp)", re.DOTALL)
 _TAGS = ("__tuple__", "__tensor__", "__dict__", "__float__")
 _TAG_SET = frozenset(_TAGS)
+
+
 # --------------------------------------------------------------------------- JSON encoding
 
 
@@ -374,11 +377,7 @@ def _rng_state(
     return tensors, info
 
 
-def _numpy_state() -> dict[str, Any] | None:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return None
+def _numpy_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {
         "bit_generator": kind,
@@ -1076,7 +1075,7 @@ class _RankRng:
             _scratch_generator(t, str(g.device), f"RNG file {tfile}: generator {name!r}")
             self.generators[name] = t
         self.python = self._python(info.get("python"), jfile)
-        self.numpy = self._numpy(info.get("numpy"), strict, jfile)
+        self.numpy = self._numpy(info.get("numpy"), jfile)
 
     @staticmethod
     def _python(d: Any, jfile: Path) -> Any:
@@ -1102,14 +1101,8 @@ class _RankRng:
         return st
 
     @staticmethod
-    def _numpy(d: Any, strict: bool, jfile: Path) -> Any:
-        if d is None:
-            return None
-        try:
-            import numpy as np
-        except ImportError:  # pragma: no cover - numpy is a dependency
-            if strict:
-                raise StorageError(f"RNG file {jfile} holds numpy's RNG state, but numpy cannot be imported") from None
+    def _numpy(d: Any, jfile: Path) -> Any:
+        if d is None:  # saved where numpy could not be imported
             return None
         where = f"RNG file {jfile}: the numpy RNG state"
         if (
@@ -1146,8 +1139,6 @@ class _RankRng:
             generators[name].set_state(t)
         random.setstate(self.python)
         if self.numpy is not None:
-            import numpy as np
-
             np.random.set_state(self.numpy)
 
 

@@ -1003,8 +1003,8 @@ def tensors_misfit(got: Mapping[str, Tensor], want: Mapping[str, Tensor], exact_
         parts.append(f"{len(shapes)} shapes differ (e.g. {k!r}: {a} in the file, {b} in the module)")
     if dtypes:
         k = dtypes[0]
-        a, b = got[k].dtype, want[k].dtype
-        parts.append(f"{len(dtypes)} dtypes differ (e.g. {k!r}: {a} in the file, {b} in the module)")
+        da, db = got[k].dtype, want[k].dtype
+        parts.append(f"{len(dtypes)} dtypes differ (e.g. {k!r}: {da} in the file, {db} in the module)")
     return "; ".join(parts) or None
 
 
