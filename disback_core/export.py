@@ -51,24 +51,21 @@ generator's ``G(z)`` (one step) or ``sample_fewstep(G, z, noise="deterministic")
 a flow is the deterministic DDIM-style update). The denoiser's ``extras`` are call-time arguments,
 not part of the model: a denoiser with extras is refused (pass them in ``cond``).
 
-:func:`load_generator` checks the note, every file's sha256 (streamed, before any tensor is
-allocated), and returns a ``OneStepGenerator`` (or ``MultiStepGenerator``) whose outputs equal the
-exported one's bit for bit. A diffusers folder's model is built first on the meta device (no
-memory); the weights file's header (keys, shapes, dtypes) is checked against it, and only then is
-the model materialised and the weights loaded (``load_state_dict(assign=True)`` into a model built
-with its parameters on the meta device and its buffers real): a config asking for a model the
-weights do not fit is refused without allocating it.
+:func:`load_generator` checks the note and every file (size, sha256, header) before any tensor
+is allocated, and returns a ``OneStepGenerator`` (or ``MultiStepGenerator``) whose outputs equal the
+exported one's bit for bit. A diffusers folder's model is built first on the meta device, so a
+config asking for a model the weights do not fit is refused without allocating it
+(:func:`_build_and_load`).
 
 Sampling the exported UNet in a diffusers pipeline: call it at ``diffusers.timestep`` on latents
 ``diffusers.latent_scale * randn`` (``latent_scale = noise_scale / sqrt(1 + sigma_init^2)``; 1 for
 a DMD2-style generator fed raw noise, as DMD2's and DisBack's SDXL releases are, with
 ``LCMScheduler`` and ``timesteps=[399]``), and take the scheduler's x0.
 
-Saves are atomic: the new folder is written beside the old one (``.<name>.<random>.partial``),
-fsynced, and switched in by one ``renameat2(RENAME_EXCHANGE)`` where the OS has it (Linux); the old
-copy is removed afterwards. Elsewhere two renames are used and a crash between them leaves the
-previous complete export at ``.<name>.<random>.previous``, which :func:`load_generator` then reads
-(and the next export puts back first). No pickle: :func:`load_checkpoint` reads a legacy ``.bin``
+Saves are atomic: the new folder is written beside the old one and switched in
+(:func:`~disback_core.storage.switch_folder`); where a crash between its two renames left the
+previous complete export beside the folder, :func:`load_generator` reads it (and the next export
+puts it back first). No pickle: :func:`load_checkpoint` reads a legacy ``.bin``
 with ``torch.load(weights_only=True)`` only.
 """
 
@@ -745,11 +742,10 @@ def load_generator(
 
     A diffusers export builds its model from ``config.json`` (the class must be a diffusers model
     class; for a ``diffusers-flow`` export one of the four flow transformers, wrapped in a
-    :class:`~disback_core.flow.FlowMatchDenoiser` with the note's settings), first on the meta device:
-    the weights' keys, shapes and dtypes are checked against it before the model is materialised.
-    A ``module`` export needs ``model=``, a module of the exported architecture, into which the
-    weights are loaded. Every file is verified first (sha256, size, keys and shapes); any problem is
-    a :class:`~disback_core.storage.StorageError` naming the file.
+    :class:`~disback_core.flow.FlowMatchDenoiser` with the note's settings); a ``module`` export
+    needs ``model=``, a module of the exported architecture, into which the weights are loaded.
+    Every file is verified first (see the module docstring); any problem is a
+    :class:`~disback_core.storage.StorageError` naming the file.
     """
     root, note = _read_note(Path(folder))
     if note["kind"] == MODULE:

@@ -17,23 +17,20 @@ On disk, one run folder::
         rng-rank<r>.safetensors     per rank: torch CPU RNG, CUDA RNG of every device, named generators
         rng-rank<r>.json            per rank: numpy's global RNG and Python's ``random`` state
 
-A save writes everything into a temporary sibling folder (``.step-<step>.tmp-<pid>``), fsyncing
-every file and the folder, renames it into place, then replaces ``latest.json`` atomically (temp
-file, fsync, ``os.replace``, fsync of the run folder): that replacement is the switch. Only then
-are the step folders beyond the last ``keep`` and stray temporary folders removed. A state saved
-again at a step that already has a folder is switched to under its temporary name first, so
-``latest.json`` always names a complete folder; a folder named ``step-<step>`` is only ever made by
-renaming a complete one. The same state gives the same bytes in every file.
+A save writes everything into a temporary sibling folder (``.step-<step>.tmp-<pid>``), renames it
+into place, then replaces ``latest.json``: that replacement is the switch (every write and rename
+durable, see :mod:`~disback_core.storage`). Only then are the step folders beyond the last ``keep``
+and stray temporary folders removed. A state saved again at a step that already has a folder is
+switched to under its temporary name first, so ``latest.json`` always names a complete folder; a
+folder named ``step-<step>`` is only ever made by renaming a complete one. The same state gives the
+same bytes in every file; a save refuses, before writing anything, a state the loader would refuse.
 
 A load reads ``latest.json`` (or the step folder it is given), checks the manifest (against the
 sha256 ``latest.json`` records and against its own digest, so that a step folder loaded directly is
-verified like the live one) and every file's size and sha256 (streamed) before any tensor is read,
-the run configuration, the world size, the names, shapes and types of everything it restores, and
-only then writes into the caller's modules, optimizers, schedulers, generators and RNGs. Every JSON
-file is read by :func:`~disback_core.storage.parse_json` (size cap per file kind, nesting depth
-measured by a linear scan before parsing); a save refuses, before writing anything, a state whose
-files that reader would refuse. Every problem is a :class:`~disback_core.storage.StorageError`
-naming the file and the problem.
+verified like the live one) and every file before any tensor is read, the run configuration, the
+world size, the names, shapes and types of everything it restores, and only then writes into the
+caller's modules, optimizers, schedulers, generators and RNGs. Every problem is a
+:class:`~disback_core.storage.StorageError` naming the file and the problem.
 
 Not in scope here: sharded states (FSDP / ``torch.distributed.checkpoint``); every rank of a
 replicated (DDP) run shares one folder on a shared file system, rank 0 writing all but the RNG files.

@@ -1,10 +1,19 @@
-"""Safe persistence: safetensors + JSON, sha256, atomic writes, verified loads. No pickle.
+"""Safe persistence, the one layer under trajectories, training states and exports: verified
+folders of safetensors and JSON files. No pickle.
 
 Writers: every file goes through a temporary file in the destination folder (``.<name>.<random>.tmp``),
 ``fsync``, ``os.replace`` and an ``fsync`` of the folder, so a crash leaves either the old file or
 the new one under a name, never a torn one. Safetensors files are written by this module (not by
 the ``safetensors`` package, whose metadata order is random): the same tensors and metadata give
-the same bytes.
+the same bytes. A JSON file is refused before it is written where the reader would refuse it
+(:func:`json_bytes`). A folder is written beside its destination (:func:`new_folder_beside`),
+fsynced, and switched in whole (:func:`switch_folder`), or switched by replacing the one file
+that names its files (a trajectory's manifest, a run's ``latest.json``).
+
+A manifest lists every file of its folder with its sha256 (and size: :func:`file_entry`) and
+holds a digest of its own fields (:func:`body_digest`); a reader checks the manifest
+(:func:`check_format`, :func:`check_digest`, :func:`check_file_table`) and verifies every file
+(:func:`verify_file`, :func:`load_tensors`) before using it.
 
 Readers check before they trust: a file must be a regular file (not a symlink, FIFO or device) of
 a bounded size; JSON must be UTF-8, bounded in size and nesting depth, without duplicate keys;
