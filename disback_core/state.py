@@ -1007,12 +1007,17 @@ def _check_scheduler(name: str, sched: Any, sd: Any, strict: bool, path: Path) -
         )
 
 
-def _scratch_generator(state: Tensor, device: str, where: str) -> None:
-    """Refuse an RNG state its generator would refuse, before anything is restored."""
+def _try_state(where: str, set_state: Callable[[], Any]) -> None:
+    """Refuse an RNG state its generator would refuse (tried on a scratch one), before anything is restored."""
     try:
-        torch.Generator(device=device).set_state(state)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise StorageError(f"{where}: not a valid generator state: {str(e)[:200]}") from None
+        set_state()
+    except Exception as e:
+        raise StorageError(f"{where} is not a valid state: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _words(v: Any, n: int) -> bool:
+    """Whether ``v`` is a list of ``n`` unsigned 32-bit integers (a Mersenne Twister's state)."""
+    return isinstance(v, list) and len(v) == n and all(type(x) is int and 0 <= x < 2**32 for x in v)
 
 
 class _RankRng:
@@ -1031,7 +1036,7 @@ class _RankRng:
         if not isinstance(info, dict) or info.get("format") != FORMAT + "-rng" or type(info.get("rank")) is not int:
             raise StorageError(f"RNG file {jfile} is not rank {rank}'s RNG state")
         if info["rank"] != rank:
-            raise StorageError(f"RNG file {jfile} is not rank {rank}'s RNG state")
+            raise StorageError(f"RNG file {jfile} is rank {info['rank']}'s RNG state, not rank {rank}'s")
         if "torch.cpu" not in tensors:
             raise StorageError(f"RNG file {tfile} holds no torch CPU RNG state")
         n, gens = info.get("cuda_devices"), info.get("generators")
@@ -1049,7 +1054,7 @@ class _RankRng:
             odd = sorted(set(tensors) ^ want)[0]
             raise StorageError(f"RNG file {tfile}: tensor {short(odd)} is in only one of the file and {jfile.name}")
         self.cpu = tensors["torch.cpu"]
-        _scratch_generator(self.cpu, "cpu", f"RNG file {tfile}: torch.cpu")
+        _try_state(f"RNG file {tfile}: torch.cpu", lambda: torch.Generator().set_state(self.cpu))
         self.cuda = [tensors[f"torch.cuda.{i}"] for i in range(n)]
         here = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n != here:
@@ -1069,7 +1074,10 @@ class _RankRng:
                 raise StorageError(
                     f"RNG file {jfile}: generator {name!r} was on {short(dev)}, this one is on {g.device}"
                 )
-            _scratch_generator(t, str(g.device), f"RNG file {tfile}: generator {name!r}")
+            _try_state(
+                f"RNG file {tfile}: generator {name!r}",
+                functools.partial(torch.Generator(device=g.device).set_state, t),
+            )
             self.generators[name] = t
         self.python = self._python(info.get("python"), jfile)
         self.numpy = self._numpy(info.get("numpy"), jfile)
@@ -1082,19 +1090,14 @@ class _RankRng:
             or set(d) != {"version", "state", "gauss_next"}
             or d["version"] != 3  # what random.getstate() gives
             or type(d["version"]) is not int
-            or not isinstance(d["state"], list)
-            or len(d["state"]) != 625  # Mersenne Twister: 624 words and a position
-            or not all(type(x) is int and 0 <= x < 2**32 for x in d["state"])
+            or not _words(d["state"], 625)  # 624 words and a position
         ):
             raise StorageError(f"{where} is not {{version: 3, state: 625 integers, gauss_next}}")
         gauss = _decode(d["gauss_next"], {}, f"{where}: gauss_next")
         if gauss is not None and type(gauss) is not float:
             raise StorageError(f"{where}: gauss_next is {short(gauss)}, not a float or null")
         st = (d["version"], tuple(d["state"]), gauss)
-        try:
-            random.Random().setstate(st)
-        except Exception as e:  # whatever a scratch generator refuses, refused before anything is restored
-            raise StorageError(f"{where} is not valid: {type(e).__name__}: {str(e)[:200]}") from None
+        _try_state(where, lambda: random.Random().setstate(st))
         return st
 
     @staticmethod
@@ -1106,9 +1109,7 @@ class _RankRng:
             not isinstance(d, dict)
             or set(d) != {"bit_generator", "keys", "pos", "has_gauss", "cached_gaussian"}
             or d["bit_generator"] != "MT19937"
-            or not isinstance(d["keys"], list)
-            or len(d["keys"]) != 624
-            or not all(type(x) is int and 0 <= x < 2**32 for x in d["keys"])
+            or not _words(d["keys"], 624)
             or type(d["pos"]) is not int
             or not 0 <= d["pos"] <= 624
             or d["has_gauss"] not in (0, 1)
@@ -1122,10 +1123,7 @@ class _RankRng:
         if type(cached) not in (int, float):
             raise StorageError(f"{where}: cached_gaussian is {short(cached)}, not a number")
         st = (d["bit_generator"], np.array(d["keys"], dtype=np.uint32), d["pos"], d["has_gauss"], float(cached))
-        try:
-            np.random.RandomState().set_state(st)
-        except Exception as e:  # whatever a scratch generator refuses, refused before anything is restored
-            raise StorageError(f"{where} is not valid: {type(e).__name__}: {str(e)[:200]}") from None
+        _try_state(where, lambda: np.random.RandomState().set_state(st))
         return st
 
     def restore(self, generators: Mapping[str, torch.Generator]) -> None:
