@@ -107,7 +107,6 @@ from .storage import (
     recover_folder,
     remove_stale_beside,
     save_tensors,
-    sha256_file,
     switch_folder,
     tensors_misfit,
     verify_file,
@@ -195,18 +194,16 @@ def _describe(
 ) -> tuple[nn.Module, dict[str, Any], Wrapper | None]:
     """(model to save, sampling fields of the note, the diffusers wrapper or None)."""
     g = _unwrap(generator)
-    if isinstance(g, MultiStepGenerator):  # a K-step student: its sigmas go into the note
-        if timestep is not None or scheduler is not None or alphas_cumprod is not None:
-            raise ValueError("timestep, scheduler and alphas_cumprod are for a raw diffusers model")
-        sampling = {"sigma_init": g.sigmas[0], "noise_scale": g.noise_scale, "sigmas": list(g.sigmas)}
-        return _wrapped(_unwrap(g.denoiser), sampling)
-    if isinstance(g, OneStepGenerator):
+    if isinstance(g, (OneStepGenerator, MultiStepGenerator)):
         if timestep is not None or scheduler is not None or alphas_cumprod is not None:
             raise ValueError(
                 "timestep, scheduler and alphas_cumprod are for a raw diffusers model; "
-                "a OneStepGenerator already carries its sigma_init and schedule"
+                f"a {type(g).__name__} already carries its sigmas and schedule"
             )
-        return _wrapped(_unwrap(g.denoiser), {"sigma_init": g.sigma_init, "noise_scale": g.noise_scale})
+        sampling: dict[str, Any] = {"sigma_init": g.sigma_init, "noise_scale": g.noise_scale}
+        if isinstance(g, MultiStepGenerator):  # a K-step student: its sigmas go into the note
+            sampling["sigmas"] = list(g.sigmas)
+        return _wrapped(_unwrap(g.denoiser), sampling)
     if _is_diffusers_model(g):
         if timestep is None:
             raise ValueError(
@@ -683,8 +680,7 @@ def _build_and_load(cls: Any, config: Mapping[str, Any], cfg_path: Path, path: P
                 f"in the weights {path} ({size} bytes): refused"
             )
     except StorageError:
-        if sha256_file(path) != sha:  # a modified file: say so rather than what its header lacks
-            raise StorageError(f"weights {path} fail their sha256 check: the file was modified") from None
+        verify_file(path, sha, size, "weights", "the note says")  # a modified file: say so, not what it lacks
         raise
     del meta, header
     state = load_tensors(path, sha256=sha, max_bytes=size)

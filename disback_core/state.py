@@ -79,6 +79,7 @@ from .storage import (
     sha256_bytes,
     sha256_stream,
     short,
+    temp_target,
     tensors_misfit,
     verify_file,
 )
@@ -103,8 +104,6 @@ MAX_MANIFEST_DEPTH = 192
 _MAX_CUDA_DEVICES = 1024
 _STEP_DIR = re.compile(r"step-(\d{9})")
 _TMP_DIR = re.compile(r"\.step-(\d{9})\.tmp-[A-Za-z0-9-]{1,80}")
-# temporary files of a latest.json write: storage's (".latest.json.<16 hex>.tmp") and this module's earlier ones
-_POINTER_TMP = re.compile(r"\.latest\.json\.(tmp-.*|[0-9a-f]{16}\.tmp)", re.DOTALL)
 _TAGS = ("__tuple__", "__tensor__", "__dict__", "__float__")
 _TAG_SET = frozenset(_TAGS)
 
@@ -547,7 +546,8 @@ def _cleanup(folder: Path, step: int, keep: int, live: str) -> None:
         name = entry.name
         if name == live:
             continue
-        if _TMP_DIR.fullmatch(name) or _POINTER_TMP.fullmatch(name):
+        # temporary files of a latest.json write: storage's, and this module's earlier ".latest.json.tmp-*"
+        if _TMP_DIR.fullmatch(name) or temp_target(name) == LATEST or name.startswith(f".{LATEST}.tmp-"):
             doomed.append(folder / name)
         elif _STEP_DIR.fullmatch(name) and entry.is_dir(follow_symlinks=False):
             steps.append(int(name[5:]))

@@ -69,6 +69,7 @@ __all__ = [
     "atomic_write_bytes",
     "fsync_dir",
     "remove_files",
+    "temp_target",
     "write_json",
     "read_bytes",
     "open_regular",
@@ -116,6 +117,7 @@ MAX_HEADER_BYTES = 100 << 20  # a safetensors header longer than this is refused
 # refused by the scan, before the header is parsed
 MAX_HEADER_STRING_BYTES = 16 << 20
 TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\.(.+)\.[A-Za-z0-9_]+\.tmp", re.DOTALL)  # .<target>.<token>.tmp
 _CHUNK = 1 << 20
 _SCAN_CHUNK = 1 << 18  # the JSON scan's window: its arrays take about 30 bytes per byte of window (~8 MiB)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -197,6 +199,13 @@ def _temp_path(path: Path) -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
 
 
+def temp_target(name: str) -> str | None:
+    """The name of the file whose interrupted :func:`atomic_write` may have left the temporary file
+    ``name`` (``.<target>.<token>.tmp``, this writer's and earlier ones'), or None."""
+    m = _TEMP_NAME.fullmatch(name)
+    return m.group(1) if m else None
+
+
 def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], sync_dir: bool = True) -> str:
     """Write ``chunks`` to ``path`` atomically: a temporary file in the same folder, fsync,
     ``os.replace`` and (with ``sync_dir``) an fsync of the folder. The file gets the usual
@@ -233,10 +242,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync_dir: bool = Tr
 def _holds(path: Path, sha256: str) -> bool:
     """Whether ``path`` is a regular file (not a symlink) whose content has this sha256."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return False
-        return sha256_file(path) == sha256
-    except OSError:
+        return sha256_stream(path)[0] == sha256
+    except (StorageError, OSError):
         return False
 
 

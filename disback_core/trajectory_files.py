@@ -47,6 +47,7 @@ from .storage import (
     read_json,
     save_tensors_once,
     short,
+    temp_target,
     tensors_fingerprint,
     tensors_misfit,
     tensors_sha256,
@@ -69,9 +70,9 @@ _CALL_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # = trajectory.CALL_NAME
 _LORA_KEYS = {"rank", "alpha", "use_rslora", "target_modules"}
 _ENTRY_KEYS = {"index", "step", "file", "sha256"}
 _PROBE_KEYS = {"file", "sha256"}
-# files a save owns in its folder: node/probe files of formats 1 and 2, temporary files of writes
+# files a save owns in its folder: node/probe files of formats 1 and 2, and (temporary files of) writes
 _OWNED = re.compile(r"(?:node-\d{4,}|probe)(?:-[0-9a-f]{16})?\.safetensors")
-_TEMP = re.compile(r"\.(?:manifest\.json|(?:node|probe)[^/\\]*\.safetensors)\.[A-Za-z0-9_]+\.tmp")
+_WRITTEN = re.compile(r"manifest\.json|(?:node|probe)[^/\\]*\.safetensors")
 
 
 @dataclass
@@ -153,7 +154,11 @@ def stale_files(folder: str | os.PathLike, keep: Iterable[str]) -> list[str]:
     """Names in ``folder`` that a trajectory save owns but ``keep`` does not list: node and probe
     files of other saves (formats 1 and 2) and temporary files of interrupted writes."""
     keep = set(keep)
-    return sorted(n for n in os.listdir(folder) if n not in keep and (_OWNED.fullmatch(n) or _TEMP.fullmatch(n)))
+    return sorted(
+        n
+        for n in os.listdir(folder)
+        if n not in keep and (_OWNED.fullmatch(n) or _WRITTEN.fullmatch(temp_target(n) or ""))
+    )
 
 
 # ---------------------------------------------------------------------------- reading the manifest
