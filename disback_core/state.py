@@ -1195,11 +1195,8 @@ def load_state(
     mpath = step_dir / MANIFEST
     _check_config(m, config, mpath)
     _check_world(m, rank, world_size, mpath)
-    _check_sections(m, {"modules": modules, "optimizers": optimizers, "schedulers": schedulers}, strict, mpath)
-    saved_gens = set(m["generators"])
-    if not set(generators) <= saved_gens or (strict and saved_gens - set(generators)):
-        odd = sorted(set(generators) ^ saved_gens)[0]
-        raise StorageError(f"{mpath}: generator {odd!r} is in only one of the state and the generators passed")
+    given = {"modules": modules, "optimizers": optimizers, "schedulers": schedulers, "generators": generators}
+    _check_sections(m, given, strict, mpath)
     files = m["files"]
     _verify_files(step_dir, files)
 
@@ -1237,14 +1234,9 @@ def load_state(
 
     where = "modules"
     try:
-        for name, module in modules.items():
-            module.load_state_dict(mod_states[name], strict=True)
-        where = "optimizers"
-        for name, opt in optimizers.items():
-            opt.load_state_dict(opt_states[name])
-        where = "schedulers"
-        for name, sched in schedulers.items():
-            sched.load_state_dict(sched_states[name])
+        for where, states in (("modules", mod_states), ("optimizers", opt_states), ("schedulers", sched_states)):
+            for name, obj in given[where].items():
+                obj.load_state_dict(states[name])  # a module's strictly: the same parameter objects
         where = "RNG states"
         rng.restore(generators)
     except Exception as e:
