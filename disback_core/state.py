@@ -1146,12 +1146,7 @@ def _all_used(tensors: Mapping[str, Tensor], refs: set[str], path: Path) -> None
 
 
 def _load(path: Path, sha: str, size: int) -> dict[str, Tensor]:
-    try:
-        return load_tensors(path, sha256=sha, max_bytes=size)
-    except StorageError:
-        raise
-    except Exception as e:  # a reader error of another type: still the file's problem
-        raise StorageError(f"tensor file {path} cannot be read: {str(e)[:200]}") from None
+    return load_tensors(path, sha256=sha, max_bytes=size)
 
 
 # --------------------------------------------------------------------------- load

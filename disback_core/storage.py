@@ -964,35 +964,40 @@ def load_tensors(
     The file must be a regular file (not a symlink) of at most ``max_bytes``; with ``sha256``, it
     is hashed by streaming and refused if the hash differs; its header must be valid (see
     :func:`read_tensor_header`). The bytes read into the tensors are hashed again, so a file changed
-    between the checks and the read is refused too.
+    between the checks and the read is refused too. Every problem with the file is a :class:`StorageError`.
     """
     path = Path(path)
     if sha256 is not None and not is_sha256(sha256):
         raise StorageError(f"tensor file {path}: the expected sha256 {str(sha256)[:80]!r} is not 64 hex digits")
     f, size = _open_regular(path, "tensor file")
-    with f:
-        if max_bytes is not None and size > max_bytes:
-            raise StorageError(f"tensor file {path} is {size} bytes, more than the {max_bytes} it can be")
-        if sha256 is not None:
-            got = _sha256_open(f)
-            if got != sha256:
-                raise StorageError(
-                    f"tensor file {path} fails its sha256 check (expected {sha256[:12]}..., "
-                    f"got {got[:12]}...): it was modified or truncated"
-                )
-        n, infos, _ = _parse_header(f, size, path)
-        h = None
-        if sha256 is not None:
-            h = hashlib.sha256()
-            head = bytearray(8 + n)
-            f.seek(0)
-            _read_exact(f, memoryview(head), path, "tensor file")
-            h.update(head)
-        out = {}
-        for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-            out[name] = _read_tensor(f, info, 8 + n, h, path, name)
-        if h is not None and h.hexdigest() != sha256:
-            raise StorageError(f"tensor file {path} changed while it was read")
+    try:
+        with f:
+            if max_bytes is not None and size > max_bytes:
+                raise StorageError(f"tensor file {path} is {size} bytes, more than the {max_bytes} it can be")
+            if sha256 is not None:
+                got = _sha256_open(f)
+                if got != sha256:
+                    raise StorageError(
+                        f"tensor file {path} fails its sha256 check (expected {sha256[:12]}..., "
+                        f"got {got[:12]}...): it was modified or truncated"
+                    )
+            n, infos, _ = _parse_header(f, size, path)
+            h = None
+            if sha256 is not None:
+                h = hashlib.sha256()
+                head = bytearray(8 + n)
+                f.seek(0)
+                _read_exact(f, memoryview(head), path, "tensor file")
+                h.update(head)
+            out = {}
+            for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+                out[name] = _read_tensor(f, info, 8 + n, h, path, name)
+            if h is not None and h.hexdigest() != sha256:
+                raise StorageError(f"tensor file {path} changed while it was read")
+    except StorageError:
+        raise
+    except Exception as e:  # a reader error of another kind (I/O, memory): still the file's problem
+        raise StorageError(f"tensor file {path} cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
     return {k: v.to(device) for k, v in out.items()}
 
 
