@@ -440,38 +440,35 @@ def _positive(note: Mapping[str, Any], key: str, path: Path) -> float:
 
 def _check_start(note: Mapping[str, Any], path: Path) -> None:
     """sigma_init, noise_scale and sigmas: numbers (a finite start), or exactly the pure-noise form."""
+    where = f"export note {path}"
     sig = note["sigmas"]
     pure = "start" in note
     if pure:
         if not isinstance(note["start"], str) or note["start"] != PURE_NOISE:
-            raise StorageError(f"export note {path}: start must be {PURE_NOISE!r} (or absent), got {note['start']!r}")
+            raise StorageError(f"{where}: start must be {PURE_NOISE!r} (or absent), got {note['start']!r}")
         if note["sigma_init"] is not None:
-            raise StorageError(
-                f"export note {path}: a pure-noise start has sigma_init null, got {note['sigma_init']!r}"
-            )
+            raise StorageError(f"{where}: a pure-noise start has sigma_init null, got {note['sigma_init']!r}")
         if _positive(note, "noise_scale", path) != 1.0:
-            raise StorageError(
-                f"export note {path}: a pure-noise start has noise_scale 1.0, got {note['noise_scale']!r}"
-            )
+            raise StorageError(f"{where}: a pure-noise start has noise_scale 1.0, got {note['noise_scale']!r}")
         if note["kind"] not in (MODULE, FLOW):
             raise StorageError(
-                f"export note {path}: a pure-noise start is a {MODULE!r} or {FLOW!r} export, got kind {note['kind']!r}"
+                f"{where}: a pure-noise start is a {MODULE!r} or {FLOW!r} export, got kind {note['kind']!r}"
             )
         if not isinstance(sig, list) or not sig or sig[0] is not None:
-            raise StorageError(f"export note {path}: a pure-noise start's sigmas must be a list starting with null")
+            raise StorageError(f"{where}: a pure-noise start's sigmas must be a list starting with null")
         rest = sig[1:]
     else:
         _positive(note, "sigma_init", path)
         _positive(note, "noise_scale", path)
         if not isinstance(sig, list) or not sig or sig[0] != note["sigma_init"]:
-            raise StorageError(f"export note {path}: sigmas must be a list of numbers starting at sigma_init")
+            raise StorageError(f"{where}: sigmas must be a list of numbers starting at sigma_init")
         rest = sig
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rest):
-        raise StorageError(f"export note {path}: sigmas must be a list of numbers starting at sigma_init")
+        raise StorageError(f"{where}: sigmas must be a list of numbers starting at sigma_init")
     try:
         check_sigmas(_note_sigmas(note), "sigmas", allow_inf_first=pure)  # finite, > 0, strictly decreasing
     except (TypeError, ValueError) as e:
-        raise StorageError(f"export note {path}: {e}") from None
+        raise StorageError(f"{where}: {e}") from None
 
 
 def _numbers_match(got: Any, want: list[float], abs_tol: float = 1e-12) -> bool:
@@ -491,45 +488,42 @@ def _same_json(a: Any, b: Any) -> bool:
 def _check_flow(note: Mapping[str, Any], path: Path) -> None:
     """The ``flow`` field of a ``diffusers-flow`` note: every field's type and range, and the pipeline
     facts (t, timesteps, latent_scale) consistent with the note's sigmas and noise_scale."""
+    where = f"export note {path}"
     f = note.get("flow")
     if not isinstance(f, dict) or set(f) != _FLOW_KEYS:
-        raise StorageError(f"export note {path}: flow must hold exactly {sorted(_FLOW_KEYS)}")
+        raise StorageError(f"{where}: flow must hold exactly {sorted(_FLOW_KEYS)}")
     sig = _note_sigmas(note)
     t = _flow_times(sig)
     if not _numbers_match(f["t"], t):
-        raise StorageError(f"export note {path}: flow.t must be the sigmas' flow times sigma / (1 + sigma), {t}")
+        raise StorageError(f"{where}: flow.t must be the sigmas' flow times sigma / (1 + sigma), {t}")
     if not _numbers_match(f["timesteps"], [1000.0 * v for v in t]):
-        raise StorageError(f"export note {path}: flow.timesteps must be 1000 * flow.t")
+        raise StorageError(f"{where}: flow.timesteps must be 1000 * flow.t")
     if not _numbers_match([f["latent_scale"]], [_latent_scale(sig[0], note["noise_scale"])]):
-        raise StorageError(
-            f"export note {path}: flow.latent_scale {f['latent_scale']!r} is not noise_scale / (1 + sigma_init)"
-        )
+        raise StorageError(f"{where}: flow.latent_scale {f['latent_scale']!r} is not noise_scale / (1 + sigma_init)")
     if not _same_json(f["scheduler"], PIPELINE_SCHEDULER):
-        raise StorageError(f"export note {path}: flow.scheduler must be {json.dumps(PIPELINE_SCHEDULER)}")
+        raise StorageError(f"{where}: flow.scheduler must be {json.dumps(PIPELINE_SCHEDULER)}")
     for key in ("shift", "time_scale"):
         if not is_number(f[key]) or f[key] <= 0:
-            raise StorageError(f"export note {path}: flow.{key} must be a finite number > 0, got {f[key]!r}")
+            raise StorageError(f"{where}: flow.{key} must be a finite number > 0, got {f[key]!r}")
     if not isinstance(f["cond_kwarg"], str) or not f["cond_kwarg"].isidentifier():
-        raise StorageError(f"export note {path}: flow.cond_kwarg {f['cond_kwarg']!r} is not a keyword name")
+        raise StorageError(f"{where}: flow.cond_kwarg {f['cond_kwarg']!r} is not a keyword name")
     if f["guidance"] is not None and not is_number(f["guidance"]):
-        raise StorageError(f"export note {path}: flow.guidance must be null or a finite number, got {f['guidance']!r}")
+        raise StorageError(f"{where}: flow.guidance must be null or a finite number, got {f['guidance']!r}")
     ds = f["dynamic_shift"]
     if ds is None:
         return
     if not isinstance(ds, dict) or not set(ds) <= _DYNAMIC_SHIFT_KEYS:
-        raise StorageError(
-            f"export note {path}: flow.dynamic_shift must be null or an object of {sorted(_DYNAMIC_SHIFT_KEYS)}"
-        )
+        raise StorageError(f"{where}: flow.dynamic_shift must be null or an object of {sorted(_DYNAMIC_SHIFT_KEYS)}")
     bad = [k for k in ("base_shift", "max_shift") if k in ds and not is_number(ds[k])]
     bad += [k for k in ("base_image_seq_len", "max_image_seq_len") if k in ds and not (is_number(ds[k]) and ds[k] > 0)]
     if ds.get("time_shift_type", "exponential") not in ("exponential", "linear"):
         bad.append("time_shift_type")
     if bad:
-        raise StorageError(f"export note {path}: flow.dynamic_shift has bad values for {bad}")
+        raise StorageError(f"{where}: flow.dynamic_shift has bad values for {bad}")
     if ds.get("base_image_seq_len", 256) == ds.get("max_image_seq_len", 4096):
-        raise StorageError(f"export note {path}: flow.dynamic_shift's base and max image_seq_len are equal")
+        raise StorageError(f"{where}: flow.dynamic_shift's base and max image_seq_len are equal")
     if f["shift"] != 1.0:
-        raise StorageError(f"export note {path}: flow.shift is unused with a dynamic shift and must be 1.0")
+        raise StorageError(f"{where}: flow.shift is unused with a dynamic shift and must be 1.0")
 
 
 def _note_sigmas(note: Mapping[str, Any]) -> list[float]:
@@ -563,42 +557,43 @@ def read_export_note(folder: str | os.PathLike) -> dict[str, Any]:
 def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
     root = _where(folder)
     path = root / NOTE_NAME
+    where = f"export note {path}"
     note = read_json(path, "export note")
-    check_format(note, f"export note {path}", FORMAT, (VERSION,), "note")
+    check_format(note, where, FORMAT, (VERSION,), "note")
     if set(note) - {"diffusers", "flow", "start"} != _NOTE_KEYS:
-        raise StorageError(f"export note {path}: fields {sorted(set(note))} are not {sorted(_NOTE_KEYS)}")
-    check_digest(note, f"export note {path}")
+        raise StorageError(f"{where}: fields {sorted(set(note))} are not {sorted(_NOTE_KEYS)}")
+    check_digest(note, where)
     kind = note["kind"]
     expected = _FILES.get(kind) if isinstance(kind, str) else None
     if expected is None:
-        raise StorageError(f"export note {path}: kind {kind!r} is not one of {sorted(_FILES)}")
+        raise StorageError(f"{where}: kind {kind!r} is not one of {sorted(_FILES)}")
     if not isinstance(note["class"], str) or not note["class"].isidentifier():
-        raise StorageError(f"export note {path}: class {note['class']!r} is not a class name")
+        raise StorageError(f"{where}: class {note['class']!r} is not a class name")
     if kind == FLOW and note["class"] not in FLOW_ARCHS:
         raise StorageError(
-            f"export note {path}: class {note['class']!r} is not a flow transformer class; a {FLOW!r} export "
+            f"{where}: class {note['class']!r} is not a flow transformer class; a {FLOW!r} export "
             f"holds one of {', '.join(FLOW_ARCHS)}"
         )
     _check_start(note, path)
     if not isinstance(note["metadata"], dict):
-        raise StorageError(f"export note {path}: metadata must be an object")
-    check_file_table(note["files"], expected, f"export note {path}", "bytes")
+        raise StorageError(f"{where}: metadata must be an object")
+    check_file_table(note["files"], expected, where, "bytes")
     for field, its_kind in (("diffusers", DIFFUSERS), ("flow", FLOW)):
         if field in note and kind != its_kind:
-            raise StorageError(f"export note {path}: a {kind!r} export has no {field} field")
+            raise StorageError(f"{where}: a {kind!r} export has no {field} field")
     if kind == FLOW:
         _check_flow(note, path)
     if kind == DIFFUSERS:
         d = note.get("diffusers")
         if not isinstance(d, dict) or set(d) != _DIFFUSERS_KEYS:
-            raise StorageError(f"export note {path}: diffusers must hold exactly {sorted(_DIFFUSERS_KEYS)}")
+            raise StorageError(f"{where}: diffusers must hold exactly {sorted(_DIFFUSERS_KEYS)}")
         if (
             d["timestep_mode"] not in ("interp", "nearest")
             or not isinstance(d["clamp"], bool)
             or not isinstance(d["cond_kwarg"], str)
             or not isinstance(d["prediction_type"], str)
         ):
-            raise StorageError(f"export note {path}: diffusers fields have wrong types or values")
+            raise StorageError(f"{where}: diffusers fields have wrong types or values")
     return root, note
 
 

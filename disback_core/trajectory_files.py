@@ -126,11 +126,8 @@ def _write_file(folder: Path, prefix: str, tensors: Mapping[str, Tensor], meta: 
 
 
 def _write_node(folder: Path, k: int, state: Mapping[str, Tensor], step: int) -> dict[str, Any]:
-    return {
-        "index": k,
-        "step": step,
-        **_write_file(folder, f"node-{k:04d}", state, {"node": str(k), "step": str(step)}),
-    }
+    entry = _write_file(folder, f"node-{k:04d}", state, {"node": str(k), "step": str(step)})
+    return {"index": k, "step": step, **entry}
 
 
 def _write_probe(folder: Path, probe: Probe) -> dict[str, str]:
