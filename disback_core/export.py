@@ -93,6 +93,7 @@ from .storage import (
     atomic_write_bytes,
     body_digest,
     check_digest,
+    check_fields,
     check_file_table,
     check_format,
     exchange_folders,
@@ -489,9 +490,7 @@ def _check_flow(note: Mapping[str, Any], path: Path) -> None:
     """The ``flow`` field of a ``diffusers-flow`` note: every field's type and range, and the pipeline
     facts (t, timesteps, latent_scale) consistent with the note's sigmas and noise_scale."""
     where = f"export note {path}"
-    f = note.get("flow")
-    if not isinstance(f, dict) or set(f) != _FLOW_KEYS:
-        raise StorageError(f"{where}: flow must hold exactly {sorted(_FLOW_KEYS)}")
+    f = check_fields(note.get("flow"), _FLOW_KEYS, where, "flow")
     sig = _note_sigmas(note)
     t = _flow_times(sig)
     if not _numbers_match(f["t"], t):
@@ -584,9 +583,7 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
     if kind == FLOW:
         _check_flow(note, path)
     if kind == DIFFUSERS:
-        d = note.get("diffusers")
-        if not isinstance(d, dict) or set(d) != _DIFFUSERS_KEYS:
-            raise StorageError(f"{where}: diffusers must hold exactly {sorted(_DIFFUSERS_KEYS)}")
+        d = check_fields(note.get("diffusers"), _DIFFUSERS_KEYS, where, "diffusers")
         if (
             d["timestep_mode"] not in ("interp", "nearest")
             or not isinstance(d["clamp"], bool)

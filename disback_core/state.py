@@ -59,6 +59,7 @@ from .storage import (
     atomic_write_bytes,
     body_digest,
     check_digest,
+    check_fields,
     check_file_table,
     check_format,
     check_int,
@@ -681,8 +682,7 @@ def _read_pointer(folder: Path) -> tuple[Path, str]:
     ptr = folder / LATEST
     d = read_json(ptr, "state pointer", MAX_POINTER_BYTES)
     check_format(d, f"state pointer {ptr}", POINTER_FORMAT, (VERSION,), "pointer")
-    if set(d) != (keys := {"format", "version", "step", "directory", "manifest_sha256"}):
-        raise StorageError(f"state pointer {ptr} is not an object with exactly {sorted(keys)}")
+    check_fields(d, {"format", "version", "step", "directory", "manifest_sha256"}, f"state pointer {ptr}", "it")
     name, step, sha = d["directory"], d["step"], d["manifest_sha256"]
     m = (_STEP_DIR.fullmatch(name) or _TMP_DIR.fullmatch(name)) if isinstance(name, str) else None
     if m is None:

@@ -88,6 +88,7 @@ __all__ = [
     "is_file_entry",
     "is_plain_name",
     "check_file_table",
+    "check_fields",
     "check_format",
     "check_digest",
     "verify_file",
@@ -607,6 +608,14 @@ def check_file_table(files: Any, expected: Iterable[str], where: str | os.PathLi
             raise StorageError(f"{where}: file name {short(name)} is not a plain file name")
         if not is_file_entry(entry, size_key):
             raise StorageError(f"{where}: files[{short(name)}] needs a sha256 (64 hex digits) and a {size_key} >= 0")
+
+
+def check_fields(obj: Any, keys: set[str], where: str | os.PathLike, what: str) -> dict[str, Any]:
+    """``obj`` if it is a JSON object with exactly the fields ``keys``; else a :class:`StorageError`."""
+    if not isinstance(obj, dict) or set(obj) != keys:
+        got = f"fields {sorted(str(k)[:40] for k in obj)[:8]}" if isinstance(obj, dict) else short(obj)
+        raise StorageError(f"{where}: {what} must hold exactly the fields {sorted(keys)}, got {got}")
+    return obj
 
 
 def check_format(m: Any, where: str | os.PathLike, fmt: str, versions: Iterable[int], what: str = "manifest") -> int:

@@ -37,6 +37,7 @@ from .storage import (
     StorageError,
     body_digest,
     check_digest,
+    check_fields,
     check_format,
     check_int,
     is_number,
@@ -249,24 +250,17 @@ def _check_nodes_field(man: Mapping[str, Any], where: Path) -> None:
         )
     for i, e in enumerate(entries, start=1):
         what = f"node entry {i}"
-        _check_fields(e, _ENTRY_KEYS, where, what)
+        check_fields(e, _ENTRY_KEYS, where, what)
         if type(e["index"]) is not int or e["index"] != i:
             raise StorageError(f"{where}: {what} has index {short(e['index'])}; entries must be in order 1..N")
         check_int(e["step"], f"{where}: {what}: step", 0, MAX_STEP, StorageError)
         _check_file_entry(e, _ENTRY_KEYS, where, what, f"node-{i:04d}", man["version"])
 
 
-def _check_fields(e: Any, keys: set[str], where: Path, what: str) -> None:
-    """``e`` must be a JSON object with exactly the fields ``keys``."""
-    if not isinstance(e, dict) or set(e) != keys:
-        got = f"fields {sorted(k[:40] for k in e)}" if isinstance(e, dict) else short(e)
-        raise StorageError(f"{where}: {what} must be a JSON object with fields {sorted(keys)}, got {got}")
-
-
 def _check_file_entry(e: Any, keys: set[str], where: Path, what: str, prefix: str, version: int) -> None:
     """A file entry: exactly ``keys``, a 64-hex sha256, and the file name its prefix and sha256 give
     (so a plain name inside the folder)."""
-    _check_fields(e, keys, where, what)
+    check_fields(e, keys, where, what)
     if not is_sha256(e["sha256"]):
         raise StorageError(f"{where}: {what} has sha256 {short(e['sha256'])}, not 64 hex digits")
     if e["file"] != (want := _file_name(prefix, e["sha256"], version)):
