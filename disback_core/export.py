@@ -102,6 +102,7 @@ from .storage import (
     is_number,
     json_bytes,
     load_tensors,
+    loadable,
     new_folder_beside,
     read_json,
     read_tensor_header,
@@ -274,7 +275,7 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
         raise TypeError("metadata must be a dict with string keys")
-    return json.loads(json_bytes(dict(metadata), "metadata", "of this export", allow_nan=False))  # as read back
+    return json.loads(json_bytes(dict(metadata), "metadata", allow_nan=False))  # as a reader sees it
 
 
 def _is_ours(folder: Path) -> bool:
@@ -381,7 +382,8 @@ def export_generator(
             sha = atomic_write_bytes(path, c, False) if isinstance(c, bytes) else save_tensors(path, c[0], c[1], False)
             note["files"][name] = file_entry(path, sha, "bytes")
         note["digest"] = body_digest(note)
-        atomic_write_bytes(new / NOTE_NAME, json_bytes(note, "the export note", new, allow_nan=False), sync_dir=False)
+        data = loadable(json_bytes(note, "the export note", allow_nan=False), "the export note", new)
+        atomic_write_bytes(new / NOTE_NAME, data, sync_dir=False)
         fsync_dir(new)  # every file of the new export is durable before the switch
         switch_folder(new, folder, _exchange)
     except BaseException:

@@ -72,6 +72,7 @@ from .storage import (
     is_sha256,
     json_bytes,
     load_tensors,
+    loadable,
     parse_json,
     read_bytes,
     read_json,
@@ -107,6 +108,7 @@ _STEP_DIR = re.compile(r"step-(\d{9})")
 _TMP_DIR = re.compile(r"\.step-(\d{9})\.tmp-[A-Za-z0-9-]{1,80}")
 _TAGS = ("__tuple__", "__tensor__", "__dict__", "__float__")
 _TAG_SET = frozenset(_TAGS)
+_short = short  # the name other modules of the library import
 
 
 # --------------------------------------------------------------------------- JSON encoding
@@ -265,13 +267,13 @@ def _same_kind(saved: Any, own: Any) -> bool:
     return True
 
 
-def _json_bytes(obj: Any, what: str, where: Any, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> bytes:
-    """Deterministic JSON bytes (ASCII, no NaN), refused before they are written if the loader would
-    refuse them. Keys keep their order, so that a restored dict iterates like the saved one; the
-    library's own sections are built in a fixed order."""
-    return json_bytes(
-        obj, what, where, indent=1, sort_keys=False, allow_nan=False, max_bytes=max_bytes, max_depth=max_depth
-    )
+def _json_bytes(obj: Any) -> bytes:
+    """Deterministic JSON bytes (ASCII, no NaN). Keys keep their order, so that a restored dict
+    iterates like the saved one; the library's own sections are built in a fixed order."""
+    return json_bytes(obj, indent=1, sort_keys=False, allow_nan=False)
+
+
+_loadable = loadable  # (data, what, where, max_bytes, max_depth): refused before writing if a load would refuse it
 
 
 # --------------------------------------------------------------------------- files
@@ -472,7 +474,7 @@ def _manifest(
 
 
 def _manifest_bytes(m: Mapping[str, Any]) -> bytes:
-    return _json_bytes(m, "the manifest", "of this state", MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH)
+    return _loadable(_json_bytes(m), "the manifest", "of this state", MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH)
 
 
 # --------------------------------------------------------------------------- switching
@@ -489,9 +491,7 @@ def _tmp_name(step: int, world_size: int) -> str:
 
 def _write_pointer(folder: Path, directory: str, step: int, manifest_sha: str) -> None:
     d = {"format": POINTER_FORMAT, "version": VERSION, "step": step, "directory": directory}
-    _replace_file(
-        folder / LATEST, _json_bytes({**d, "manifest_sha256": manifest_sha}, "the pointer", folder, MAX_POINTER_BYTES)
-    )
+    _replace_file(folder / LATEST, _json_bytes({**d, "manifest_sha256": manifest_sha}))
 
 
 def _install(folder: Path, tmp: Path, step: int, manifest_sha: str) -> Path:
@@ -637,7 +637,7 @@ def save_state(
         names = [*payload.files, *(f"rng-rank{r}.{x}" for r in range(world_size) for x in ("safetensors", "json"))]
         _manifest_bytes(_manifest(step, world_size, generators, payload.sections, dict.fromkeys(names, dummy)))
     rng_tensors, rng_info = _rng_state(generators, rank, world_size)
-    rng_json = _json_bytes(rng_info, "the RNG file", f"of rank {rank}", MAX_RNG_JSON_BYTES)
+    rng_json = _loadable(_json_bytes(rng_info), "the RNG file", f"of rank {rank}", MAX_RNG_JSON_BYTES, MAX_JSON_DEPTH)
 
     tmp = folder / _tmp_name(step, world_size)
     if rank == 0:
@@ -740,6 +740,11 @@ def _resolve(folder: Path) -> tuple[Path, str | None]:
 
 def _bad(path: Path, problem: str) -> StorageError:
     return StorageError(f"manifest {path}: {problem}")
+
+
+def _want(cond: bool, path: Path, problem: str) -> None:
+    if not cond:
+        raise _bad(path, problem)
 
 
 def _pointer_sha(step_dir: Path) -> str | None:

@@ -6,7 +6,7 @@ Writers: every file goes through a temporary file in the destination folder (``.
 the new one under a name, never a torn one. Safetensors files are written by this module (not by
 the ``safetensors`` package, whose metadata order is random): the same tensors and metadata give
 the same bytes. A JSON file is refused before it is written where the reader would refuse it
-(:func:`json_bytes`). A folder is written beside its destination (:func:`new_folder_beside`),
+(:func:`loadable`). A folder is written beside its destination (:func:`new_folder_beside`),
 fsynced, and switched in whole (:func:`switch_folder`), or switched by replacing the one file
 that names its files (a trajectory's manifest, a run's ``latest.json``).
 
@@ -79,6 +79,7 @@ __all__ = [
     "parse_json",
     "canonical_json",
     "json_bytes",
+    "loadable",
     "body_digest",
     "is_sha256",
     "sha256_bytes",
@@ -502,23 +503,21 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def json_bytes(
-    obj: Any,
-    what: str = "JSON file",
-    where: str | os.PathLike = "",
-    *,
-    indent: int = 2,
-    sort_keys: bool = True,
-    allow_nan: bool = True,
-    max_bytes: int = MAX_JSON_BYTES,
-    max_depth: int = MAX_JSON_DEPTH,
+    obj: Any, what: str = "JSON file", *, indent: int = 2, sort_keys: bool = True, allow_nan: bool = True
 ) -> bytes:
-    """The bytes of a JSON file holding ``obj`` (indented, ASCII, a final newline), or a ValueError,
-    before anything is written, where it is not JSON or :func:`parse_json` would not read it back
-    (more than ``max_bytes``, nested deeper than ``max_depth``): nothing is saved that cannot be loaded."""
+    """The bytes of a JSON file holding ``obj`` (indented, ASCII, a final newline); a ValueError
+    naming ``what`` where it is not JSON. Check them with :func:`loadable` before writing them."""
     try:
-        data = (json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n").encode()
+        return (json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n").encode()
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+def loadable(
+    data: bytes, what: str, where: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> bytes:
+    """``data`` if :func:`parse_json` would read it back (at most ``max_bytes``, nested at most
+    ``max_depth`` deep), else a ValueError before it is written: nothing is saved that cannot be loaded."""
     try:
         check_json(data, where, what, max_depth, max_bytes)
     except StorageError as e:

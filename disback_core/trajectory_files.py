@@ -44,6 +44,7 @@ from .storage import (
     is_sha256,
     json_bytes,
     load_tensors,
+    loadable,
     lowest_float_dtype,
     read_json,
     save_tensors_once,
@@ -96,7 +97,7 @@ def _check_savable(steps: Sequence[Any], meta: Any) -> None:
     """Refuse, before writing, steps a reader would refuse and meta that is not JSON it would read."""
     for k, step in enumerate(steps, start=1):
         check_int(step, f"node {k}: step", 0, MAX_STEP)
-    json_bytes(meta, "meta", "of this trajectory", sort_keys=False)
+    loadable(json_bytes(meta, "meta", sort_keys=False), "meta", "of this trajectory")
 
 
 def _check_call_savable(call_name: str, probe: Probe | None) -> None:
@@ -145,7 +146,7 @@ def manifest_digest(body: Mapping[str, Any]) -> str:
 def _manifest_bytes(body: Mapping[str, Any]) -> bytes:
     """The manifest file's bytes (key-sorted, indented JSON with its digest); refused if a reader
     would refuse it (too large or too deeply nested meta)."""
-    return json_bytes({**body, "digest": manifest_digest(body)}, "the manifest", "of this trajectory")
+    return loadable(json_bytes({**body, "digest": manifest_digest(body)}), "the manifest", "of this trajectory")
 
 
 def stale_files(folder: str | os.PathLike, keep: Iterable[str]) -> list[str]:
