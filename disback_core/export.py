@@ -51,36 +51,31 @@ generator's ``G(z)`` (one step) or ``sample_fewstep(G, z, noise="deterministic")
 a flow is the deterministic DDIM-style update). The denoiser's ``extras`` are call-time arguments,
 not part of the model: a denoiser with extras is refused (pass them in ``cond``).
 
-:func:`load_generator` checks the note, every file's sha256 (streamed, before any tensor is
-allocated), and returns a ``OneStepGenerator`` (or ``MultiStepGenerator``) whose outputs equal the
-exported one's bit for bit. A diffusers folder's model is built first on the meta device (no
-memory); the weights file's header (keys, shapes, dtypes) is checked against it, and only then is
-the model materialised and the weights loaded (``load_state_dict(assign=True)`` into a model built
-with its parameters on the meta device and its buffers real): a config asking for a model the
-weights do not fit is refused without allocating it.
+:func:`load_generator` checks the note and every file (size, sha256, header) before any tensor
+is allocated, and returns a ``OneStepGenerator`` (or ``MultiStepGenerator``) whose outputs equal the
+exported one's bit for bit. A diffusers folder's model is built first on the meta device, so a
+config asking for a model the weights do not fit is refused without allocating it
+(:func:`_build_and_load`).
 
 Sampling the exported UNet in a diffusers pipeline: call it at ``diffusers.timestep`` on latents
 ``diffusers.latent_scale * randn`` (``latent_scale = noise_scale / sqrt(1 + sigma_init^2)``; 1 for
 a DMD2-style generator fed raw noise, as DMD2's and DisBack's SDXL releases are, with
 ``LCMScheduler`` and ``timesteps=[399]``), and take the scheduler's x0.
 
-Saves are atomic: the new folder is written beside the old one (``.<name>.<random>.partial``),
-fsynced, and switched in by one ``renameat2(RENAME_EXCHANGE)`` where the OS has it (Linux); the old
-copy is removed afterwards. Elsewhere two renames are used and a crash between them leaves the
-previous complete export at ``.<name>.<random>.previous``, which :func:`load_generator` then reads
-(and the next export puts back first). No pickle: :func:`load_checkpoint` reads a legacy ``.bin``
+Saves are atomic: the new folder is written beside the old one and switched in
+(:func:`~disback_core.storage.switch_folder`); where a crash between its two renames left the
+previous complete export beside the folder, :func:`load_generator` reads it (and the next export
+puts it back first). No pickle: :func:`load_checkpoint` reads a legacy ``.bin``
 with ``torch.load(weights_only=True)`` only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import math
 import os
-import secrets
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -97,17 +92,26 @@ from .storage import (
     StorageError,
     atomic_write_bytes,
     body_digest,
+    check_digest,
+    check_fields,
+    check_file_table,
+    check_format,
+    exchange_folders,
+    file_entry,
     fsync_dir,
-    is_sha256,
+    is_number,
+    json_bytes,
     load_tensors,
-    open_regular,
-    parse_json,
-    read_bytes,
+    loadable,
+    new_folder_beside,
     read_json,
     read_tensor_header,
+    recover_folder,
+    remove_stale_beside,
     save_tensors,
-    sha256_bytes,
-    sha256_file,
+    switch_folder,
+    tensors_misfit,
+    verify_file,
 )
 
 __all__ = ["export_generator", "load_generator", "read_export_note", "load_checkpoint", "NOTE_NAME"]
@@ -129,7 +133,6 @@ PIPELINE_SCHEDULER: dict[str, Any] = {
     "shift": 1.0,
     "use_dynamic_shifting": False,
 }
-_PARTIAL, _PREVIOUS = ".partial", ".previous"
 
 
 # --------------------------------------------------------------------------- what a generator is
@@ -148,10 +151,8 @@ def _unwrap(m: Any) -> Any:
 
 
 def _is_diffusers_model(m: Any) -> bool:
-    try:
-        from diffusers import ModelMixin
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
+    from diffusers import ModelMixin
+
     return isinstance(m, ModelMixin)
 
 
@@ -195,18 +196,16 @@ def _describe(
 ) -> tuple[nn.Module, dict[str, Any], Wrapper | None]:
     """(model to save, sampling fields of the note, the diffusers wrapper or None)."""
     g = _unwrap(generator)
-    if isinstance(g, MultiStepGenerator):  # a K-step student: its sigmas go into the note
-        if timestep is not None or scheduler is not None or alphas_cumprod is not None:
-            raise ValueError("timestep, scheduler and alphas_cumprod are for a raw diffusers model")
-        sampling = {"sigma_init": g.sigmas[0], "noise_scale": g.noise_scale, "sigmas": list(g.sigmas)}
-        return _wrapped(_unwrap(g.denoiser), sampling)
-    if isinstance(g, OneStepGenerator):
+    if isinstance(g, (OneStepGenerator, MultiStepGenerator)):
         if timestep is not None or scheduler is not None or alphas_cumprod is not None:
             raise ValueError(
                 "timestep, scheduler and alphas_cumprod are for a raw diffusers model; "
-                "a OneStepGenerator already carries its sigma_init and schedule"
+                f"a {type(g).__name__} already carries its sigmas and schedule"
             )
-        return _wrapped(_unwrap(g.denoiser), {"sigma_init": g.sigma_init, "noise_scale": g.noise_scale})
+        sampling: dict[str, Any] = {"sigma_init": g.sigma_init, "noise_scale": g.noise_scale}
+        if isinstance(g, MultiStepGenerator):  # a K-step student: its sigmas go into the note
+            sampling["sigmas"] = list(g.sigmas)
+        return _wrapped(_unwrap(g.denoiser), sampling)
     if _is_diffusers_model(g):
         if timestep is None:
             raise ValueError(
@@ -271,19 +270,12 @@ def _flow_fields(d: FlowMatchDenoiser, note: Mapping[str, Any]) -> dict[str, Any
 # --------------------------------------------------------------------------- export
 
 
-def _file_entry(data_sha: str, size: int) -> dict[str, Any]:
-    return {"sha256": data_sha, "bytes": size}
-
-
 def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
         raise TypeError("metadata must be a dict with string keys")
-    try:
-        return json.loads(json.dumps(dict(metadata), allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"metadata must be JSON-serialisable without NaN/Inf: {e}") from None
+    return json.loads(json_bytes(dict(metadata), "metadata", allow_nan=False))  # as a reader sees it
 
 
 def _is_ours(folder: Path) -> bool:
@@ -294,67 +286,7 @@ def _is_ours(folder: Path) -> bool:
     return isinstance(note, dict) and note.get("format") == FORMAT
 
 
-def _siblings(folder: Path, suffix: str) -> list[Path]:
-    prefix = f".{folder.name}."
-    try:
-        return sorted(
-            p
-            for p in folder.parent.iterdir()
-            if p.name.startswith(prefix) and p.name.endswith(suffix) and p.is_dir() and not p.is_symlink()
-        )
-    except FileNotFoundError:
-        return []
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel cannot
-        return False
-    raise OSError(err, f"cannot switch {b} into place: {os.strerror(err)}")
-
-
-def _previous_export(folder: Path) -> Path | None:
-    """The newest complete export an interrupted two-rename switch left beside ``folder``, if any."""
-    return next((p for p in reversed(_siblings(folder, _PREVIOUS)) if _is_ours(p)), None)
-
-
-def _recover(folder: Path) -> None:
-    """An earlier two-rename switch that stopped half way: put the previous complete export back."""
-    if folder.exists() or folder.is_symlink():
-        return
-    prev = _previous_export(folder)
-    if prev is not None:
-        os.replace(prev, folder)
-        fsync_dir(folder.parent)
-        log.warning("restored the previous export %s from %s (an export was interrupted)", folder, prev.name)
-
-
-def _switch(new: Path, folder: Path) -> None:
-    """Make ``new`` (complete, fsynced) the folder ``folder``; the old one is gone afterwards."""
-    parent = folder.parent
-    if not folder.exists():
-        os.rename(new, folder)
-        fsync_dir(parent)
-        return
-    if _exchange(new, folder):
-        fsync_dir(parent)
-        shutil.rmtree(new, ignore_errors=True)  # now the old export
-        return
-    old = parent / f".{folder.name}.{secrets.token_hex(8)}{_PREVIOUS}"
-    os.rename(folder, old)
-    os.rename(new, folder)  # a crash between the two renames leaves the old export at `old`
-    fsync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True)
+_exchange = exchange_folders  # how the switch swaps folders (tests take the two-rename path by replacing it)
 
 
 def export_generator(
@@ -389,7 +321,9 @@ def export_generator(
     meta = _check_metadata(metadata)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    _recover(folder)
+    prev = recover_folder(folder, _is_ours)  # an earlier export interrupted between two renames
+    if prev is not None:
+        log.warning("restored the previous export %s from %s (an export was interrupted)", folder, prev.name)
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise FileExistsError(f"export folder {folder} exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not _is_ours(folder):
@@ -415,91 +349,54 @@ def export_generator(
         **_sampling_note(sampling),
         "metadata": meta,
     }
-    if isinstance(wrapper, FlowMatchDenoiser):  # checked as the loader checks it, before anything is written
+    contents: dict[str, Any] = {}  # file name -> bytes, or (tensors, safetensors metadata)
+    if wrapper is not None:
+        contents[CONFIG_NAME] = model.to_json_string().encode()  # type: ignore[operator]
+    contents[MODULE_WEIGHTS if wrapper is None else DIFFUSERS_WEIGHTS] = (state, {"format": "pt"})
+    if wrapper is None:
+        note["kind"] = MODULE
+    elif isinstance(wrapper, FlowMatchDenoiser):  # checked as the loader checks it, before anything is written
         note["kind"], note["flow"] = FLOW, _flow_fields(wrapper, note)
         try:
             _check_flow(note, Path(folder) / NOTE_NAME)
         except StorageError as e:
             raise ValueError(f"cannot export this flow generator: {e}") from None
-    files: dict[str, dict[str, Any]] = {}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    new = folder.parent / f".{folder.name}.{secrets.token_hex(8)}{_PARTIAL}"
-    new.mkdir()
+    else:
+        ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
+        note["kind"] = DIFFUSERS
+        note["diffusers"] = {
+            "timestep": ts[0],
+            "timesteps": ts,
+            "latent_scale": sampling["noise_scale"] / math.sqrt(1.0 + sampling["sigma_init"] ** 2),
+            "prediction_type": wrapper.prediction_type,
+            "timestep_mode": wrapper.timestep,
+            "clamp": wrapper.clamp,
+            "cond_kwarg": wrapper.cond_kwarg,
+        }
+        contents[SCHEDULE_NAME] = ({"log_sigmas": wrapper.log_sigmas.detach().cpu()}, None)
+    new = new_folder_beside(folder)
     try:
-        if wrapper is not None:
-            config = model.to_json_string().encode()  # type: ignore[operator]
-            atomic_write_bytes(new / CONFIG_NAME, config, sync_dir=False)
-            files[CONFIG_NAME] = _file_entry(sha256_bytes(config), len(config))
-        if isinstance(wrapper, FlowMatchDenoiser):
-            sha = save_tensors(new / DIFFUSERS_WEIGHTS, state, {"format": "pt"}, sync_dir=False)
-            files[DIFFUSERS_WEIGHTS] = _file_entry(sha, (new / DIFFUSERS_WEIGHTS).stat().st_size)
-        elif wrapper is not None:
-            ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
-            note["kind"] = DIFFUSERS
-            note["diffusers"] = {
-                "timestep": ts[0],
-                "timesteps": ts,
-                "latent_scale": sampling["noise_scale"] / math.sqrt(1.0 + sampling["sigma_init"] ** 2),
-                "prediction_type": wrapper.prediction_type,
-                "timestep_mode": wrapper.timestep,
-                "clamp": wrapper.clamp,
-                "cond_kwarg": wrapper.cond_kwarg,
-            }
-            for name, tensors, md in (
-                (DIFFUSERS_WEIGHTS, state, {"format": "pt"}),
-                (SCHEDULE_NAME, {"log_sigmas": wrapper.log_sigmas.detach().cpu()}, None),
-            ):
-                sha = save_tensors(new / name, tensors, md, sync_dir=False)
-                files[name] = _file_entry(sha, (new / name).stat().st_size)
-        else:
-            note["kind"] = MODULE
-            sha = save_tensors(new / MODULE_WEIGHTS, state, {"format": "pt"}, sync_dir=False)
-            files[MODULE_WEIGHTS] = _file_entry(sha, (new / MODULE_WEIGHTS).stat().st_size)
-        note["files"] = files
+        note["files"] = {}
+        for name, c in contents.items():
+            path = new / name
+            sha = atomic_write_bytes(path, c, False) if isinstance(c, bytes) else save_tensors(path, c[0], c[1], False)
+            note["files"][name] = file_entry(path, sha, "bytes")
         note["digest"] = body_digest(note)
-        text = json.dumps(note, indent=2, sort_keys=True, allow_nan=False)  # no NaN/Infinity: not JSON
-        atomic_write_bytes(new / NOTE_NAME, (text + "\n").encode())
-        _switch(new, folder)
+        data = loadable(json_bytes(note, "the export note", allow_nan=False), "the export note", new)
+        atomic_write_bytes(new / NOTE_NAME, data, sync_dir=False)
+        fsync_dir(new)  # every file of the new export is durable before the switch
+        switch_folder(new, folder, _exchange)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
-    for stale in _siblings(folder, _PARTIAL) + _siblings(folder, _PREVIOUS):  # of earlier interrupted exports
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_beside(folder)
     return folder
 
 
 def _check_template(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """The weights' keys and shapes must be exactly the model's (a plain, LoRA-free instance), and
-    each tensor floating where the model's is (integer buffers of the same dtype): a relabelled
-    or integer tensor is never cast into a weight."""
-    ref = merged_state_dict(model)
-    want = {k: tuple(v.shape) for k, v in ref.items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-    kinds = sorted(
-        k
-        for k in set(want) & set(got)
-        if ref[k].is_floating_point() != state[k].is_floating_point()
-        or (not ref[k].is_floating_point() and ref[k].dtype != state[k].dtype)
-    )
-    if kinds:
-        k = kinds[0]
-        raise StorageError(
-            f"{source}: {len(kinds)} tensors have the wrong dtype (e.g. {k}: {state[k].dtype} in the "
-            f"file, {ref[k].dtype} in {type(model).__name__})"
-        )
-    if missing or extra or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys missing (e.g. {missing[:3]})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected keys (e.g. {extra[:3]})")
-        if bad:
-            parts.append(
-                f"{len(bad)} shapes differ (e.g. {bad[0]}: {got[bad[0]]} in the file, {want[bad[0]]} in the model)"
-            )
-        raise StorageError(f"{source}: the weights do not fit {type(model).__name__}: " + "; ".join(parts))
+    """The weights must fit the model (a plain, LoRA-free instance): :func:`~disback_core.storage.tensors_misfit`."""
+    if problem := tensors_misfit(state, merged_state_dict(model)):
+        raise StorageError(f"{source}: the weights do not fit {type(model).__name__}: {problem}")
 
 
 # --------------------------------------------------------------------------- load
@@ -539,57 +436,50 @@ _FILES = {
 
 def _positive(note: Mapping[str, Any], key: str, path: Path) -> float:
     v = note.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+    if not is_number(v) or v <= 0:
         raise StorageError(f"export note {path}: {key} must be a finite number > 0, got {v!r}")
     return float(v)
 
 
 def _check_start(note: Mapping[str, Any], path: Path) -> None:
     """sigma_init, noise_scale and sigmas: numbers (a finite start), or exactly the pure-noise form."""
+    where = f"export note {path}"
     sig = note["sigmas"]
     pure = "start" in note
     if pure:
         if not isinstance(note["start"], str) or note["start"] != PURE_NOISE:
-            raise StorageError(f"export note {path}: start must be {PURE_NOISE!r} (or absent), got {note['start']!r}")
+            raise StorageError(f"{where}: start must be {PURE_NOISE!r} (or absent), got {note['start']!r}")
         if note["sigma_init"] is not None:
-            raise StorageError(
-                f"export note {path}: a pure-noise start has sigma_init null, got {note['sigma_init']!r}"
-            )
+            raise StorageError(f"{where}: a pure-noise start has sigma_init null, got {note['sigma_init']!r}")
         if _positive(note, "noise_scale", path) != 1.0:
-            raise StorageError(
-                f"export note {path}: a pure-noise start has noise_scale 1.0, got {note['noise_scale']!r}"
-            )
+            raise StorageError(f"{where}: a pure-noise start has noise_scale 1.0, got {note['noise_scale']!r}")
         if note["kind"] not in (MODULE, FLOW):
             raise StorageError(
-                f"export note {path}: a pure-noise start is a {MODULE!r} or {FLOW!r} export, got kind {note['kind']!r}"
+                f"{where}: a pure-noise start is a {MODULE!r} or {FLOW!r} export, got kind {note['kind']!r}"
             )
         if not isinstance(sig, list) or not sig or sig[0] is not None:
-            raise StorageError(f"export note {path}: a pure-noise start's sigmas must be a list starting with null")
+            raise StorageError(f"{where}: a pure-noise start's sigmas must be a list starting with null")
         rest = sig[1:]
     else:
         _positive(note, "sigma_init", path)
         _positive(note, "noise_scale", path)
         if not isinstance(sig, list) or not sig or sig[0] != note["sigma_init"]:
-            raise StorageError(f"export note {path}: sigmas must be a list of numbers starting at sigma_init")
+            raise StorageError(f"{where}: sigmas must be a list of numbers starting at sigma_init")
         rest = sig
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rest):
-        raise StorageError(f"export note {path}: sigmas must be a list of numbers starting at sigma_init")
+        raise StorageError(f"{where}: sigmas must be a list of numbers starting at sigma_init")
     try:
         check_sigmas(_note_sigmas(note), "sigmas", allow_inf_first=pure)  # finite, > 0, strictly decreasing
     except (TypeError, ValueError) as e:
-        raise StorageError(f"export note {path}: {e}") from None
+        raise StorageError(f"{where}: {e}") from None
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _numbers_match(got: Any, want: list[float]) -> bool:
+def _numbers_match(got: Any, want: list[float], abs_tol: float = 1e-12) -> bool:
     """``got`` is a list of finite numbers equal to ``want`` (computed from the sigmas) to 1e-9."""
     return (
         isinstance(got, list)
         and len(got) == len(want)
-        and all(_is_number(a) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(got, want))
+        and all(is_number(a) and math.isclose(a, b, rel_tol=1e-9, abs_tol=abs_tol) for a, b in zip(got, want))
     )
 
 
@@ -601,45 +491,40 @@ def _same_json(a: Any, b: Any) -> bool:
 def _check_flow(note: Mapping[str, Any], path: Path) -> None:
     """The ``flow`` field of a ``diffusers-flow`` note: every field's type and range, and the pipeline
     facts (t, timesteps, latent_scale) consistent with the note's sigmas and noise_scale."""
-    f = note.get("flow")
-    if not isinstance(f, dict) or set(f) != _FLOW_KEYS:
-        raise StorageError(f"export note {path}: flow must hold exactly {sorted(_FLOW_KEYS)}")
+    where = f"export note {path}"
+    f = check_fields(note.get("flow"), _FLOW_KEYS, where, "flow")
     sig = _note_sigmas(note)
     t = _flow_times(sig)
     if not _numbers_match(f["t"], t):
-        raise StorageError(f"export note {path}: flow.t must be the sigmas' flow times sigma / (1 + sigma), {t}")
+        raise StorageError(f"{where}: flow.t must be the sigmas' flow times sigma / (1 + sigma), {t}")
     if not _numbers_match(f["timesteps"], [1000.0 * v for v in t]):
-        raise StorageError(f"export note {path}: flow.timesteps must be 1000 * flow.t")
+        raise StorageError(f"{where}: flow.timesteps must be 1000 * flow.t")
     if not _numbers_match([f["latent_scale"]], [_latent_scale(sig[0], note["noise_scale"])]):
-        raise StorageError(
-            f"export note {path}: flow.latent_scale {f['latent_scale']!r} is not noise_scale / (1 + sigma_init)"
-        )
+        raise StorageError(f"{where}: flow.latent_scale {f['latent_scale']!r} is not noise_scale / (1 + sigma_init)")
     if not _same_json(f["scheduler"], PIPELINE_SCHEDULER):
-        raise StorageError(f"export note {path}: flow.scheduler must be {json.dumps(PIPELINE_SCHEDULER)}")
+        raise StorageError(f"{where}: flow.scheduler must be {json.dumps(PIPELINE_SCHEDULER)}")
     for key in ("shift", "time_scale"):
-        if not _is_number(f[key]) or f[key] <= 0:
-            raise StorageError(f"export note {path}: flow.{key} must be a finite number > 0, got {f[key]!r}")
+        if not is_number(f[key]) or f[key] <= 0:
+            raise StorageError(f"{where}: flow.{key} must be a finite number > 0, got {f[key]!r}")
     if not isinstance(f["cond_kwarg"], str) or not f["cond_kwarg"].isidentifier():
-        raise StorageError(f"export note {path}: flow.cond_kwarg {f['cond_kwarg']!r} is not a keyword name")
-    if f["guidance"] is not None and not _is_number(f["guidance"]):
-        raise StorageError(f"export note {path}: flow.guidance must be null or a finite number, got {f['guidance']!r}")
+        raise StorageError(f"{where}: flow.cond_kwarg {f['cond_kwarg']!r} is not a keyword name")
+    if f["guidance"] is not None and not is_number(f["guidance"]):
+        raise StorageError(f"{where}: flow.guidance must be null or a finite number, got {f['guidance']!r}")
     ds = f["dynamic_shift"]
     if ds is None:
         return
     if not isinstance(ds, dict) or not set(ds) <= _DYNAMIC_SHIFT_KEYS:
-        raise StorageError(
-            f"export note {path}: flow.dynamic_shift must be null or an object of {sorted(_DYNAMIC_SHIFT_KEYS)}"
-        )
-    bad = [k for k in ("base_shift", "max_shift") if k in ds and not _is_number(ds[k])]
-    bad += [k for k in ("base_image_seq_len", "max_image_seq_len") if k in ds and not (_is_number(ds[k]) and ds[k] > 0)]
+        raise StorageError(f"{where}: flow.dynamic_shift must be null or an object of {sorted(_DYNAMIC_SHIFT_KEYS)}")
+    bad = [k for k in ("base_shift", "max_shift") if k in ds and not is_number(ds[k])]
+    bad += [k for k in ("base_image_seq_len", "max_image_seq_len") if k in ds and not (is_number(ds[k]) and ds[k] > 0)]
     if ds.get("time_shift_type", "exponential") not in ("exponential", "linear"):
         bad.append("time_shift_type")
     if bad:
-        raise StorageError(f"export note {path}: flow.dynamic_shift has bad values for {bad}")
+        raise StorageError(f"{where}: flow.dynamic_shift has bad values for {bad}")
     if ds.get("base_image_seq_len", 256) == ds.get("max_image_seq_len", 4096):
-        raise StorageError(f"export note {path}: flow.dynamic_shift's base and max image_seq_len are equal")
+        raise StorageError(f"{where}: flow.dynamic_shift's base and max image_seq_len are equal")
     if f["shift"] != 1.0:
-        raise StorageError(f"export note {path}: flow.shift is unused with a dynamic shift and must be 1.0")
+        raise StorageError(f"{where}: flow.shift is unused with a dynamic shift and must be 1.0")
 
 
 def _note_sigmas(note: Mapping[str, Any]) -> list[float]:
@@ -657,7 +542,7 @@ def _where(folder: Path) -> Path:
     if folder.is_symlink():
         raise StorageError(f"export folder {folder} is a symlink; pass the folder itself")
     if not folder.exists():
-        prev = _previous_export(folder)
+        prev = recover_folder(folder, _is_ours, restore=False)
         if prev is None:
             raise StorageError(f"export folder {folder} does not exist")
         log.warning("export folder %s is missing (an export was interrupted); reading %s", folder, prev.name)
@@ -673,72 +558,52 @@ def read_export_note(folder: str | os.PathLike) -> dict[str, Any]:
 def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
     root = _where(folder)
     path = root / NOTE_NAME
+    where = f"export note {path}"
     note = read_json(path, "export note")
-    if not isinstance(note, dict) or note.get("format") != FORMAT:
-        raise StorageError(f"export note {path}: not a {FORMAT} note")
-    if note.get("version") != VERSION or isinstance(note.get("version"), bool):
-        raise StorageError(f"export note {path}: version {note.get('version')!r} is not {VERSION}")
+    check_format(note, where, FORMAT, (VERSION,), "note")
     if set(note) - {"diffusers", "flow", "start"} != _NOTE_KEYS:
-        raise StorageError(f"export note {path}: fields {sorted(set(note))} are not {sorted(_NOTE_KEYS)}")
-    if note["digest"] != body_digest(note):
-        raise StorageError(f"export note {path}: its digest does not match its fields: it was edited")
+        raise StorageError(f"{where}: fields {sorted(set(note))} are not {sorted(_NOTE_KEYS)}")
+    check_digest(note, where)
     kind = note["kind"]
     expected = _FILES.get(kind) if isinstance(kind, str) else None
     if expected is None:
-        raise StorageError(f"export note {path}: kind {kind!r} is not one of {sorted(_FILES)}")
+        raise StorageError(f"{where}: kind {kind!r} is not one of {sorted(_FILES)}")
     if not isinstance(note["class"], str) or not note["class"].isidentifier():
-        raise StorageError(f"export note {path}: class {note['class']!r} is not a class name")
+        raise StorageError(f"{where}: class {note['class']!r} is not a class name")
     if kind == FLOW and note["class"] not in FLOW_ARCHS:
         raise StorageError(
-            f"export note {path}: class {note['class']!r} is not a flow transformer class; a {FLOW!r} export "
+            f"{where}: class {note['class']!r} is not a flow transformer class; a {FLOW!r} export "
             f"holds one of {', '.join(FLOW_ARCHS)}"
         )
     _check_start(note, path)
     if not isinstance(note["metadata"], dict):
-        raise StorageError(f"export note {path}: metadata must be an object")
-    files = note["files"]
-    if not isinstance(files, dict) or set(files) != expected:
-        raise StorageError(f"export note {path}: files must be exactly {sorted(expected)}")
-    for name, entry in files.items():
-        if (
-            not isinstance(entry, dict)
-            or set(entry) != {"sha256", "bytes"}
-            or not is_sha256(entry["sha256"])
-            or isinstance(entry["bytes"], bool)
-            or not isinstance(entry["bytes"], int)
-            or entry["bytes"] < 0
-        ):
-            raise StorageError(f"export note {path}: files[{name!r}] must be {{sha256: 64 hex, bytes: int >= 0}}")
+        raise StorageError(f"{where}: metadata must be an object")
+    check_file_table(note["files"], expected, where, "bytes")
     for field, its_kind in (("diffusers", DIFFUSERS), ("flow", FLOW)):
         if field in note and kind != its_kind:
-            raise StorageError(f"export note {path}: a {kind!r} export has no {field} field")
+            raise StorageError(f"{where}: a {kind!r} export has no {field} field")
     if kind == FLOW:
         _check_flow(note, path)
     if kind == DIFFUSERS:
-        d = note.get("diffusers")
-        if not isinstance(d, dict) or set(d) != _DIFFUSERS_KEYS:
-            raise StorageError(f"export note {path}: diffusers must hold exactly {sorted(_DIFFUSERS_KEYS)}")
+        d = check_fields(note.get("diffusers"), _DIFFUSERS_KEYS, where, "diffusers")
         if (
             d["timestep_mode"] not in ("interp", "nearest")
             or not isinstance(d["clamp"], bool)
             or not isinstance(d["cond_kwarg"], str)
             or not isinstance(d["prediction_type"], str)
         ):
-            raise StorageError(f"export note {path}: diffusers fields have wrong types or values")
+            raise StorageError(f"{where}: diffusers fields have wrong types or values")
     return root, note
 
 
 def _sized(root: Path, note: Mapping[str, Any], name: str) -> tuple[Path, str, int]:
     """(path, sha256, size) of a listed file, which must be a regular file of exactly that size."""
-    entry, path = note["files"][name], root / name
-    f, size = open_regular(path, "export file")  # no symlink, FIFO or device; never blocks
-    f.close()
-    if size != entry["bytes"]:
-        raise StorageError(
-            f"export file {path} is {size} bytes, the note says {entry['bytes']}: "
-            "it was truncated, extended or replaced"
-        )
-    return path, entry["sha256"], entry["bytes"]
+    entry = note["files"][name]
+    return (
+        verify_file(root / name, None, entry["bytes"], "export file", "the note says"),
+        entry["sha256"],
+        entry["bytes"],
+    )
 
 
 # Buffers a model computes when it is built (rotary frequencies: Wan's rope.freqs_cos/sin) are not in
@@ -792,8 +657,6 @@ def _build_and_load(cls: Any, config: Mapping[str, Any], cfg_path: Path, path: P
        the model built with its parameters on meta and the loaded tensors assigned to it.
     A file that fails a check of step 2 is refused for its sha256 first if it was modified.
     """
-    if path.is_symlink():
-        raise StorageError(f"weights {path} are a symlink; only regular files are read")
     try:
         meta = _build(cls, config, cfg_path, everything_on_meta=True)
     except StorageError:
@@ -811,8 +674,7 @@ def _build_and_load(cls: Any, config: Mapping[str, Any], cfg_path: Path, path: P
                 f"in the weights {path} ({size} bytes): refused"
             )
     except StorageError:
-        if sha256_file(path) != sha:  # a modified file: say so rather than what its header lacks
-            raise StorageError(f"weights {path} fail their sha256 check: the file was modified") from None
+        verify_file(path, sha, size, "weights", "the note says")  # a modified file: say so, not what it lacks
         raise
     del meta, header
     state = load_tensors(path, sha256=sha, max_bytes=size)
@@ -852,21 +714,11 @@ def _load_dtype(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> to
 
 
 def _load_weights(model: nn.Module, path: Path, sha: str, size: int) -> None:
-    if path.is_symlink():
-        raise StorageError(f"weights {path} are a symlink; only regular files are read")
     state = load_tensors(path, sha256=sha, max_bytes=size)
     _check_template(model, state, str(path))
-    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    current = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if len(dtypes) == 1 and current != dtypes:  # exported in one dtype (e.g. fp16): run in it, as exported
-        model.to(next(iter(dtypes)))
-    now = model.state_dict()
-    cast = sorted(k for k, v in state.items() if v.dtype != now[k].dtype)
-    if cast:  # mixed precisions in the file that the model does not have: never cast silently
-        raise StorageError(
-            f"weights {path}: {len(cast)} tensors differ in dtype from the model after loading "
-            f"(e.g. {cast[0]}: {state[cast[0]].dtype} vs {now[cast[0]].dtype})"
-        )
+    target = _load_dtype(model, state, path)
+    if target is not None:  # exported in one dtype (e.g. fp16): run in it, as exported
+        model.to(target)
     model.load_state_dict(state, strict=True)
 
 
@@ -880,11 +732,10 @@ def load_generator(
 
     A diffusers export builds its model from ``config.json`` (the class must be a diffusers model
     class; for a ``diffusers-flow`` export one of the four flow transformers, wrapped in a
-    :class:`~disback_core.flow.FlowMatchDenoiser` with the note's settings), first on the meta device:
-    the weights' keys, shapes and dtypes are checked against it before the model is materialised.
-    A ``module`` export needs ``model=``, a module of the exported architecture, into which the
-    weights are loaded. Every file is verified first (sha256, size, keys and shapes); any problem is
-    a :class:`~disback_core.storage.StorageError` naming the file.
+    :class:`~disback_core.flow.FlowMatchDenoiser` with the note's settings); a ``module`` export
+    needs ``model=``, a module of the exported architecture, into which the weights are loaded.
+    Every file is verified first (see the module docstring); any problem is a
+    :class:`~disback_core.storage.StorageError` naming the file.
     """
     root, note = _read_note(Path(folder))
     if note["kind"] == MODULE:
@@ -907,11 +758,8 @@ def load_generator(
             )
         import diffusers
 
-        cfg_path, cfg_sha, cfg_size = _sized(root, note, CONFIG_NAME)
-        raw = read_bytes(cfg_path, "model config", max_bytes=cfg_size)
-        if sha256_bytes(raw) != cfg_sha:
-            raise StorageError(f"model config {cfg_path} fails its sha256 check: it was modified")
-        config = parse_json(raw, cfg_path, "model config")
+        cfg_path, cfg_sha, _ = _sized(root, note, CONFIG_NAME)
+        config = read_json(cfg_path, "model config", sha256=cfg_sha)  # its size is checked already
         cls = getattr(diffusers, note["class"], None)
         if not isinstance(config, dict) or config.get("_class_name") != note["class"]:
             raise StorageError(f"model config {cfg_path}: _class_name is not {note['class']!r}")
@@ -973,27 +821,13 @@ def _ddpm_denoiser(net: nn.Module, root: Path, note: Mapping[str, Any]) -> Diffu
         ts = wrapper.sigma_to_t(torch.tensor(note["sigmas"], dtype=torch.float64)).tolist()
     except ValueError as e:
         raise StorageError(f"export note {root / NOTE_NAME}: the sigmas do not fit the schedule: {e}") from None
-    t = ts[0]
-    listed = d["timesteps"]
-    if (
-        not isinstance(listed, list)
-        or len(listed) != len(ts)
-        or not all(
-            isinstance(a, (int, float)) and not isinstance(a, bool) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-            for a, b in zip(listed, ts)
-        )
-    ):
+    if not _numbers_match(d["timesteps"], ts, abs_tol=1e-9):
         raise StorageError(f"export note {root / NOTE_NAME}: diffusers.timesteps do not match the sigmas")
     scale = note["noise_scale"] / math.sqrt(1.0 + note["sigma_init"] ** 2)
-    for key, want in (("timestep", t), ("latent_scale", scale)):  # what a pipeline user reads must agree
-        got = d[key]
-        if (
-            isinstance(got, bool)
-            or not isinstance(got, (int, float))
-            or not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
-        ):
+    for key, want in (("timestep", ts[0]), ("latent_scale", scale)):  # what a pipeline user reads must agree
+        if not _numbers_match([d[key]], [want], abs_tol=1e-9):
             raise StorageError(
-                f"export note {root / NOTE_NAME}: diffusers.{key} is {got!r}, but sigma_init and "
+                f"export note {root / NOTE_NAME}: diffusers.{key} is {d[key]!r}, but sigma_init and "
                 f"noise_scale give {want!r}"
             )
     return wrapper

@@ -17,23 +17,20 @@ On disk, one run folder::
         rng-rank<r>.safetensors     per rank: torch CPU RNG, CUDA RNG of every device, named generators
         rng-rank<r>.json            per rank: numpy's global RNG and Python's ``random`` state
 
-A save writes everything into a temporary sibling folder (``.step-<step>.tmp-<pid>``), fsyncing
-every file and the folder, renames it into place, then replaces ``latest.json`` atomically (temp
-file, fsync, ``os.replace``, fsync of the run folder): that replacement is the switch. Only then
-are the step folders beyond the last ``keep`` and stray temporary folders removed. A state saved
-again at a step that already has a folder is switched to under its temporary name first, so
-``latest.json`` always names a complete folder; a folder named ``step-<step>`` is only ever made by
-renaming a complete one. The same state gives the same bytes in every file.
+A save writes everything into a temporary sibling folder (``.step-<step>.tmp-<pid>``), renames it
+into place, then replaces ``latest.json``: that replacement is the switch (every write and rename
+durable, see :mod:`~disback_core.storage`). Only then are the step folders beyond the last ``keep``
+and stray temporary folders removed. A state saved again at a step that already has a folder is
+switched to under its temporary name first, so ``latest.json`` always names a complete folder; a
+folder named ``step-<step>`` is only ever made by renaming a complete one. The same state gives the
+same bytes in every file; a save refuses, before writing anything, a state the loader would refuse.
 
 A load reads ``latest.json`` (or the step folder it is given), checks the manifest (against the
 sha256 ``latest.json`` records and against its own digest, so that a step folder loaded directly is
-verified like the live one) and every file's size and sha256 (streamed) before any tensor is read,
-the run configuration, the world size, the names, shapes and types of everything it restores, and
-only then writes into the caller's modules, optimizers, schedulers, generators and RNGs. Every JSON
-file is read by :func:`~disback_core.storage.parse_json` (size cap per file kind, nesting depth
-measured by a linear scan before parsing); a save refuses, before writing anything, a state whose
-files that reader would refuse. Every problem is a :class:`~disback_core.storage.StorageError`
-naming the file and the problem.
+verified like the live one) and every file before any tensor is read, the run configuration, the
+world size, the names, shapes and types of everything it restores, and only then writes into the
+caller's modules, optimizers, schedulers, generators and RNGs. Every problem is a
+:class:`~disback_core.storage.StorageError` naming the file and the problem.
 
 Not in scope here: sharded states (FSDP / ``torch.distributed.checkpoint``); every rank of a
 replicated (DDP) run shares one folder on a shared file system, rank 0 writing all but the RNG files.
@@ -42,18 +39,16 @@ replicated (DDP) run shares one folder on a shared file system, rank 0 writing a
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import random
 import re
-import reprlib
-import shutil
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -63,18 +58,32 @@ from .storage import (
     atomic_write,
     atomic_write_bytes,
     body_digest,
-    check_json,
+    check_digest,
+    check_fields,
+    check_file_table,
+    check_format,
+    check_int,
     config_hash,
+    file_entry,
     fsync_dir,
     gc_paused,
+    is_number,
+    is_plain_name,
     is_sha256,
+    json_bytes,
     load_tensors,
+    loadable,
     parse_json,
     read_bytes,
     read_json,
+    remove_path,
     save_tensors,
     sha256_bytes,
     sha256_stream,
+    short,
+    temp_target,
+    tensors_misfit,
+    verify_file,
 )
 
 __all__ = ["save_state", "load_state", "latest_state", "list_states", "FORMAT", "VERSION"]
@@ -97,23 +106,9 @@ MAX_MANIFEST_DEPTH = 192
 _MAX_CUDA_DEVICES = 1024
 _STEP_DIR = re.compile(r"step-(\d{9})")
 _TMP_DIR = re.compile(r"\.step-(\d{9})\.tmp-[A-Za-z0-9-]{1,80}")
-# temporary files of a latest.json write: storage's (".latest.json.<16 hex>.tmp") and this module's earlier ones
-_POINTER_TMP = re.compile(r"\.latest\.json\.(tmp-.*|[0-9a-f]{16}\.tmp)", re.DOTALL)
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _TAGS = ("__tuple__", "__tensor__", "__dict__", "__float__")
 _TAG_SET = frozenset(_TAGS)
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 60
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 2, 4, 4, 4
-
-
-def _short(v: Any) -> str:
-    """A bounded rendering of a value read from a file, for messages (never the whole value)."""
-    if isinstance(v, str):
-        return json.dumps(v[:60] + ("..." if len(v) > 60 else ""))
-    if v is None or isinstance(v, (bool, int, float)):
-        return json.dumps(v)[:60]
-    return _REPR.repr(v)
+_short = short  # the name other modules of the library import
 
 
 # --------------------------------------------------------------------------- JSON encoding
@@ -207,7 +202,7 @@ def _decoded(obj: Any, tensors: Mapping[str, Tensor], used: set[str]) -> Any:
                 try:
                     obj[k] = _decoded(v, tensors, used)
                 except _Malformed as e:
-                    e.path.append(f"[{_short(k)}]")
+                    e.path.append(f"[{short(k)}]")
                     raise
         return obj
     if len(obj) != 1:
@@ -217,7 +212,7 @@ def _decoded(obj: Any, tensors: Mapping[str, Tensor], used: set[str]) -> Any:
         return tuple(_decoded(v, tensors, used))
     if tag == "__tensor__" and isinstance(v, str):
         if v not in tensors:
-            raise _Malformed(f"tensor {_short(v)} is not in the state's tensor file")
+            raise _Malformed(f"tensor {short(v)} is not in the state's tensor file")
         used.add(v)
         return tensors[v]
     if tag == "__float__" and v in ("nan", "inf", "-inf"):
@@ -233,12 +228,12 @@ def _decoded(obj: Any, tensors: Mapping[str, Tensor], used: set[str]) -> Any:
             try:
                 out[k] = _decoded(x, tensors, used)
             except TypeError:
-                raise _Malformed(f"key {i} ({_short(k)}) cannot be a dict key") from None
+                raise _Malformed(f"key {i} ({short(k)}) cannot be a dict key") from None
             except _Malformed as e:
-                e.path.append(f"[{_short(k)}]")
+                e.path.append(f"[{short(k)}]")
                 raise
         return out
-    raise _Malformed(f"malformed {tag} value {_short(v)}")
+    raise _Malformed(f"malformed {tag} value {short(v)}")
 
 
 def _tensor_refs(obj: Any, out: set[str] | None = None) -> set[str]:
@@ -275,16 +270,10 @@ def _same_kind(saved: Any, own: Any) -> bool:
 def _json_bytes(obj: Any) -> bytes:
     """Deterministic JSON bytes (ASCII, no NaN). Keys keep their order, so that a restored dict
     iterates like the saved one; the library's own sections are built in a fixed order."""
-    return (json.dumps(obj, indent=1, ensure_ascii=True, allow_nan=False) + "\n").encode()
+    return json_bytes(obj, indent=1, sort_keys=False, allow_nan=False)
 
 
-def _loadable(data: bytes, what: str, where: str, max_bytes: int, max_depth: int) -> bytes:
-    """``data`` if the loader's JSON reader would read it back, else a ValueError before it is written."""
-    try:
-        check_json(data, where, what, max_depth, max_bytes)
-    except StorageError as e:
-        raise ValueError(f"the state cannot be saved: it would not load back: {e}") from None
-    return data
+_loadable = loadable  # (data, what, where, max_bytes, max_depth): refused before writing if a load would refuse it
 
 
 # --------------------------------------------------------------------------- files
@@ -294,21 +283,7 @@ def _loadable(data: bytes, what: str, where: str, max_bytes: int, max_depth: int
 _fsync_dir = fsync_dir
 _write_new = atomic_write_bytes  # a file of the temporary folder (sync_dir=False: the folder is fsynced once)
 _replace_file = atomic_write_bytes  # latest.json: temporary file, fsync, os.replace, fsync of the run folder
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, symlink or folder tree at ``path`` if there is one."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+_remove = remove_path
 
 
 def _link_copy(src: Path, dst: Path) -> None:
@@ -328,18 +303,14 @@ def _link_copy(src: Path, dst: Path) -> None:
 # --------------------------------------------------------------------------- argument checks
 
 
-def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
-    if type(value) is not int or value < lo or (hi is not None and value > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
-    return value
+_check_int = check_int
 
 
 def _check_names(objs: Mapping[str, Any], arg: str, kind: type | tuple[type, ...] | None = None) -> None:
     if not isinstance(objs, Mapping):
         raise TypeError(f"{arg} must be a mapping of names to objects, got {type(objs).__name__}")
     for name, obj in objs.items():
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not is_plain_name(name):
             raise ValueError(
                 f"{arg}: name {name!r} must be 1-100 characters of letters, digits, '_', '.' "
                 "or '-', not starting with '.' or '-'"
@@ -405,11 +376,7 @@ def _rng_state(
     return tensors, info
 
 
-def _numpy_state() -> dict[str, Any] | None:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return None
+def _numpy_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {
         "bit_generator": kind,
@@ -468,15 +435,15 @@ class _Payload:
 
 
 def _write_tensors(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
-    sha = save_tensors(path, tensors)
-    return {"sha256": sha, "size": os.stat(path).st_size}
+    return file_entry(path, save_tensors(path, tensors))
 
 
 def _write_rank_files(tmp: Path, rank: int, tensors: Mapping[str, Tensor], data: bytes) -> dict[str, Any]:
-    files = {f"rng-rank{rank}.safetensors": _write_tensors(tmp / f"rng-rank{rank}.safetensors", tensors)}
-    _write_new(tmp / f"rng-rank{rank}.json", data, sync_dir=False)
-    files[f"rng-rank{rank}.json"] = {"sha256": sha256_bytes(data), "size": len(data)}
-    return files
+    jfile = tmp / f"rng-rank{rank}.json"
+    return {
+        f"rng-rank{rank}.safetensors": _write_tensors(tmp / f"rng-rank{rank}.safetensors", tensors),
+        jfile.name: file_entry(jfile, _write_new(jfile, data, sync_dir=False)),
+    }
 
 
 def _hash_rank_files(tmp: Path, rank: int) -> dict[str, Any]:
@@ -523,18 +490,8 @@ def _tmp_name(step: int, world_size: int) -> str:
 
 
 def _write_pointer(folder: Path, directory: str, step: int, manifest_sha: str) -> None:
-    _replace_file(
-        folder / LATEST,
-        _json_bytes(
-            {
-                "format": POINTER_FORMAT,
-                "version": VERSION,
-                "step": step,
-                "directory": directory,
-                "manifest_sha256": manifest_sha,
-            }
-        ),
-    )
+    d = {"format": POINTER_FORMAT, "version": VERSION, "step": step, "directory": directory}
+    _replace_file(folder / LATEST, _json_bytes({**d, "manifest_sha256": manifest_sha}))
 
 
 def _install(folder: Path, tmp: Path, step: int, manifest_sha: str) -> Path:
@@ -590,7 +547,8 @@ def _cleanup(folder: Path, step: int, keep: int, live: str) -> None:
         name = entry.name
         if name == live:
             continue
-        if _TMP_DIR.fullmatch(name) or _POINTER_TMP.fullmatch(name):
+        # temporary files of a latest.json write: storage's, and this module's earlier ".latest.json.tmp-*"
+        if _TMP_DIR.fullmatch(name) or temp_target(name) == LATEST or name.startswith(f".{LATEST}.tmp-"):
             doomed.append(folder / name)
         elif _STEP_DIR.fullmatch(name) and entry.is_dir(follow_symlinks=False):
             steps.append(int(name[5:]))
@@ -723,19 +681,14 @@ def _read_pointer(folder: Path) -> tuple[Path, str]:
     manifest sha256 it records."""
     ptr = folder / LATEST
     d = read_json(ptr, "state pointer", MAX_POINTER_BYTES)
-    keys = {"format", "version", "step", "directory", "manifest_sha256"}
-    if not isinstance(d, dict) or d.get("format") != POINTER_FORMAT or set(d) != keys:
-        raise StorageError(
-            f"state pointer {ptr} is not a disback state pointer (an object with exactly {sorted(keys)})"
-        )
-    if type(d["version"]) is not int or d["version"] != VERSION:
-        raise StorageError(f"state pointer {ptr} has version {_short(d['version'])}; this library reads {VERSION}")
+    check_format(d, f"state pointer {ptr}", POINTER_FORMAT, (VERSION,), "pointer")
+    check_fields(d, {"format", "version", "step", "directory", "manifest_sha256"}, f"state pointer {ptr}", "it")
     name, step, sha = d["directory"], d["step"], d["manifest_sha256"]
     m = (_STEP_DIR.fullmatch(name) or _TMP_DIR.fullmatch(name)) if isinstance(name, str) else None
     if m is None:
-        raise StorageError(f"state pointer {ptr} names {_short(name)}, which is not a step folder inside {folder}")
+        raise StorageError(f"state pointer {ptr} names {short(name)}, which is not a step folder inside {folder}")
     if type(step) is not int or step != int(m.group(1)):
-        raise StorageError(f"state pointer {ptr}: step {_short(step)} does not match its folder {name}")
+        raise StorageError(f"state pointer {ptr}: step {short(step)} does not match its folder {name}")
     if not is_sha256(sha):
         raise StorageError(f"state pointer {ptr}: manifest_sha256 is not 64 hex digits")
     path = folder / name
@@ -785,9 +738,13 @@ def _resolve(folder: Path) -> tuple[Path, str | None]:
 # --------------------------------------------------------------------------- reading a manifest
 
 
-def _want(cond: bool, where: Path, problem: str) -> None:
+def _bad(path: Path, problem: str) -> StorageError:
+    return StorageError(f"manifest {path}: {problem}")
+
+
+def _want(cond: bool, path: Path, problem: str) -> None:
     if not cond:
-        raise StorageError(f"manifest {where}: {problem}")
+        raise _bad(path, problem)
 
 
 def _pointer_sha(step_dir: Path) -> str | None:
@@ -797,6 +754,10 @@ def _pointer_sha(step_dir: Path) -> str | None:
     except StorageError:
         return None
     return sha if live.name == step_dir.name else None
+
+
+_FIELDS = {"step": int, "world_size": int, "files": dict, "modules": dict, "optimizers": dict, "schedulers": dict}
+_FIELDS.update({"generators": list, "config": dict, "config_hash": str})  # and their JSON types
 
 
 def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
@@ -809,102 +770,54 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
         raise StorageError(f"step folder {step_dir} has no {MANIFEST}: an incomplete or foreign save")
     data = read_bytes(path, "manifest", MAX_MANIFEST_BYTES)
     if expected_sha is not None and sha256_bytes(data) != expected_sha:
-        raise StorageError(f"manifest {path} fails the sha256 recorded in {LATEST}: it was modified or replaced")
+        raise _bad(path, f"fails the sha256 recorded in {LATEST}: it was modified or replaced")
     m = parse_json(data, path, "manifest", MAX_MANIFEST_DEPTH, MAX_MANIFEST_BYTES)
-    _want(isinstance(m, dict) and m.get("format") == FORMAT, path, f"not a {FORMAT} manifest")
-    _want(
-        type(m.get("version")) is int and m.get("version") == VERSION,
-        path,
-        f"format version {_short(m.get('version'))}; this library reads {VERSION}",
-    )
+    check_format(m, f"manifest {path}", FORMAT, (VERSION,))
     if "digest" in m:
-        _want(
-            is_sha256(m["digest"]) and m["digest"] == body_digest(m),
-            path,
-            "its digest does not match its content: it was modified",
-        )
-    elif expected_sha is None:
-        known = _pointer_sha(step_dir)
-        _want(
-            known is not None,
+        check_digest(m, f"manifest {path}")
+    elif expected_sha is None and (known := _pointer_sha(step_dir)) is None:
+        raise _bad(
             path,
             f"it has no digest (saved before states had one) and the run folder's {LATEST} does not name "
             f"{step_dir.name}: nothing can verify it (load the run folder while this is its latest state)",
         )
-        _want(sha256_bytes(data) == known, path, f"fails the sha256 recorded in {LATEST}: it was modified or replaced")
-    for key, kind in (
-        ("step", int),
-        ("world_size", int),
-        ("files", dict),
-        ("modules", dict),
-        ("optimizers", dict),
-        ("schedulers", dict),
-        ("generators", list),
-        ("config", dict),
-        ("config_hash", str),
-    ):
-        _want(type(m.get(key)) is kind, path, f"{key!r} is missing or not a {kind.__name__}")
-    _want(
-        0 <= m["step"] <= MAX_STEP and 1 <= m["world_size"] <= len(m["files"]) // 2,
-        path,
-        "step or world_size out of range (every rank has two RNG files in the file table)",
-    )
-    _want(
-        all(isinstance(g, str) for g in m["generators"]) and len(set(m["generators"])) == len(m["generators"]),
-        path,
-        "'generators' must be a list of distinct names",
-    )
-    _want(
-        m.get("tensors_file") is None or isinstance(m["tensors_file"], str),
-        path,
-        "'tensors_file' must be a file name or null",
-    )
+    elif expected_sha is None and sha256_bytes(data) != known:
+        raise _bad(path, f"fails the sha256 recorded in {LATEST}: it was modified or replaced")
+    for key, kind in _FIELDS.items():
+        if type(m.get(key)) is not kind:
+            raise _bad(path, f"{key!r} is missing or not a {kind.__name__}")
+    if not (0 <= m["step"] <= MAX_STEP and 1 <= m["world_size"] <= len(m["files"]) // 2):
+        raise _bad(path, "step or world_size out of range (every rank has two RNG files in the file table)")
+    if not all(isinstance(g, str) for g in m["generators"]) or len(set(m["generators"])) != len(m["generators"]):
+        raise _bad(path, "'generators' must be a list of distinct names")
+    if not (m.get("tensors_file") is None or isinstance(m["tensors_file"], str)):
+        raise _bad(path, "'tensors_file' must be a file name or null")
     match = _STEP_DIR.fullmatch(step_dir.name) or _TMP_DIR.fullmatch(step_dir.name)
-    _want(match is None or int(match.group(1)) == m["step"], path, f"step {m['step']} does not match its folder's name")
+    if match is not None and int(match.group(1)) != m["step"]:
+        raise _bad(path, f"step {m['step']} does not match its folder's name")
     _check_file_table(m, path)
     return m
 
 
 def _check_file_table(m: dict[str, Any], path: Path) -> None:
-    """Every file entry has a plain name, a sha256 and a size; the table lists exactly the files the
-    manifest's sections name, and every rank's RNG files."""
-    for name, e in m["files"].items():
-        _want(
-            bool(_NAME.fullmatch(name)) and name != MANIFEST, path, f"file name {_short(name)} is not a plain file name"
-        )
-        _want(
-            isinstance(e, dict)
-            and set(e) == {"sha256", "size"}
-            and is_sha256(e["sha256"])
-            and type(e["size"]) is int
-            and e["size"] >= 0,
-            path,
-            f"file {_short(name)} needs a sha256 (64 hex digits) and a size",
-        )
+    """The file table lists exactly the files the manifest's sections name and every rank's RNG files."""
     want = {f"rng-rank{r}.{ext}" for r in range(m["world_size"]) for ext in ("safetensors", "json")}
     for section in ("modules", "optimizers"):
         for name, e in m[section].items():
-            _want(
-                isinstance(e, dict) and isinstance(e.get("file"), str), path, f"{section}[{_short(name)}] names no file"
-            )
+            if not (isinstance(e, dict) and isinstance(e.get("file"), str)):
+                raise _bad(path, f"{section}[{short(name)}] names no file")
             want.add(e["file"])
     if m.get("tensors_file") is not None:
         want.add(m["tensors_file"])
-    missing, extra = sorted(want - set(m["files"])), sorted(set(m["files"]) - want)
-    _want(not missing, path, f"file {_short(missing[0] if missing else '')} is used but not in the file table")
-    _want(not extra, path, f"file {_short(extra[0] if extra else '')} is in the file table but used by nothing")
+    if MANIFEST in want:
+        raise _bad(path, f"a section names {MANIFEST} as its file")
+    check_file_table(m["files"], want, f"manifest {path}")
 
 
 def _verify_files(step_dir: Path, files: Mapping[str, Mapping[str, Any]]) -> None:
     """Every listed file: a regular file of the recorded size and sha256 (streamed)."""
     for name in sorted(files):
-        path, e = step_dir / name, files[name]
-        sha, _ = sha256_stream(path, "state file", size=e["size"])  # a file of another size is not read
-        if sha != e["sha256"]:
-            raise StorageError(
-                f"state file {path} fails its sha256 check (expected {e['sha256'][:12]}..., "
-                f"got {sha[:12]}...): it was modified"
-            )
+        verify_file(step_dir / name, files[name]["sha256"], files[name]["size"], "state file", "the manifest says")
 
 
 # --------------------------------------------------------------------------- checking what is restored
@@ -925,7 +838,7 @@ def _config_diff(saved: Any, given: Any, path: str = "") -> list[str]:
         return out
     if saved == given and type(saved) is type(given):
         return []
-    return [f"{path or '<config>'}: {_short(saved)} in the state, {_short(given)} given"]
+    return [f"{path or '<config>'}: {short(saved)} in the state, {short(given)} given"]
 
 
 def _check_config(m: Mapping[str, Any], config: Mapping[str, Any], path: Path) -> None:
@@ -958,7 +871,7 @@ def _check_sections(m: Mapping[str, Any], given: Mapping[str, Mapping[str, Any]]
         missing = sorted(set(objs) - saved)
         if missing:
             raise StorageError(
-                f"{path}: {section} {missing[0]!r} is not in the state (it holds {_short(sorted(saved))})"
+                f"{path}: {section} {missing[0]!r} is not in the state (it holds {short(sorted(saved))})"
             )
         unused = sorted(saved - set(objs))
         if strict and unused:
@@ -969,33 +882,14 @@ def _check_sections(m: Mapping[str, Any], given: Mapping[str, Mapping[str, Any]]
 
 
 def _check_module(name: str, module: nn.Module, saved: Mapping[str, Tensor], file: Path) -> None:
-    own = module.state_dict()
-    missing, unexpected = [k for k in own if k not in saved], [k for k in saved if k not in own]
-    if missing:
-        raise StorageError(
-            f"{file}: module {name!r} does not fit the state: key {missing[0]!r} is not in the file"
-            f" ({len(missing)} missing)"
-        )
-    if unexpected:
-        raise StorageError(
-            f"{file}: module {name!r} does not fit the state: the file's key {unexpected[0]!r} is "
-            f"not in the module ({len(unexpected)} unexpected)"
-        )
-    for k in own:  # the module's order: the first that does not fit is named
-        a, b = saved[k], own[k]
-        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
-            raise StorageError(
-                f"{file}: module {name!r} does not fit the state: {k!r} is {a.dtype} "
-                f"{list(a.shape)} in the file, {b.dtype} {list(b.shape)} in the module"
-            )
+    if problem := tensors_misfit(saved, module.state_dict(), exact_dtype=True):
+        raise StorageError(f"{file}: module {name!r} does not fit the state: {problem}")
 
 
 def _is_number(v: Any) -> bool:
-    """A finite int or float (not a bool), or a one-element finite floating tensor (torch takes tensor lrs)."""
-    if type(v) is int:
+    """A number (:func:`~disback_core.storage.is_number`) or a one-element finite floating tensor (torch takes tensor lrs)."""
+    if is_number(v):
         return True
-    if type(v) is float:
-        return math.isfinite(v)
     return isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point() and bool(torch.isfinite(v).all())
 
 
@@ -1046,7 +940,7 @@ def _check_groups(groups: list[Any], own: list[dict[str, Any]], where: str) -> N
                     lambda v: _is_pair(v, lambda x: x is None or _is_number(x)),
                 )
             if ok is not None and not ok(v):
-                raise StorageError(f"{where}: param_groups[{i}].{key} is {_short(v)}, not {want}")
+                raise StorageError(f"{where}: param_groups[{i}].{key} is {short(v)}, not {want}")
 
 
 def _check_optimizer(
@@ -1107,23 +1001,28 @@ def _check_scheduler(name: str, sched: Any, sd: Any, strict: bool, path: Path) -
     if strict and set(sd) != set(own):
         diff = sorted(set(sd) ^ set(own), key=repr)  # a forged state may hold non-string keys
         raise StorageError(
-            f"{path}: scheduler {name!r} does not fit the state: key {_short(diff[0])} is in only one of "
+            f"{path}: scheduler {name!r} does not fit the state: key {short(diff[0])} is in only one of "
             "the state and this scheduler"
         )
     odd = sorted((k for k in set(sd) & set(own) if not _same_kind(sd[k], own[k])), key=repr)
     if odd:
         raise StorageError(
-            f"{path}: scheduler {name!r}: {odd[0]!r} is {_short(sd[odd[0]])} in "
+            f"{path}: scheduler {name!r}: {odd[0]!r} is {short(sd[odd[0]])} in "
             f"the state, which is not the kind of value this scheduler holds ({type(own[odd[0]]).__name__})"
         )
 
 
-def _scratch_generator(state: Tensor, device: str, where: str) -> None:
-    """Refuse an RNG state its generator would refuse, before anything is restored."""
+def _try_state(where: str, set_state: Callable[[], Any]) -> None:
+    """Refuse an RNG state its generator would refuse (tried on a scratch one), before anything is restored."""
     try:
-        torch.Generator(device=device).set_state(state)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise StorageError(f"{where}: not a valid generator state: {str(e)[:200]}") from None
+        set_state()
+    except Exception as e:
+        raise StorageError(f"{where} is not a valid state: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _words(v: Any, n: int) -> bool:
+    """Whether ``v`` is a list of ``n`` unsigned 32-bit integers (a Mersenne Twister's state)."""
+    return isinstance(v, list) and len(v) == n and all(type(x) is int and 0 <= x < 2**32 for x in v)
 
 
 class _RankRng:
@@ -1142,13 +1041,13 @@ class _RankRng:
         if not isinstance(info, dict) or info.get("format") != FORMAT + "-rng" or type(info.get("rank")) is not int:
             raise StorageError(f"RNG file {jfile} is not rank {rank}'s RNG state")
         if info["rank"] != rank:
-            raise StorageError(f"RNG file {jfile} is not rank {rank}'s RNG state")
+            raise StorageError(f"RNG file {jfile} is rank {info['rank']}'s RNG state, not rank {rank}'s")
         if "torch.cpu" not in tensors:
             raise StorageError(f"RNG file {tfile} holds no torch CPU RNG state")
         n, gens = info.get("cuda_devices"), info.get("generators")
         if type(n) is not int or not 0 <= n <= min(_MAX_CUDA_DEVICES, len(tensors)):  # before any list is built
             raise StorageError(
-                f"RNG file {jfile}: cuda_devices is {_short(n)}, not a device count 0..{_MAX_CUDA_DEVICES} "
+                f"RNG file {jfile}: cuda_devices is {short(n)}, not a device count 0..{_MAX_CUDA_DEVICES} "
                 f"with a state in {tfile.name} for each"
             )
         if not isinstance(gens, dict) or not all(
@@ -1158,9 +1057,9 @@ class _RankRng:
         want = {"torch.cpu", *(f"torch.cuda.{i}" for i in range(n)), *(f"generator.{g}" for g in gens)}
         if set(tensors) != want:
             odd = sorted(set(tensors) ^ want)[0]
-            raise StorageError(f"RNG file {tfile}: tensor {_short(odd)} is in only one of the file and {jfile.name}")
+            raise StorageError(f"RNG file {tfile}: tensor {short(odd)} is in only one of the file and {jfile.name}")
         self.cpu = tensors["torch.cpu"]
-        _scratch_generator(self.cpu, "cpu", f"RNG file {tfile}: torch.cpu")
+        _try_state(f"RNG file {tfile}: torch.cpu", lambda: torch.Generator().set_state(self.cpu))
         self.cuda = [tensors[f"torch.cuda.{i}"] for i in range(n)]
         here = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n != here:
@@ -1178,12 +1077,15 @@ class _RankRng:
             dev = gens[name]["device"]
             if dev != str(g.device):
                 raise StorageError(
-                    f"RNG file {jfile}: generator {name!r} was on {_short(dev)}, this one is on {g.device}"
+                    f"RNG file {jfile}: generator {name!r} was on {short(dev)}, this one is on {g.device}"
                 )
-            _scratch_generator(t, str(g.device), f"RNG file {tfile}: generator {name!r}")
+            _try_state(
+                f"RNG file {tfile}: generator {name!r}",
+                functools.partial(torch.Generator(device=g.device).set_state, t),
+            )
             self.generators[name] = t
         self.python = self._python(info.get("python"), jfile)
-        self.numpy = self._numpy(info.get("numpy"), strict, jfile)
+        self.numpy = self._numpy(info.get("numpy"), jfile)
 
     @staticmethod
     def _python(d: Any, jfile: Path) -> Any:
@@ -1193,39 +1095,26 @@ class _RankRng:
             or set(d) != {"version", "state", "gauss_next"}
             or d["version"] != 3  # what random.getstate() gives
             or type(d["version"]) is not int
-            or not isinstance(d["state"], list)
-            or len(d["state"]) != 625  # Mersenne Twister: 624 words and a position
-            or not all(type(x) is int and 0 <= x < 2**32 for x in d["state"])
+            or not _words(d["state"], 625)  # 624 words and a position
         ):
             raise StorageError(f"{where} is not {{version: 3, state: 625 integers, gauss_next}}")
         gauss = _decode(d["gauss_next"], {}, f"{where}: gauss_next")
         if gauss is not None and type(gauss) is not float:
-            raise StorageError(f"{where}: gauss_next is {_short(gauss)}, not a float or null")
+            raise StorageError(f"{where}: gauss_next is {short(gauss)}, not a float or null")
         st = (d["version"], tuple(d["state"]), gauss)
-        try:
-            random.Random().setstate(st)
-        except Exception as e:  # whatever a scratch generator refuses, refused before anything is restored
-            raise StorageError(f"{where} is not valid: {type(e).__name__}: {str(e)[:200]}") from None
+        _try_state(where, lambda: random.Random().setstate(st))
         return st
 
     @staticmethod
-    def _numpy(d: Any, strict: bool, jfile: Path) -> Any:
-        if d is None:
-            return None
-        try:
-            import numpy as np
-        except ImportError:  # pragma: no cover - numpy is a dependency
-            if strict:
-                raise StorageError(f"RNG file {jfile} holds numpy's RNG state, but numpy cannot be imported") from None
+    def _numpy(d: Any, jfile: Path) -> Any:
+        if d is None:  # saved where numpy could not be imported
             return None
         where = f"RNG file {jfile}: the numpy RNG state"
         if (
             not isinstance(d, dict)
             or set(d) != {"bit_generator", "keys", "pos", "has_gauss", "cached_gaussian"}
             or d["bit_generator"] != "MT19937"
-            or not isinstance(d["keys"], list)
-            or len(d["keys"]) != 624
-            or not all(type(x) is int and 0 <= x < 2**32 for x in d["keys"])
+            or not _words(d["keys"], 624)
             or type(d["pos"]) is not int
             or not 0 <= d["pos"] <= 624
             or d["has_gauss"] not in (0, 1)
@@ -1237,12 +1126,9 @@ class _RankRng:
             )
         cached = _decode(d["cached_gaussian"], {}, f"{where}: cached_gaussian")
         if type(cached) not in (int, float):
-            raise StorageError(f"{where}: cached_gaussian is {_short(cached)}, not a number")
+            raise StorageError(f"{where}: cached_gaussian is {short(cached)}, not a number")
         st = (d["bit_generator"], np.array(d["keys"], dtype=np.uint32), d["pos"], d["has_gauss"], float(cached))
-        try:
-            np.random.RandomState().set_state(st)
-        except Exception as e:  # whatever a scratch generator refuses, refused before anything is restored
-            raise StorageError(f"{where} is not valid: {type(e).__name__}: {str(e)[:200]}") from None
+        _try_state(where, lambda: np.random.RandomState().set_state(st))
         return st
 
     def restore(self, generators: Mapping[str, torch.Generator]) -> None:
@@ -1253,8 +1139,6 @@ class _RankRng:
             generators[name].set_state(t)
         random.setstate(self.python)
         if self.numpy is not None:
-            import numpy as np
-
             np.random.set_state(self.numpy)
 
 
@@ -1267,12 +1151,7 @@ def _all_used(tensors: Mapping[str, Tensor], refs: set[str], path: Path) -> None
 
 
 def _load(path: Path, sha: str, size: int) -> dict[str, Tensor]:
-    try:
-        return load_tensors(path, sha256=sha, max_bytes=size)
-    except StorageError:
-        raise
-    except Exception as e:  # a reader error of another type: still the file's problem
-        raise StorageError(f"tensor file {path} cannot be read: {str(e)[:200]}") from None
+    return load_tensors(path, sha256=sha, max_bytes=size)
 
 
 # --------------------------------------------------------------------------- load
@@ -1316,11 +1195,8 @@ def load_state(
     mpath = step_dir / MANIFEST
     _check_config(m, config, mpath)
     _check_world(m, rank, world_size, mpath)
-    _check_sections(m, {"modules": modules, "optimizers": optimizers, "schedulers": schedulers}, strict, mpath)
-    saved_gens = set(m["generators"])
-    if not set(generators) <= saved_gens or (strict and saved_gens - set(generators)):
-        odd = sorted(set(generators) ^ saved_gens)[0]
-        raise StorageError(f"{mpath}: generator {odd!r} is in only one of the state and the generators passed")
+    given = {"modules": modules, "optimizers": optimizers, "schedulers": schedulers, "generators": generators}
+    _check_sections(m, given, strict, mpath)
     files = m["files"]
     _verify_files(step_dir, files)
 
@@ -1358,14 +1234,9 @@ def load_state(
 
     where = "modules"
     try:
-        for name, module in modules.items():
-            module.load_state_dict(mod_states[name], strict=True)
-        where = "optimizers"
-        for name, opt in optimizers.items():
-            opt.load_state_dict(opt_states[name])
-        where = "schedulers"
-        for name, sched in schedulers.items():
-            sched.load_state_dict(sched_states[name])
+        for where, states in (("modules", mod_states), ("optimizers", opt_states), ("schedulers", sched_states)):
+            for name, obj in given[where].items():
+                obj.load_state_dict(states[name])  # a module's strictly: the same parameter objects
         where = "RNG states"
         rng.restore(generators)
     except Exception as e:

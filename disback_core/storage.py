@@ -1,10 +1,19 @@
-"""Safe persistence: safetensors + JSON, sha256, atomic writes, verified loads. No pickle.
+"""Safe persistence, the one layer under trajectories, training states and exports: verified
+folders of safetensors and JSON files. No pickle.
 
 Writers: every file goes through a temporary file in the destination folder (``.<name>.<random>.tmp``),
 ``fsync``, ``os.replace`` and an ``fsync`` of the folder, so a crash leaves either the old file or
 the new one under a name, never a torn one. Safetensors files are written by this module (not by
 the ``safetensors`` package, whose metadata order is random): the same tensors and metadata give
-the same bytes.
+the same bytes. A JSON file is refused before it is written where the reader would refuse it
+(:func:`loadable`). A folder is written beside its destination (:func:`new_folder_beside`),
+fsynced, and switched in whole (:func:`switch_folder`), or switched by replacing the one file
+that names its files (a trajectory's manifest, a run's ``latest.json``).
+
+A manifest lists every file of its folder with its sha256 (and size: :func:`file_entry`) and
+holds a digest of its own fields (:func:`body_digest`); a reader checks the manifest
+(:func:`check_format`, :func:`check_digest`, :func:`check_file_table`) and verifies every file
+(:func:`verify_file`, :func:`load_tensors`) before using it.
 
 Readers check before they trust: a file must be a regular file (not a symlink, FIFO or device) of
 a bounded size; JSON must be UTF-8, bounded in size and nesting depth, without duplicate keys;
@@ -23,6 +32,7 @@ needs a fixed window (a few MiB), the parse the text and the objects it builds.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import hashlib
 import io
@@ -30,12 +40,14 @@ import json
 import math
 import os
 import re
+import reprlib
 import secrets
+import shutil
 import stat
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeGuard
 
 import numpy as np
 import torch
@@ -43,6 +55,9 @@ from torch import Tensor
 
 __all__ = [
     "StorageError",
+    "short",
+    "is_number",
+    "check_int",
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_HEADER_BYTES",
@@ -54,6 +69,7 @@ __all__ = [
     "atomic_write_bytes",
     "fsync_dir",
     "remove_files",
+    "temp_target",
     "write_json",
     "read_bytes",
     "open_regular",
@@ -62,17 +78,35 @@ __all__ = [
     "check_json",
     "parse_json",
     "canonical_json",
+    "json_bytes",
+    "loadable",
     "body_digest",
     "is_sha256",
     "sha256_bytes",
     "sha256_file",
     "sha256_stream",
+    "file_entry",
+    "is_file_entry",
+    "is_plain_name",
+    "check_file_table",
+    "check_fields",
+    "check_format",
+    "check_digest",
+    "verify_file",
+    "remove_path",
+    "exchange_folders",
+    "new_folder_beside",
+    "switch_folder",
+    "folders_beside",
+    "recover_folder",
+    "remove_stale_beside",
     "tensors_to_bytes",
     "tensors_sha256",
     "save_tensors",
     "save_tensors_once",
     "read_tensor_header",
     "load_tensors",
+    "tensors_misfit",
     "tensors_fingerprint",
     "lowest_float_dtype",
     "config_hash",
@@ -85,9 +119,11 @@ MAX_HEADER_BYTES = 100 << 20  # a safetensors header longer than this is refused
 # refused by the scan, before the header is parsed
 MAX_HEADER_STRING_BYTES = 16 << 20
 TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\.(.+)\.[A-Za-z0-9_]+\.tmp", re.DOTALL)  # .<target>.<token>.tmp
 _CHUNK = 1 << 20
 _SCAN_CHUNK = 1 << 18  # the JSON scan's window: its arrays take about 30 bytes per byte of window (~8 MiB)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 # safetensors dtype name -> torch dtype (only those this library reads and writes)
 DTYPES: dict[str, torch.dtype] = {
@@ -112,6 +148,38 @@ class StorageError(ValueError):
     """A file is missing, corrupted, tampered with, or belongs to something else."""
 
 
+# --------------------------------------------------------------------------- values in messages and checks
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 2, 4, 4, 4
+
+
+def short(v: Any) -> str:
+    """A bounded rendering of a value read from a file, for messages (never the whole value)."""
+    if isinstance(v, str):
+        return json.dumps(v[:60] + ("..." if len(v) > 60 else ""))
+    if v is None or isinstance(v, (bool, int, float)):
+        return json.dumps(v)[:60]
+    return _REPR.repr(v)
+
+
+def is_number(v: Any) -> TypeGuard[int | float]:
+    """Whether ``v`` is an int (not a bool) or a float whose value is a finite float."""
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def check_int(value: Any, name: str, lo: int, hi: int | None = None, error: type[Exception] = ValueError) -> int:
+    """``value`` if it is an int (not a bool) in ``lo..hi``; else ``error`` naming ``name``."""
+    if type(value) is not int or value < lo or (hi is not None and value > hi):
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise error(f"{name} must be an integer {rng}, got {short(value)}")
+    return value
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -131,6 +199,13 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 def _temp_path(path: Path) -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+
+
+def temp_target(name: str) -> str | None:
+    """The name of the file whose interrupted :func:`atomic_write` may have left the temporary file
+    ``name`` (``.<target>.<token>.tmp``, this writer's and earlier ones'), or None."""
+    m = _TEMP_NAME.fullmatch(name)
+    return m.group(1) if m else None
 
 
 def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], sync_dir: bool = True) -> str:
@@ -161,18 +236,16 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview], 
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, [data], sync_dir)
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, sync_dir: bool = True) -> str:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`); returns its sha256."""
+    return atomic_write(path, [data], sync_dir)
 
 
 def _holds(path: Path, sha256: str) -> bool:
     """Whether ``path`` is a regular file (not a symlink) whose content has this sha256."""
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return False
-        return sha256_file(path) == sha256
-    except OSError:
+        return sha256_stream(path)[0] == sha256
+    except (StorageError, OSError):
         return False
 
 
@@ -429,6 +502,29 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode()
 
 
+def json_bytes(
+    obj: Any, what: str = "JSON file", *, indent: int = 2, sort_keys: bool = True, allow_nan: bool = True
+) -> bytes:
+    """The bytes of a JSON file holding ``obj`` (indented, ASCII, a final newline); a ValueError
+    naming ``what`` where it is not JSON. Check them with :func:`loadable` before writing them."""
+    try:
+        return (json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n").encode()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+def loadable(
+    data: bytes, what: str, where: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> bytes:
+    """``data`` if :func:`parse_json` would read it back (at most ``max_bytes``, nested at most
+    ``max_depth`` deep), else a ValueError before it is written: nothing is saved that cannot be loaded."""
+    try:
+        check_json(data, where, what, max_depth, max_bytes)
+    except StorageError as e:
+        raise ValueError(f"{what} cannot be saved: it would not load back: {e}") from None
+    return data
+
+
 # --------------------------------------------------------------------------- hashes
 
 
@@ -470,6 +566,186 @@ def sha256_stream(path: str | os.PathLike, what: str = "file", size: int | None 
         if size is not None and got != size:
             raise StorageError(f"{what} {path} is {got} bytes, expected {size}: it was truncated or extended")
         return _sha256_open(f), got
+
+
+# --------------------------------------------------------------------------- manifests of files
+
+
+def file_entry(path: str | os.PathLike, sha256: str, size_key: str = "size") -> dict[str, Any]:
+    """A manifest's entry for the file just written at ``path`` with this sha256: ``{sha256, size}``."""
+    return {"sha256": sha256, size_key: os.stat(path).st_size}
+
+
+def is_file_entry(entry: Any, size_key: str = "size") -> bool:
+    """Whether ``entry`` is a well-formed :func:`file_entry`: exactly a 64-hex sha256 and a size >= 0."""
+    return (
+        isinstance(entry, dict)
+        and set(entry) == {"sha256", size_key}
+        and is_sha256(entry["sha256"])
+        and type(entry[size_key]) is int
+        and entry[size_key] >= 0
+    )
+
+
+def is_plain_name(v: Any) -> bool:
+    """Whether ``v`` is 1-100 letters, digits, '_', '.' or '-', not starting with '.' or '-': a file
+    name inside its folder, never a path or a hidden file."""
+    return isinstance(v, str) and _PLAIN_NAME.fullmatch(v) is not None
+
+
+def check_file_table(files: Any, expected: Iterable[str], where: str | os.PathLike, size_key: str = "size") -> None:
+    """A manifest's table of files: exactly the ``expected`` plain names, each with a well-formed
+    :func:`file_entry`."""
+    if not isinstance(files, dict):
+        raise StorageError(f"{where}: files must be exactly the files it uses, as an object, got {short(files)}")
+    odd = sorted(set(files) ^ set(expected), key=str)
+    if odd:
+        problem = "listed but not used" if odd[0] in files else "used but not listed"
+        raise StorageError(f"{where}: files must be exactly the files it uses: {short(odd[0])} is {problem}")
+    for name, entry in files.items():
+        if not is_plain_name(name):
+            raise StorageError(f"{where}: file name {short(name)} is not a plain file name")
+        if not is_file_entry(entry, size_key):
+            raise StorageError(f"{where}: files[{short(name)}] needs a sha256 (64 hex digits) and a {size_key} >= 0")
+
+
+def check_fields(obj: Any, keys: set[str], where: str | os.PathLike, what: str) -> dict[str, Any]:
+    """``obj`` if it is a JSON object with exactly the fields ``keys``; else a :class:`StorageError`."""
+    if not isinstance(obj, dict) or set(obj) != keys:
+        got = f"fields {sorted(str(k)[:40] for k in obj)[:8]}" if isinstance(obj, dict) else short(obj)
+        raise StorageError(f"{where}: {what} must hold exactly the fields {sorted(keys)}, got {got}")
+    return obj
+
+
+def check_format(m: Any, where: str | os.PathLike, fmt: str, versions: Iterable[int], what: str = "manifest") -> int:
+    """A manifest's first checks: a JSON object of format ``fmt`` and one of ``versions`` (returned)."""
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        raise StorageError(f"{where}: not a {fmt} {what}")
+    if type(m.get("version")) is not int or m["version"] not in versions:
+        raise StorageError(f"{where} has format version {short(m.get('version'))}; this library reads {list(versions)}")
+    return m["version"]
+
+
+def check_digest(m: Mapping[str, Any], where: str | os.PathLike) -> None:
+    """A manifest's ``digest`` (:func:`body_digest`) must match its other fields: none was edited."""
+    if not is_sha256(m.get("digest")) or m["digest"] != body_digest(m):
+        raise StorageError(f"{where} fails its digest check: its fields were edited")
+
+
+def verify_file(
+    path: str | os.PathLike, sha256: str | None, size: int, what: str = "file", source: str = "its manifest"
+) -> Path:
+    """``path``, checked against its manifest entry: a regular file (no symlink, FIFO or device; never
+    blocks) of ``size`` bytes, checked before anything is read, whose content has ``sha256``
+    (streamed; ``None`` for a file whose reader hashes it anyway)."""
+    path = Path(path)
+    f, got = _open_regular(path, what)
+    with f:
+        if got != size:
+            raise StorageError(
+                f"{what} {path} is {got} bytes, {source} says {size}: it was truncated, extended or replaced"
+            )
+        if sha256 is not None and (sha := _sha256_open(f)) != sha256:
+            raise StorageError(
+                f"{what} {path} fails its sha256 check (expected {sha256[:12]}..., got {sha[:12]}...): it was modified"
+            )
+    return path
+
+
+# --------------------------------------------------------------------------- switching folders
+
+PARTIAL, PREVIOUS = ".partial", ".previous"  # a folder being written beside its destination, one switched out
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove the file, symlink or folder tree at ``path``, if there is one (a folder best effort)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def exchange_folders(a: Path, b: Path) -> bool:
+    """Atomically swap two folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel cannot
+        return False
+    raise OSError(err, f"cannot switch {b} into place: {os.strerror(err)}")
+
+
+def new_folder_beside(folder: Path) -> Path:
+    """A new empty folder ``.<name>.<16 hex>.partial`` beside ``folder``, to be filled and switched in."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    new = folder.parent / f".{folder.name}.{secrets.token_hex(8)}{PARTIAL}"
+    new.mkdir()
+    return new
+
+
+def switch_folder(new: Path, folder: Path, exchange: Callable[[Path, Path], bool] = exchange_folders) -> None:
+    """Make ``new`` (complete, fsynced) the folder ``folder`` atomically; the old one is removed.
+
+    Where the OS swaps folders (``exchange``) one swap is the switch. Elsewhere two renames are: a
+    crash between them leaves the old folder complete at ``.<name>.<16 hex>.previous``, which
+    :func:`recover_folder` puts back."""
+    parent = folder.parent
+    if not folder.exists():
+        os.rename(new, folder)
+        fsync_dir(parent)
+        return
+    if exchange(new, folder):
+        fsync_dir(parent)
+        remove_path(new)  # now the old folder
+        return
+    old = parent / f".{folder.name}.{secrets.token_hex(8)}{PREVIOUS}"
+    os.rename(folder, old)
+    os.rename(new, folder)  # a crash between the two renames leaves the old folder at `old`
+    fsync_dir(parent)
+    remove_path(old)
+
+
+def folders_beside(folder: Path, suffix: str) -> list[Path]:
+    """The folders ``.<name>.*<suffix>`` beside ``folder`` (not symlinks), sorted."""
+    prefix = f".{folder.name}."
+    try:
+        return sorted(
+            p
+            for p in folder.parent.iterdir()
+            if p.name.startswith(prefix) and p.name.endswith(suffix) and p.is_dir() and not p.is_symlink()
+        )
+    except FileNotFoundError:
+        return []
+
+
+def recover_folder(folder: Path, complete: Callable[[Path], bool], restore: bool = True) -> Path | None:
+    """The newest complete folder (``complete``) an interrupted two-rename :func:`switch_folder` left
+    beside ``folder``, when ``folder`` is missing (else None); with ``restore``, it is renamed back first."""
+    if folder.exists() or folder.is_symlink():
+        return None
+    prev = next((p for p in reversed(folders_beside(folder, PREVIOUS)) if complete(p)), None)
+    if prev is not None and restore:
+        os.replace(prev, folder)
+        fsync_dir(folder.parent)
+    return prev
+
+
+def remove_stale_beside(folder: Path) -> None:
+    """Remove the folders that interrupted writes and switches of ``folder`` left beside it."""
+    for stale in folders_beside(folder, PARTIAL) + folders_beside(folder, PREVIOUS):
+        remove_path(stale)
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -696,36 +972,69 @@ def load_tensors(
     The file must be a regular file (not a symlink) of at most ``max_bytes``; with ``sha256``, it
     is hashed by streaming and refused if the hash differs; its header must be valid (see
     :func:`read_tensor_header`). The bytes read into the tensors are hashed again, so a file changed
-    between the checks and the read is refused too.
+    between the checks and the read is refused too. Every problem with the file is a :class:`StorageError`.
     """
     path = Path(path)
     if sha256 is not None and not is_sha256(sha256):
         raise StorageError(f"tensor file {path}: the expected sha256 {str(sha256)[:80]!r} is not 64 hex digits")
     f, size = _open_regular(path, "tensor file")
-    with f:
-        if max_bytes is not None and size > max_bytes:
-            raise StorageError(f"tensor file {path} is {size} bytes, more than the {max_bytes} it can be")
-        if sha256 is not None:
-            got = _sha256_open(f)
-            if got != sha256:
-                raise StorageError(
-                    f"tensor file {path} fails its sha256 check (expected {sha256[:12]}..., "
-                    f"got {got[:12]}...): it was modified or truncated"
-                )
-        n, infos, _ = _parse_header(f, size, path)
-        h = None
-        if sha256 is not None:
-            h = hashlib.sha256()
-            head = bytearray(8 + n)
-            f.seek(0)
-            _read_exact(f, memoryview(head), path, "tensor file")
-            h.update(head)
-        out = {}
-        for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
-            out[name] = _read_tensor(f, info, 8 + n, h, path, name)
-        if h is not None and h.hexdigest() != sha256:
-            raise StorageError(f"tensor file {path} changed while it was read")
+    try:
+        with f:
+            if max_bytes is not None and size > max_bytes:
+                raise StorageError(f"tensor file {path} is {size} bytes, more than the {max_bytes} it can be")
+            if sha256 is not None:
+                got = _sha256_open(f)
+                if got != sha256:
+                    raise StorageError(
+                        f"tensor file {path} fails its sha256 check (expected {sha256[:12]}..., "
+                        f"got {got[:12]}...): it was modified or truncated"
+                    )
+            n, infos, _ = _parse_header(f, size, path)
+            h = None
+            if sha256 is not None:
+                h = hashlib.sha256()
+                head = bytearray(8 + n)
+                f.seek(0)
+                _read_exact(f, memoryview(head), path, "tensor file")
+                h.update(head)
+            out = {}
+            for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+                out[name] = _read_tensor(f, info, 8 + n, h, path, name)
+            if h is not None and h.hexdigest() != sha256:
+                raise StorageError(f"tensor file {path} changed while it was read")
+    except StorageError:
+        raise
+    except Exception as e:  # a reader error of another kind (I/O, memory): still the file's problem
+        raise StorageError(f"tensor file {path} cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
     return {k: v.to(device) for k, v in out.items()}
+
+
+def tensors_misfit(got: Mapping[str, Tensor], want: Mapping[str, Tensor], exact_dtype: bool = False) -> str | None:
+    """What keeps the tensors ``got`` (read from a file) from fitting the template ``want`` (a module's
+    state dict, or meta tensors): missing or unexpected keys, shapes, dtypes (``exact_dtype``: the same;
+    else floating where the template is, other dtypes the same: a relabelled or integer tensor is
+    never cast into a weight); None if they fit."""
+    missing, extra = [k for k in want if k not in got], [k[:80] for k in got if k not in want]
+    both = [k for k in want if k in got]
+    shapes = [k for k in both if tuple(got[k].shape) != tuple(want[k].shape)]
+    dtypes = [
+        k
+        for k in both
+        if got[k].dtype != want[k].dtype
+        and (exact_dtype or not (got[k].is_floating_point() and want[k].is_floating_point()))
+    ]
+    parts = [f"{len(missing)} keys missing (e.g. {missing[:3]})"] if missing else []
+    if extra:
+        parts.append(f"{len(extra)} unexpected keys (e.g. {extra[:3]})")
+    if shapes:
+        k = shapes[0]
+        a, b = list(got[k].shape), list(want[k].shape)
+        parts.append(f"{len(shapes)} shapes differ (e.g. {k!r}: {a} in the file, {b} in the module)")
+    if dtypes:
+        k = dtypes[0]
+        da, db = got[k].dtype, want[k].dtype
+        parts.append(f"{len(dtypes)} dtypes differ (e.g. {k!r}: {da} in the file, {db} in the module)")
+    return "; ".join(parts) or None
 
 
 # --------------------------------------------------------------------------- fingerprints

@@ -678,9 +678,9 @@ class Trajectory:
                 f"disback_core.trajectory.register_call({name!r}, fn), or pass Trajectory.load(..., call=fn)"
             )
         fp = _check_fingerprint(man, teacher, where) if check_fingerprint else None
-        lora, template, floating = _node_template(man, teacher, where)
+        lora, template = _node_template(man, teacher, where)
         limit = _node_max_bytes(template)
-        nodes = [_load_node(folder, e, template, floating, limit) for e in man["nodes"]]
+        nodes = [_load_node(folder, e, template, limit) for e in man["nodes"]]
         probe = (
             _load_probe(folder, man["probe"], len(nodes), integer_sigma=name != DEFAULT_CALL)
             if man["probe"] is not None

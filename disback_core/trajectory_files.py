@@ -21,8 +21,6 @@ or, under a convention other than ``"denoiser"``, an integer tensor (a diffusers
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,16 +34,24 @@ from torch import Tensor, nn
 from .denoisers import flatten_cond, unflatten_cond
 from .lora import LoraSpec, lora_template
 from .storage import (
-    MAX_JSON_BYTES,
     StorageError,
     body_digest,
+    check_digest,
+    check_fields,
+    check_format,
+    check_int,
+    is_number,
     is_sha256,
+    json_bytes,
     load_tensors,
+    loadable,
     lowest_float_dtype,
-    parse_json,
     read_json,
     save_tensors_once,
+    short,
+    temp_target,
     tensors_fingerprint,
+    tensors_misfit,
     tensors_sha256,
 )
 
@@ -55,8 +61,7 @@ READ_VERSIONS = (1, 2, 3)
 KINDS = ("lora", "full")
 FINGERPRINT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MANIFEST = "manifest.json"
-MAX_STEP = 2**63
-MAX_NAME = 200
+MAX_STEP = 2**63 - 1
 _V1_KEYS = {"format", "version", "kind", "base_fingerprint", "lora", "nodes", "probe", "meta"}
 _KEYS = {  # version -> (required, optional) top-level manifest fields
     1: (_V1_KEYS, {"library", "base_fingerprints"}),
@@ -67,9 +72,9 @@ _CALL_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # = trajectory.CALL_NAME
 _LORA_KEYS = {"rank", "alpha", "use_rslora", "target_modules"}
 _ENTRY_KEYS = {"index", "step", "file", "sha256"}
 _PROBE_KEYS = {"file", "sha256"}
-# files a save owns in its folder: node/probe files of formats 1 and 2, temporary files of writes
+# files a save owns in its folder: node/probe files of formats 1 and 2, and (temporary files of) writes
 _OWNED = re.compile(r"(?:node-\d{4,}|probe)(?:-[0-9a-f]{16})?\.safetensors")
-_TEMP = re.compile(r"\.(?:manifest\.json|(?:node|probe)[^/\\]*\.safetensors)\.[A-Za-z0-9_]+\.tmp")
+_WRITTEN = re.compile(r"manifest\.json|(?:node|probe)[^/\\]*\.safetensors")
 
 
 @dataclass
@@ -88,30 +93,11 @@ def _dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
 
 
-def _check_step(step: Any, where: str) -> None:
-    if type(step) is not int or not 0 <= step < MAX_STEP:
-        raise StorageError(f"{where}: step must be an integer in 0..2**63-1, got {_short(step)}")
-
-
-def _short(v: Any) -> str:
-    """``repr(v)`` cut to 80 characters (values from a file can be huge)."""
-    r = repr(v)
-    return r if len(r) <= 80 else r[:77] + "..."
-
-
 def _check_savable(steps: Sequence[Any], meta: Any) -> None:
     """Refuse, before writing, steps a reader would refuse and meta that is not JSON it would read."""
     for k, step in enumerate(steps, start=1):
-        if type(step) is not int or not 0 <= step < MAX_STEP:
-            raise ValueError(f"node {k}: step must be an integer in 0..2**63-1 to be saved, got {step!r}")
-    try:
-        text = json.dumps(meta, allow_nan=True).encode()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"trajectory meta must be JSON-serialisable: {e}") from e
-    try:
-        parse_json(text, "meta", "trajectory meta")
-    except StorageError as e:
-        raise ValueError(f"trajectory meta cannot be saved: {e}") from e
+        check_int(step, f"node {k}: step", 0, MAX_STEP)
+    loadable(json_bytes(meta, "meta", sort_keys=False), "meta", "of this trajectory")
 
 
 def _check_call_savable(call_name: str, probe: Probe | None) -> None:
@@ -128,24 +114,27 @@ def _check_call_savable(call_name: str, probe: Probe | None) -> None:
         )
 
 
+def _file_name(prefix: str, sha: Any, version: int = VERSION) -> str:
+    """A node's or the probe's file name: ``<prefix>-<first 16 hex of its sha256>.safetensors``
+    (format 1: ``<prefix>.safetensors``)."""
+    return f"{prefix}.safetensors" if version == 1 else f"{prefix}-{str(sha)[:16]}.safetensors"
+
+
+def _write_file(folder: Path, prefix: str, tensors: Mapping[str, Tensor], meta: Any = None) -> dict[str, Any]:
+    """Write ``tensors`` as a content-named file (reused if already there); returns its manifest entry."""
+    sha = tensors_sha256(tensors, meta)
+    save_tensors_once(folder / _file_name(prefix, sha), tensors, sha, meta)
+    return {"file": _file_name(prefix, sha), "sha256": sha}
+
+
 def _write_node(folder: Path, k: int, state: Mapping[str, Tensor], step: int) -> dict[str, Any]:
-    """Write node ``k`` as ``node-<k>-<first 16 hex of sha256>.safetensors`` (reused if already
-    there); returns its manifest entry."""
-    meta = {"node": str(k), "step": str(step)}
-    sha = tensors_sha256(state, meta)
-    name = f"node-{k:04d}-{sha[:16]}.safetensors"
-    save_tensors_once(folder / name, state, sha, meta)
-    return {"index": k, "step": step, "file": name, "sha256": sha}
+    entry = _write_file(folder, f"node-{k:04d}", state, {"node": str(k), "step": str(step)})
+    return {"index": k, "step": step, **entry}
 
 
 def _write_probe(folder: Path, probe: Probe) -> dict[str, str]:
-    """Write the probe as ``probe-<first 16 hex of sha256>.safetensors``; returns its manifest entry."""
     t = {"x": probe.x, "sigma": probe.sigma, **flatten_cond(probe.cond)}  # "cond" or "cond.<key>[.<key>]"
-    t.update({f"out.{k}": o for k, o in enumerate(probe.outputs)})
-    sha = tensors_sha256(t)
-    name = f"probe-{sha[:16]}.safetensors"
-    save_tensors_once(folder / name, t, sha)
-    return {"file": name, "sha256": sha}
+    return _write_file(folder, "probe", {**t, **{f"out.{k}": o for k, o in enumerate(probe.outputs)}})
 
 
 def manifest_digest(body: Mapping[str, Any]) -> str:
@@ -157,17 +146,18 @@ def manifest_digest(body: Mapping[str, Any]) -> str:
 def _manifest_bytes(body: Mapping[str, Any]) -> bytes:
     """The manifest file's bytes (key-sorted, indented JSON with its digest); refused if a reader
     would refuse it (too large or too deeply nested meta)."""
-    data = (json.dumps({**body, "digest": manifest_digest(body)}, indent=2, sort_keys=True) + "\n").encode()
-    if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f"the manifest would be {len(data)} bytes (more than {MAX_JSON_BYTES}): meta is too large")
-    return data
+    return loadable(json_bytes({**body, "digest": manifest_digest(body)}), "the manifest", "of this trajectory")
 
 
 def stale_files(folder: str | os.PathLike, keep: Iterable[str]) -> list[str]:
     """Names in ``folder`` that a trajectory save owns but ``keep`` does not list: node and probe
     files of other saves (formats 1 and 2) and temporary files of interrupted writes."""
     keep = set(keep)
-    return sorted(n for n in os.listdir(folder) if n not in keep and (_OWNED.fullmatch(n) or _TEMP.fullmatch(n)))
+    return sorted(
+        n
+        for n in os.listdir(folder)
+        if n not in keep and (_OWNED.fullmatch(n) or _WRITTEN.fullmatch(temp_target(n) or ""))
+    )
 
 
 # ---------------------------------------------------------------------------- reading the manifest
@@ -177,45 +167,35 @@ def read_manifest(where: Path) -> dict[str, Any]:
     """Read and validate ``manifest.json`` (format 1 or 2): every field's type and range, file
     names, the node count and (format 2) the digest. Raises :class:`StorageError` naming ``where``."""
     man = read_json(where, "trajectory manifest")
-    if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise StorageError(f"{where} is not a disback trajectory manifest")
-    version = man.get("version")
-    if type(version) is not int or version not in READ_VERSIONS:
-        raise StorageError(f"{where} has format version {_short(version)}; this library reads {list(READ_VERSIONS)}")
+    version = check_format(man, where, FORMAT, READ_VERSIONS)
     required, optional = _KEYS[version]
     missing, unknown = sorted(required - set(man)), sorted(set(man) - required - optional)
     if missing or unknown:
         raise StorageError(f"{where}: missing fields {missing}, unknown fields {[u[:40] for u in unknown[:5]]}")
     if not isinstance(man["kind"], str) or man["kind"] not in KINDS:
-        raise StorageError(f"{where}: unknown node kind {_short(man['kind'])}; expected one of {KINDS}")
+        raise StorageError(f"{where}: unknown node kind {short(man['kind'])}; expected one of {KINDS}")
     if not isinstance(man.get("library", ""), str):
-        raise StorageError(f"{where}: library must be a string, got {_short(man['library'])}")
+        raise StorageError(f"{where}: library must be a string, got {short(man['library'])}")
     _check_fingerprints(man, where)
     _check_lora_field(man, where)
     _check_nodes_field(man, where)
     if man["probe"] is not None:
-        _check_file_entry(man["probe"], _PROBE_KEYS, where, "the probe entry", _probe_name(man["probe"], version))
+        _check_file_entry(man["probe"], _PROBE_KEYS, where, "the probe entry", "probe", version)
     if not isinstance(man["meta"], dict):
         raise StorageError(f"{where}: meta must be a JSON object, got {type(man['meta']).__name__}")
     if version >= 3 and not (isinstance(man["call"], str) and _CALL_NAME.fullmatch(man["call"])):
         raise StorageError(
             f"{where}: call must be a call convention name (1-64 characters of a-z, 0-9, '_', '.', '-'), "
-            f"got {_short(man['call'])}"
+            f"got {short(man['call'])}"
         )
-    if version >= 2:
-        if not is_sha256(man["digest"]):
-            raise StorageError(f"{where}: digest must be 64 hex digits, got {_short(man['digest'])}")
-        if manifest_digest(man) != man["digest"]:
-            raise StorageError(
-                f"{where} fails its digest check: node entries, their order, the LoRA spec, the "
-                "probe or meta were edited"
-            )
+    if version >= 2:  # node entries, their order, the LoRA spec, the probe, meta
+        check_digest(man, where)
     return man
 
 
 def _check_fingerprints(man: Mapping[str, Any], where: Path) -> None:
     if not is_sha256(man["base_fingerprint"]):
-        raise StorageError(f"{where}: base_fingerprint must be 64 hex digits, got {_short(man['base_fingerprint'])}")
+        raise StorageError(f"{where}: base_fingerprint must be 64 hex digits, got {short(man['base_fingerprint'])}")
     fps = man.get("base_fingerprints", {})
     known = {_dtype_name(d) for d in FINGERPRINT_DTYPES}
     if (
@@ -225,7 +205,7 @@ def _check_fingerprints(man: Mapping[str, Any], where: Path) -> None:
         or not all(is_sha256(v) for v in fps.values())
     ):
         raise StorageError(
-            f"{where}: base_fingerprints must map {sorted(known)} to 64-hex fingerprints, got {_short(fps)}"
+            f"{where}: base_fingerprints must map {sorted(known)} to 64-hex fingerprints, got {short(fps)}"
         )
 
 
@@ -234,20 +214,20 @@ def _check_lora_field(man: Mapping[str, Any], where: Path) -> None:
     spec = man["lora"]
     if man["kind"] == "full":
         if spec is not None:
-            raise StorageError(f"{where}: a kind='full' trajectory has no LoRA spec, got {_short(spec)}")
+            raise StorageError(f"{where}: a kind='full' trajectory has no LoRA spec, got {short(spec)}")
         return
     if not isinstance(spec, dict):
-        raise StorageError(f"{where}: bad LoRA spec: must be a JSON object, got {_short(spec)}")
+        raise StorageError(f"{where}: bad LoRA spec: must be a JSON object, got {short(spec)}")
     if man["version"] >= 2 and set(spec) != _LORA_KEYS:
         raise StorageError(f"{where}: bad LoRA spec: fields must be {sorted(_LORA_KEYS)}, got {sorted(map(str, spec))}")
-    if man["version"] >= 2 and (isinstance(spec["alpha"], bool) or not isinstance(spec["alpha"], (int, float))):
+    if man["version"] >= 2 and not is_number(spec["alpha"]):
         raise StorageError(
-            f"{where}: bad LoRA spec: alpha must be a number (saved resolved), got {_short(spec['alpha'])}"
+            f"{where}: bad LoRA spec: alpha must be a number (saved resolved), got {short(spec['alpha'])}"
         )
     tm = spec.get("target_modules")
     if (tm is None and man["version"] >= 2) or (tm is not None and not _is_name_list(tm)):
         raise StorageError(
-            f"{where}: bad LoRA spec: target_modules must be a non-empty list of distinct layer names, got {_short(tm)}"
+            f"{where}: bad LoRA spec: target_modules must be a non-empty list of distinct layer names, got {short(tm)}"
         )
 
 
@@ -263,66 +243,31 @@ def _is_name_list(v: Any) -> bool:
 def _check_nodes_field(man: Mapping[str, Any], where: Path) -> None:
     entries = man["nodes"]
     if not isinstance(entries, list) or not entries:
-        raise StorageError(f"{where}: nodes must be a non-empty list, got {_short(entries)}")
+        raise StorageError(f"{where}: nodes must be a non-empty list, got {short(entries)}")
     if man["version"] >= 2 and (type(man["node_count"]) is not int or man["node_count"] != len(entries)):
         raise StorageError(
-            f"{where}: node_count {_short(man['node_count'])} does not match the {len(entries)} node "
+            f"{where}: node_count {short(man['node_count'])} does not match the {len(entries)} node "
             "entries (an entry was dropped or added)"
         )
     for i, e in enumerate(entries, start=1):
         what = f"node entry {i}"
-        _check_fields(e, _ENTRY_KEYS, where, what)
+        check_fields(e, _ENTRY_KEYS, where, what)
         if type(e["index"]) is not int or e["index"] != i:
-            raise StorageError(f"{where}: {what} has index {_short(e['index'])}; entries must be in order 1..N")
-        _check_step(e["step"], f"{where}: {what}")
-        _check_file_entry(e, _ENTRY_KEYS, where, what, _node_name(e, man["version"]))
+            raise StorageError(f"{where}: {what} has index {short(e['index'])}; entries must be in order 1..N")
+        check_int(e["step"], f"{where}: {what}: step", 0, MAX_STEP, StorageError)
+        _check_file_entry(e, _ENTRY_KEYS, where, what, f"node-{i:04d}", man["version"])
 
 
-def _node_name(e: Mapping[str, Any], version: int) -> str:
-    sha = e.get("sha256")
-    return (
-        f"node-{e['index']:04d}.safetensors" if version == 1 else f"node-{e['index']:04d}-{str(sha)[:16]}.safetensors"
-    )
-
-
-def _probe_name(e: Any, version: int) -> str:
-    sha = e.get("sha256") if isinstance(e, dict) else None
-    return "probe.safetensors" if version == 1 else f"probe-{str(sha)[:16]}.safetensors"
-
-
-def _check_fields(e: Any, keys: set[str], where: Path, what: str) -> None:
-    """``e`` must be a JSON object with exactly the fields ``keys``."""
-    if not isinstance(e, dict) or set(e) != keys:
-        got = f"fields {sorted(k[:40] for k in e)}" if isinstance(e, dict) else _short(e)
-        raise StorageError(f"{where}: {what} must be a JSON object with fields {sorted(keys)}, got {got}")
-
-
-def _check_file_entry(e: Any, keys: set[str], where: Path, what: str, expected_name: str) -> None:
-    """A file entry: exactly ``keys``, a 64-hex sha256, a plain file name equal to ``expected_name``."""
-    _check_fields(e, keys, where, what)
+def _check_file_entry(e: Any, keys: set[str], where: Path, what: str, prefix: str, version: int) -> None:
+    """A file entry: exactly ``keys``, a 64-hex sha256, and the file name its prefix and sha256 give
+    (so a plain name inside the folder)."""
+    check_fields(e, keys, where, what)
     if not is_sha256(e["sha256"]):
-        raise StorageError(f"{where}: {what} has sha256 {_short(e['sha256'])}, not 64 hex digits")
-    name = e["file"]
-    problem = _name_problem(name)
-    if problem:
-        raise StorageError(f"{where}: {what} has an invalid file name {_short(name)} ({problem})")
-    if name != expected_name:
+        raise StorageError(f"{where}: {what} has sha256 {short(e['sha256'])}, not 64 hex digits")
+    if e["file"] != (want := _file_name(prefix, e["sha256"], version)):
         raise StorageError(
-            f"{where}: {what} names file {name!r}, expected {expected_name!r} (entries edited or swapped)"
+            f"{where}: {what} has an invalid file name {short(e['file'])}, expected {want!r} (entries edited or swapped)"
         )
-
-
-def _name_problem(name: Any) -> str | None:
-    """Why ``name`` is not a plain file name inside the folder (None if it is one)."""
-    if not isinstance(name, str):
-        return f"not a string but {type(name).__name__}"
-    if not 0 < len(name) <= MAX_NAME:
-        return f"length {len(name)}, expected 1..{MAX_NAME}"
-    if any(c in name for c in "/\\\0") or ".." in name or name.startswith("."):
-        return "it must not contain '/', '\\', '..' or NUL, nor start with '.'"
-    if not name.endswith(".safetensors"):
-        return "not a .safetensors file"
-    return None
 
 
 def _check_fingerprint(man: Mapping[str, Any], teacher: nn.Module, where: Path) -> str:
@@ -347,11 +292,10 @@ def _check_fingerprint(man: Mapping[str, Any], teacher: nn.Module, where: Path) 
 
 def _node_template(
     man: Mapping[str, Any], teacher: nn.Module, where: Path
-) -> tuple[LoraSpec | None, dict[str, tuple[int, ...]], dict[str, bool]]:
-    """(LoRA spec, key -> shape a node must have, key -> whether it must be floating)."""
+) -> tuple[LoraSpec | None, dict[str, Tensor]]:
+    """(LoRA spec, the tensors a node must hold: the teacher's, or meta tensors of the LoRA factors' shapes)."""
     if man["kind"] == "full":
-        state = teacher.state_dict()
-        return None, {k: tuple(v.shape) for k, v in state.items()}, {k: v.is_floating_point() for k, v in state.items()}
+        return None, teacher.state_dict()
     spec = man["lora"]
     tm = spec.get("target_modules")
     if tm is not None and len(tm) > sum(1 for _ in teacher.modules()):
@@ -361,48 +305,20 @@ def _node_template(
         template = lora_template(teacher, lora)
     except (KeyError, TypeError, ValueError, re.error) as e:
         raise StorageError(f"{where}: bad LoRA spec: {e}") from e
-    return lora, template, {k: True for k in template}
+    return lora, {k: torch.empty(s, device="meta") for k, s in template.items()}
 
 
-def _node_max_bytes(template: Mapping[str, tuple[int, ...]]) -> int:
+def _node_max_bytes(template: Mapping[str, Tensor]) -> int:
     """The largest file a node of ``template`` can be: 8-byte elements and a generous header."""
-    return 8 + (64 << 10) + 1024 * len(template) + 8 * sum(math.prod(s) for s in template.values())
+    return 8 + (64 << 10) + 1024 * len(template) + 8 * sum(t.numel() for t in template.values())
 
 
-def _member(folder: Path, name: str) -> Path:
-    """``folder / name``, refused if it is a symlink or does not resolve inside ``folder``."""
-    path = folder / name
-    if path.is_symlink():
-        raise StorageError(f"tensor file {path} is a symlink; only regular files in the folder are read")
-    if path.resolve().parent != folder.resolve():
-        raise StorageError(f"tensor file {path} resolves outside the trajectory folder")
-    return path
-
-
-def _load_node(
-    folder: Path,
-    e: Mapping[str, Any],
-    template: Mapping[str, tuple[int, ...]],
-    floating: Mapping[str, bool],
-    max_bytes: int,
-) -> dict[str, Tensor]:
+def _load_node(folder: Path, e: Mapping[str, Any], template: Mapping[str, Tensor], max_bytes: int) -> dict[str, Tensor]:
     """Node entry ``e``'s tensors, checked: size, sha256, header, keys, shapes, float dtypes."""
-    path = _member(folder, e["file"])
+    path = folder / e["file"]  # a plain name (read_manifest); a symlink is refused by the reader
     state = load_tensors(path, sha256=e["sha256"], max_bytes=max_bytes)
-    missing, unexpected = sorted(set(template) - set(state)), sorted(set(state) - set(template))
-    if missing or unexpected:
-        raise StorageError(
-            f"{path}: keys do not fit this teacher: missing {missing[:3]}, "
-            f"unexpected {[u[:80] for u in unexpected[:3]]}"
-        )
-    for k, shape in template.items():
-        if tuple(state[k].shape) != shape:
-            raise StorageError(f"{path}: {k} has shape {tuple(state[k].shape)}, expected {shape}")
-        if state[k].is_floating_point() != floating[k]:
-            raise StorageError(
-                f"{path}: {k} has dtype {state[k].dtype}, expected "
-                f"{'a floating' if floating[k] else 'a non-floating'} dtype"
-            )
+    if problem := tensors_misfit(state, template):
+        raise StorageError(f"{path}: keys do not fit this teacher: {problem}")
     return state
 
 
@@ -414,7 +330,7 @@ def _load_probe(folder: Path, e: Mapping[str, Any], n_nodes: int, integer_sigma:
     """The probe's tensors, checked: sha256, header, exactly x, sigma, [cond], out.0..out.N, float
     inputs and outputs, one output shape with x's batch size. ``integer_sigma``: the sigma may also
     be an integer tensor (a raw model's timesteps, under a call convention other than ``"denoiser"``)."""
-    path = _member(folder, e["file"])
+    path = folder / e["file"]  # a plain name (read_manifest); a symlink is refused by the reader
     t = load_tensors(path, sha256=e["sha256"])
     outs = [f"out.{k}" for k in range(n_nodes + 1)]
     conds = sorted(k for k in t if k == "cond" or (k.startswith("cond.") and all(k.split(".")[1:])))
