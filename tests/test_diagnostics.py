@@ -79,12 +79,12 @@ def test_disback_diagnose_reads_a_bench_folder(tmp_path, capsys):
     from disback_core.diagnostics import run_growth
 
     # windows at 25..150 are within the first 25% of 600 iterations; the one at 175 is not
-    res = _results({0: [1.0, 2.0, 3.0, 4.0, 5.0, 8.0, 100.0], 1: [2.0, 2.0, 2.0, 2.0, 2.0, 16.0, 0.1]}, (0.4, 0.2))
-    assert run_growth(res["runs"][0]) == pytest.approx(math.log(8.0))
+    res = _results({0: [1.0, 2.0, 3.0, 4.0, 5.0, 16.0, 100.0], 1: [2.0, 2.0, 2.0, 2.0, 2.0, 32.0, 0.1]}, (0.4, 0.2))
+    assert run_growth(res["runs"][0]) == pytest.approx(math.log(16.0))  # above LAG_THRESHOLD (2.2)
     (tmp_path / "results.json").write_text(json.dumps(res))
     assert main(["diagnose", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert f"mean {math.log(8.0):+.2f}" in out and "critic lagging" in out
+    assert f"mean {math.log(16.0):+.2f}" in out and "critic lagging" in out
     assert "measured: base sw 0.4, disback 0.2 (+50.0% of the base)" in out
 
 
