@@ -90,8 +90,7 @@ import torch
 from torch import Tensor, nn
 
 from .state import (
-    _STEP_DIR,
-    _TMP_DIR,
+    _FIELDS,
     EXTRA_FILE,
     LATEST,
     MANIFEST,
@@ -101,6 +100,7 @@ from .state import (
     MAX_STEP,
     _all_used,
     _check_config,
+    _check_fields,
     _check_groups,
     _check_int,
     _check_names,
@@ -137,6 +137,7 @@ from .storage import (
     MAX_JSON_DEPTH,
     StorageError,
     body_digest,
+    check_file_table,
     config_hash,
     is_sha256,
     parse_json,
@@ -572,34 +573,8 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> tuple[dict[str, 
         path,
         "its digest does not match its content: it was modified",
     )
-    for key, kind in (
-        ("step", int),
-        ("world_size", int),
-        ("files", dict),
-        ("modules", dict),
-        ("optimizers", dict),
-        ("schedulers", dict),
-        ("generators", list),
-        ("config", dict),
-        ("config_hash", str),
-        ("shards", list),
-    ):
-        _want(type(m.get(key)) is kind, path, f"{key!r} is missing or not a {kind.__name__}")
-    _want(
-        0 <= m["step"] <= MAX_STEP and 1 <= m["world_size"] <= len(m["files"]) // 2,
-        path,
-        "step or world_size out of range (every rank has two RNG files in the file table)",
-    )
-    _want(
-        all(isinstance(g, str) for g in m["generators"]) and len(set(m["generators"])) == len(m["generators"]),
-        path,
-        "'generators' must be a list of distinct names",
-    )
-    _want(
-        m.get("tensors_file") is None or m["tensors_file"] == EXTRA_FILE,
-        path,
-        f"'tensors_file' must be {EXTRA_FILE!r} or null",
-    )
+    _check_fields(m, path, step_dir, {**_FIELDS, "shards": list})
+    _want(m.get("tensors_file") in (None, EXTRA_FILE), path, f"'tensors_file' must be {EXTRA_FILE!r} or null")
     shards = m["shards"]
     _want(
         all(isinstance(s, str) and SHARD_FILE.fullmatch(s) for s in shards)
@@ -608,25 +583,11 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> tuple[dict[str, 
         path,
         "'shards' must be distinct shard file names, at most one per rank",
     )
-    match = _STEP_DIR.fullmatch(step_dir.name) or _TMP_DIR.fullmatch(step_dir.name)
-    _want(match is None or int(match.group(1)) == m["step"], path, f"step {m['step']} does not match its folder's name")
-    for name, e in m["files"].items():
-        _want(
-            isinstance(e, dict)
-            and set(e) == {"sha256", "size"}
-            and is_sha256(e["sha256"])
-            and type(e["size"]) is int
-            and e["size"] >= 0,
-            path,
-            f"file {_short(name)} needs a sha256 (64 hex digits) and a size",
-        )
     want = {f"rng-rank{r}.{ext}" for r in range(m["world_size"]) for ext in ("safetensors", "json")}
     want.update(shards)
     if m.get("tensors_file") is not None:
         want.add(m["tensors_file"])
-    missing, extra = sorted(want - set(m["files"])), sorted(set(m["files"]) - want)
-    _want(not missing, path, f"file {_short(missing[0] if missing else '')} is used but not in the file table")
-    _want(not extra, path, f"file {_short(extra[0] if extra else '')} is in the file table but used by nothing")
+    check_file_table(m["files"], want, f"manifest {path}")
     return m, _tensor_table(m, path)
 
 

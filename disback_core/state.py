@@ -783,7 +783,15 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
         )
     elif expected_sha is None and sha256_bytes(data) != known:
         raise _bad(path, f"fails the sha256 recorded in {LATEST}: it was modified or replaced")
-    for key, kind in _FIELDS.items():
+    _check_fields(m, path, step_dir, _FIELDS)
+    _check_file_table(m, path)
+    return m
+
+
+def _check_fields(m: dict[str, Any], path: Path, step_dir: Path, fields: Mapping[str, type]) -> None:
+    """The fields every state manifest shares (full and sharded): their JSON types, the step and world
+    size in range and matching the folder's name, distinct generator names, ``tensors_file``."""
+    for key, kind in fields.items():
         if type(m.get(key)) is not kind:
             raise _bad(path, f"{key!r} is missing or not a {kind.__name__}")
     if not (0 <= m["step"] <= MAX_STEP and 1 <= m["world_size"] <= len(m["files"]) // 2):
@@ -795,8 +803,6 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
     match = _STEP_DIR.fullmatch(step_dir.name) or _TMP_DIR.fullmatch(step_dir.name)
     if match is not None and int(match.group(1)) != m["step"]:
         raise _bad(path, f"step {m['step']} does not match its folder's name")
-    _check_file_table(m, path)
-    return m
 
 
 def _check_file_table(m: dict[str, Any], path: Path) -> None:
