@@ -48,6 +48,8 @@ REGIMES = [
     ("digits-cond DMD2 fake lr 0.3x", "image-regimes/digits-cond-dmd2-slowcritic0.3", None),
     ("digits-cond Diff-Instruct", "image-regimes/digits-cond-di", None),
     ("digits-cond SiD", "image-regimes/digits-cond-sid", None),
+    ("patches DMD2", "patches/dmd2", None),
+    ("patches DMD2 1 critic step", "patches/dmd2-critic1", None),
     ("digits-flow DMD2", "digits-flow/dmd2", None),
     ("digits-flow SiD", "digits-flow/sid", None),
     ("digits-flow DMD2 1 critic step", "digits-flow/dmd2-critic1", None),
