@@ -878,9 +878,12 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     task = build_task(args, accelerator)
     if task.get("flow"):  # only flow runs carry the key: states of earlier UNet and problem runs still resume
         config["shift"] = task["shift"]
+    resume_config = config  # what a saved state is checked against (see below)
     if saved_state is not None:  # the run's identity, before a path or state is loaded
-        legacy = {"iterations": saved_state["config"]["iterations"]} if "iterations" in saved_state["config"] else {}
-        check_same_run(saved_state["config"], config | legacy, saved_state["path"])
+        # A state saved before the total was taken out of the run's identity holds it: checked as theirs.
+        if "iterations" in saved_state["config"]:
+            resume_config = config | {"iterations": saved_state["config"]["iterations"]}
+        check_same_run(saved_state["config"], resume_config, saved_state["path"])
     teacher = task["teacher"].to(accelerator.device)
     method = make_method(args, task)
     set_seed(args.seed)  # Python, numpy and torch: identical initial models on every rank
@@ -951,14 +954,12 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     saved = mirrors or live  # what the state functions see: the live objects, or the FSDP2 mirrors
     start = 0
     if saved_state is not None:
-        # A state saved before the total was taken out of the run's identity holds it: checked as theirs.
-        legacy = {"iterations": saved_state["config"]["iterations"]} if "iterations" in saved_state["config"] else {}
         objects: dict[str, Any] = {
             "modules": {k: m for k, (m, _) in saved.items()},
             "optimizers": {k: o for k, (_, o) in saved.items()},
             "schedulers": {"generator": g_sched, "fake": f_sched},
             "generators": {"data": data},
-            "config": config | legacy,
+            "config": resume_config,
         }
         if sharded:  # collective: each rank reads its own shards into the live (FSDP2-sharded) objects
             got = load_sharded_state(out / "state", **objects)
