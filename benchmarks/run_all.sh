@@ -95,13 +95,17 @@ images() {  # issue 20: the critic-lag regimes on images; base vs the default Di
   # SiD: the paper's 1x path and the fake-score warm start alone (fake from node N, target the teacher)
   $BIN/disback bench --problem digits --adapter sid --seeds 0 1 2 --threads 1 --no-progress --resume \
     --variants base disback disback:degradation_lr_scale=1 disback:schedule=warm_start --out $RI/digits-sid
+  # SiD: the path's targets without the warm start (the fake score starts from the teacher, as the base's)
+  $BIN/disback bench --problem digits --adapter sid --seeds 0 1 2 --threads 1 --no-progress --resume \
+    --variants base disback:fake_start=teacher --out $RI/digits-sid
   $BIN/disback bench --problem digits --adapter dmd2 --student small $C --out $RI/digits-dmd2-small
   $BIN/disback bench --problem digits --adapter dmd2 --init-generator $RI/digits-dmd2-critic1/generator-base-seed0.safetensors \
     --critic-steps 1 $C --out $RI/digits-dmd2-distilled-critic1
   $BIN/disback bench --problem digits-cond --adapter dmd2 --critic-steps 1 $C --out $RI/digits-cond-dmd2-critic1
   $BIN/disback bench --problem digits-cond --adapter dmd2 --fake-lr-scale 0.3 $C --out $RI/digits-cond-dmd2-slowcritic0.3
   $BIN/disback bench --problem digits-cond --adapter di $C --out $RI/digits-cond-di
-  $BIN/disback bench --problem digits-cond --adapter sid $C --out $RI/digits-cond-sid
+  $BIN/disback bench --problem digits-cond --adapter sid --seeds 0 1 2 --threads 1 --no-progress --resume \
+    --variants base disback disback:fake_start=teacher --out $RI/digits-cond-sid
 }
 
 patches() {  # issue 20 item 3: 16x16 RGB patches of scikit-learn's photographs (disback_core/bench/patches.py), 300 iterations

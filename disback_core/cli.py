@@ -68,6 +68,7 @@ DISBACK_FIELDS: dict[str, Callable[[str], Any]] = {
     "adaptive_ratio": float,
     "merge": lambda v: v.lower() in ("1", "true", "yes"),
     "degradation_lr_scale": float,
+    "fake_start": str,
 }
 
 

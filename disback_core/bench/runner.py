@@ -149,6 +149,9 @@ class RunSpec:
     # matches full fine-tuning's node by node (benchmarks/path_shape.py), 1 for full and SVD nodes
     # (docs/WHEN_DISBACK_HELPS.md: the measured default)
     degradation_lr_scale: float | None = None
+    # DisBack: where the fake score starts: "node" (node N, the paper's Alg. 1) | "teacher" (a copy of the
+    # teacher, as the base; the path's targets alone: the SiD question of docs/WHEN_DISBACK_HELPS.md)
+    fake_start: str = "node"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -316,7 +319,9 @@ def run_one(
             method = Backtrack(method, traj, FixedInterval(1), start=0, guidance=guidance)
         else:
             raise ValueError(f"unknown schedule {spec.schedule!r}")
-        fake = method.initial_fake()
+        if spec.fake_start not in ("node", "teacher"):
+            raise ValueError(f"fake_start must be 'node' or 'teacher', got {spec.fake_start!r}")
+        fake = method.initial_fake() if spec.fake_start == "node" else trainable_copy(problem.teacher)
         target = method.target
         degradation_seconds, degradation_cpu = time.perf_counter() - t0, time.process_time() - c0
     else:
