@@ -1,5 +1,6 @@
 """Built-in problems (teacher training and caching), the runner's summary arithmetic, and the
 `disback demo` main job end to end with a tiny budget."""
+import dataclasses
 import json
 import statistics
 
@@ -331,3 +332,32 @@ def test_area_and_equal_compute_measures_on_hand_made_curves():
     assert summ["disback"]["at_base_budget"]["mean"] == pytest.approx(20.0)  # at 50 CPU s: iteration 30
     short = [run("disback", s, [100, 50, 30, 20, 15, 12], 1.0, start=49.0) for s in (0, 1)]
     assert summarise(base + short, "fd")["disback"]["at_base_budget"] is None  # no evaluation within the budget
+
+
+def test_fake_start_picks_node_n_or_the_teacher_and_refuses_anything_else(cache, monkeypatch):
+    from disback_core.bench import runner
+    from disback_core.bench.runner import RunSpec, run_one
+    from disback_core.cli import parse_variant
+
+    toy = Toy2D(cache_dir=cache, teacher_steps=300)
+    fakes, real_step = [], runner.train_step
+
+    def spy(method, generator, fake, target, *a, **kw):
+        if not fakes or fakes[-1][0] is not method:
+            # the fake score before its first update, and the node it should equal
+            node = method.trajectory.materialize(method.trajectory.last) if hasattr(method, "trajectory") else None
+            fakes.append((method, {k: v.clone() for k, v in fake.state_dict().items()}, node))
+        return real_step(method, generator, fake, target, *a, **kw)
+
+    monkeypatch.setattr(runner, "train_step", spy)
+    spec = RunSpec(iterations=1, eval_every=1, batch=16, disback=True, degradation_steps=10, nodes=3)
+    for start in ("node", "teacher"):
+        run_one(toy, dataclasses.replace(spec, fake_start=start), seed=0)
+    (_, at_node, node_n), (_, at_teacher, _) = fakes
+    teacher = toy.teacher.state_dict()
+    assert all(torch.equal(at_teacher[k], teacher[k]) for k in teacher)
+    assert all(torch.equal(at_node[k], v) for k, v in node_n.state_dict().items())
+    assert not all(torch.equal(at_node[k], teacher[k]) for k in teacher)  # node N is not the teacher
+    assert parse_variant(spec, "disback:fake_start=teacher").fake_start == "teacher"
+    with pytest.raises(ValueError, match="fake_start must be 'node' or 'teacher', got 'student'"):
+        run_one(toy, dataclasses.replace(spec, fake_start="student"), seed=0)

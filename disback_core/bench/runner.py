@@ -284,6 +284,8 @@ def run_one(
     method = make_method(problem, spec)
     student_sigmas = problem.student_sigmas(spec.student_steps, sigma_init)
     generator = make_student(problem, spec, sigma_init, student_sigmas, seed)
+    if spec.fake_start not in ("node", "teacher"):
+        raise ValueError(f"fake_start must be 'node' or 'teacher', got {spec.fake_start!r}")
     if spec.disback and spec.adapter == "gdd":
         raise ValueError(
             "DisBack does not apply to gdd: GDD has no target score and no DSM to record or backtrack; "
@@ -319,8 +321,6 @@ def run_one(
             method = Backtrack(method, traj, FixedInterval(1), start=0, guidance=guidance)
         else:
             raise ValueError(f"unknown schedule {spec.schedule!r}")
-        if spec.fake_start not in ("node", "teacher"):
-            raise ValueError(f"fake_start must be 'node' or 'teacher', got {spec.fake_start!r}")
         fake = method.initial_fake() if spec.fake_start == "node" else trainable_copy(problem.teacher)
         target = method.target
         degradation_seconds, degradation_cpu = time.perf_counter() - t0, time.process_time() - c0
