@@ -599,11 +599,8 @@ def _read_note(folder: Path) -> tuple[Path, dict[str, Any]]:
 def _sized(root: Path, note: Mapping[str, Any], name: str) -> tuple[Path, str, int]:
     """(path, sha256, size) of a listed file, which must be a regular file of exactly that size."""
     entry = note["files"][name]
-    return (
-        verify_file(root / name, None, entry["bytes"], "export file", "the note says"),
-        entry["sha256"],
-        entry["bytes"],
-    )
+    path = verify_file(root / name, None, entry["bytes"], "export file", "the note says")
+    return path, entry["sha256"], entry["bytes"]
 
 
 # Buffers a model computes when it is built (rotary frequencies: Wan's rope.freqs_cos/sin) are not in

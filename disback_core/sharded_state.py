@@ -82,7 +82,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,42 +92,40 @@ from torch import Tensor, nn
 from .state import (
     _FIELDS,
     EXTRA_FILE,
-    LATEST,
     MANIFEST,
-    MAX_MANIFEST_BYTES,
-    MAX_MANIFEST_DEPTH,
-    MAX_RNG_JSON_BYTES,
-    MAX_STEP,
-    _all_used,
     _check_config,
     _check_fields,
     _check_groups,
-    _check_int,
-    _check_names,
-    _check_scheduler,
+    _check_objects,
+    _check_params,
+    _check_save,
     _check_sections,
-    _cleanup,
+    _common_sections,
     _decode,
     _encode,
-    _fsync_dir,
-    _hash_rank_files,
-    _install,
-    _json_bytes,
-    _library_version,
+    _finish,
+    _hashed,
+    _head,
     _load,
-    _loadable,
-    _RankRng,
-    _recover,
-    _remove,
+    _load_each,
+    _make_tmp,
+    _manifest_bytes,
+    _manifest_json,
+    _optimizer_params,
+    _param_names,
+    _precheck,
+    _rank_files,
+    _rank_rng,
     _resolve,
+    _restore,
     _rng_state,
+    _schedulers_and_extra,
     _short,
     _step_name,
     _tensor_refs,
     _tmp_name,
     _verify_files,
     _want,
-    _write_new,
     _write_rank_files,
     _write_tensors,
 )
@@ -138,14 +136,10 @@ from .storage import (
     StorageError,
     body_digest,
     check_file_table,
-    config_hash,
+    dtype_name,
     is_sha256,
     parse_json,
-    read_bytes,
-    read_json,
     read_tensor_header,
-    sha256_bytes,
-    sha256_stream,
 )
 
 if TYPE_CHECKING:
@@ -173,9 +167,16 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _agree(err: Exception | None, world: int, other: str) -> None:
-    """Collective (one tiny all-reduce): raise on every rank when any rank failed. A rank that failed
-    raises its own error; the others a :class:`StorageError` saying ``other``."""
+@contextlib.contextmanager
+def _together(world: int, other: str | Callable[[], str]) -> Iterator[None]:
+    """Collective (one tiny all-reduce) at the end of the block: raise on every rank when any rank's
+    block failed. A rank that failed raises its own error; the others a :class:`StorageError` saying
+    ``other`` (or what it returns, when it depends on the block)."""
+    err: Exception | None = None
+    try:
+        yield
+    except Exception as e:
+        err = e
     failed = err is not None
     if world > 1:
         from .distributed import any_rank
@@ -184,7 +185,7 @@ def _agree(err: Exception | None, world: int, other: str) -> None:
     if err is not None:
         raise err
     if failed:
-        raise StorageError(other)
+        raise StorageError(other if isinstance(other, str) else other())
 
 
 @contextlib.contextmanager
@@ -200,30 +201,15 @@ def _quiet() -> Iterator[None]:
 
 def _spec(t: Tensor, where: str) -> list[Any]:
     """[safetensors dtype name, global shape] of a tensor (a DTensor's shape is its global shape)."""
-    name = _DTYPE_NAMES.get(t.dtype)
-    if name is None:
-        raise TypeError(f"{where} has dtype {t.dtype}, which is not saved (known: {sorted(DTYPES)})")
-    if t.layout != torch.strided:
-        raise TypeError(f"{where} has layout {t.layout}; only dense tensors are saved")
-    return [name, list(t.shape)]
+    return [dtype_name(t, where, TypeError), list(t.shape)]
 
 
-def _param_names(modules: Mapping[str, nn.Module]) -> dict[int, tuple[str, str]]:
-    """id(parameter) -> (module name, the parameter's name in the module's state dict)."""
+def _fqn(mname: str, module: nn.Module, pname: str) -> tuple[str, str]:
+    """(module name, the parameter's name in the module's state dict)."""
     from torch.distributed.checkpoint.state_dict import _get_fqns
 
-    names: dict[int, tuple[str, str]] = {}
-    for mname, m in modules.items():
-        for pname, p in m.named_parameters(remove_duplicate=False):
-            fqns = _get_fqns(m, pname)  # without DDP's "module." and torch.compile's "_orig_mod." prefixes
-            names.setdefault(id(p), (mname, next(iter(fqns)) if len(fqns) == 1 else pname))
-    return names
-
-
-def _optimizer_params(opt: torch.optim.Optimizer, names: Mapping[int, tuple[str, str]]) -> list[list[Any]]:
-    """Per parameter of the optimizer, in its order: [module name, name, global shape] (None, None
-    for a parameter of no module passed)."""
-    return [[*names.get(id(p), (None, None)), list(p.shape)] for g in opt.param_groups for p in g["params"]]
+    fqns = _get_fqns(module, pname)  # without DDP's "module." and torch.compile's "_orig_mod." prefixes
+    return mname, next(iter(fqns)) if len(fqns) == 1 else pname
 
 
 def _module_key(name: str, fqn: str) -> str:
@@ -239,10 +225,7 @@ class _Collected:
     and the manifest's module and optimizer sections (global shapes)."""
 
     def __init__(
-        self,
-        modules: Mapping[str, nn.Module],
-        optimizers: Mapping[str, torch.optim.Optimizer],
-        sink: dict[str, Tensor],
+        self, modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer], sink: dict[str, Tensor]
     ):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -259,10 +242,10 @@ class _Collected:
                 self._put(_module_key(name, fqn), v, where)
                 table[fqn] = _spec(v, where)
             self.modules[name] = {"tensors": table}
-        names = _param_names(modules)
+        names = _param_names(modules, _fqn)
         for name, opt in optimizers.items():
             sd = opt.state_dict()
-            params = _optimizer_params(opt, names)
+            params = _optimizer_params(opt, names, (None, None))
             where = f"optimizers[{name!r}].state_dict()"
             groups = _encode(sd["param_groups"], f"{where}['param_groups']", sink, f"optimizers.{name}.param_groups")
             state: dict[str, Any] = {}
@@ -295,27 +278,6 @@ class _Collected:
                 t = t.detach().clone(memory_format=torch.contiguous_format)
             self._storages.add(ptr)
         self.tensors[key] = t
-
-
-def _manifest(step: int, world_size: int, generators: list[str], sections: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest, its digest (sha256 of the canonical JSON of every other field) last."""
-    m = {
-        "format": FORMAT,
-        "version": VERSION,
-        "step": step,
-        "world_size": world_size,
-        "library_version": _library_version(),
-        "torch_version": str(torch.__version__),
-        "generators": generators,
-        **sections,
-    }
-    m["files"] = {k: m["files"][k] for k in sorted(m["files"])}
-    m["digest"] = body_digest(m)
-    return m
-
-
-def _manifest_bytes(m: Mapping[str, Any]) -> bytes:
-    return _loadable(_json_bytes(m), "the manifest", "of this state", MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH)
 
 
 # --------------------------------------------------------------------------- save
@@ -362,18 +324,9 @@ def save_sharded_state(
     folder = Path(folder)
     rank, world = _world()
     refused = f"another rank refused to save step {step!r} in {folder} (its own error says why); nothing was saved"
-    err: Exception | None = None
-    try:
-        _check_int(step, "step", 0, MAX_STEP)
-        _check_int(keep, "keep", 1)
-        if not isinstance(config, Mapping):
-            raise TypeError(f"config must be a mapping, got {type(config).__name__}")
-        if not isinstance(extra, Mapping):
-            raise TypeError(f"extra must be a mapping, got {type(extra).__name__}")
-        _check_names(modules, "modules", nn.Module)
-        _check_names(optimizers, "optimizers", torch.optim.Optimizer)
-        _check_names(schedulers, "schedulers")
-        _check_names(generators, "generators", torch.Generator)
+    with _together(world, refused):
+        _check_save(step, keep, config, extra)
+        _check_objects(modules, optimizers, schedulers, generators)
         sink: dict[str, Tensor] = {}
         got = _Collected(modules, optimizers, sink)  # refuses bad values before any write
         sections: dict[str, Any] = {"modules": got.modules, "optimizers": got.optimizers}
@@ -384,31 +337,11 @@ def save_sharded_state(
                     "per-parameter state tensors are saved sharded"
                 )
         if rank == 0:
-            sections["schedulers"] = {
-                n: _encode(s.state_dict(), f"schedulers[{n!r}].state_dict()", sink, f"schedulers.{n}")
-                for n, s in schedulers.items()
-            }
-            sections["extra"] = _encode(dict(extra), "extra", sink, "extra")
-            sections["tensors_file"] = EXTRA_FILE if sink else None
-            sections["config"] = _encode(dict(config), "config", None, "")
-            sections["config_hash"] = config_hash(config)
-            # refuse, before any write, a manifest the loader would refuse (too large or too deep): the
-            # same manifest with placeholder hashes, 20-digit sizes and a shard file per rank is as large
-            dummy = {"sha256": "0" * 64, "size": 10**19}
-            shards = [f"shard-{r + 1:05d}-model-00001-of-00001.safetensors" for r in range(world)]
-            names = [*shards, *(f"rng-rank{r}.{x}" for r in range(world) for x in ("safetensors", "json"))]
-            _manifest_bytes(
-                _manifest(
-                    step,
-                    world,
-                    sorted(generators),
-                    {**sections, "shards": shards, "files": dict.fromkeys([*names, EXTRA_FILE], dummy)},
-                )
-            )
-        rng_tensors, rng_info = _rng_state(generators, rank, world)
-        rng_json = _loadable(
-            _json_bytes(rng_info), "the RNG file", f"of rank {rank}", MAX_RNG_JSON_BYTES, MAX_JSON_DEPTH
-        )
+            sections.update(_common_sections(schedulers, extra, config, sink))
+            shards = [f"shard-{r + 1:05d}-model-00001-of-00001.safetensors" for r in range(world)]  # one per rank
+            head = _head(FORMAT, VERSION, step, world, generators)
+            _precheck(head, {**sections, "shards": shards}, [*shards, EXTRA_FILE])
+        rng_tensors, rng_json = _rng_state(generators, rank, world)
         if world > 1:  # every rank saves the same step
             t = torch.tensor([step, -step, keep, -keep], dtype=torch.int64)
             if torch.distributed.get_backend() == "nccl":
@@ -416,66 +349,33 @@ def save_sharded_state(
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             if t.tolist() != [step, -step, keep, -keep]:
                 raise ValueError(f"step={step} and keep={keep} are not the same on every rank")
-    except Exception as e:
-        err = e
-    _agree(err, world, refused)
 
     tmp = folder / _tmp_name(step, world)
-    try:
+    with _together(world, f"rank 0 could not make {tmp} (its own error says why); nothing was saved"):
         if rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            _recover(folder)
-            _remove(tmp)
-            tmp.mkdir()
-    except Exception as e:
-        err = e
-    _agree(err, world, f"rank 0 could not make {tmp} (its own error says why); nothing was saved")
-    final = folder / _step_name(step)
-    try:
+            _make_tmp(folder, tmp)
+    with _together(world, f"another rank could not write its files into {tmp}; nothing was switched to"):
         files = _write_rank_files(tmp, rank, rng_tensors, rng_json)
         if rank == 0 and sink:
             files[EXTRA_FILE] = _write_tensors(tmp / EXTRA_FILE, sink)
-    except Exception as e:
-        err = e
-    _agree(err, world, f"another rank could not write its files into {tmp}; nothing was switched to")
-    try:
-        with _quiet():
-            dcp.save(
-                got.tensors,
-                storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True),
-                no_dist=world == 1,
-            )
-    except Exception as e:
-        err = e
-    _agree(err, world, f"another rank could not write its shards into {tmp}; nothing was switched to")
-    try:
+    with _together(world, f"another rank could not write its shards into {tmp}; nothing was switched to"), _quiet():
+        writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
+        dcp.save(got.tensors, storage_writer=writer, no_dist=world == 1)
+
+    def manifest() -> bytes:  # after the other ranks' RNG files are in ``files``
+        shards = sorted(n for n in os.listdir(tmp) if SHARD_FILE.fullmatch(n))
+        for n in shards:
+            files[n] = _hashed(tmp / n, "shard file")
+        odd = sorted(set(os.listdir(tmp)) - set(files))
+        if odd:
+            raise StorageError(f"{tmp} holds {odd[0]!r}, which is no file of this state: nothing was switched to")
+        _shard_metadata(tmp, shards, _tensor_table(sections, tmp / MANIFEST))  # the shards read back
+        return _manifest_bytes(head, {**sections, "shards": shards}, files)
+
+    final = folder / _step_name(step)
+    with _together(world, f"rank 0 could not finish the save of {final} (its own error says why)"):
         if rank == 0:
-            try:
-                shards = sorted(n for n in os.listdir(tmp) if SHARD_FILE.fullmatch(n))
-                for r in range(1, world):
-                    files.update(_hash_rank_files(tmp, r))
-                for n in shards:
-                    sha, size = sha256_stream(tmp / n, "shard file")
-                    files[n] = {"sha256": sha, "size": size}
-                odd = sorted(set(os.listdir(tmp)) - set(files))
-                if odd:
-                    raise StorageError(
-                        f"{tmp} holds {odd[0]!r}, which is no file of this state: nothing was switched to"
-                    )
-                _shard_metadata(tmp, shards, _tensor_table(sections, tmp / MANIFEST))  # the shards read back
-                data = _manifest_bytes(
-                    _manifest(step, world, sorted(generators), {**sections, "shards": shards, "files": files})
-                )
-                _write_new(tmp / MANIFEST, data, sync_dir=False)
-                _fsync_dir(tmp)
-            except BaseException:
-                _remove(tmp)
-                raise
-            final = _install(folder, tmp, step, sha256_bytes(data))
-            _cleanup(folder, step, keep, final.name)
-    except Exception as e:
-        err = e
-    _agree(err, world, f"rank 0 could not finish the save of {final} (its own error says why)")
+            final = _finish(folder, tmp, step, keep, world, files, manifest)
     return final
 
 
@@ -554,12 +454,7 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> tuple[dict[str, 
     """The checked manifest of ``step_dir`` (against the sha256 ``latest.json`` records, when loaded
     through the run folder, and always against its own digest) and its tensor table."""
     path = step_dir / MANIFEST
-    if not os.path.lexists(path):
-        raise StorageError(f"step folder {step_dir} has no {MANIFEST}: an incomplete or foreign save")
-    data = read_bytes(path, "manifest", MAX_MANIFEST_BYTES)
-    if expected_sha is not None and sha256_bytes(data) != expected_sha:
-        raise StorageError(f"manifest {path} fails the sha256 recorded in {LATEST}: it was modified or replaced")
-    m = parse_json(data, path, "manifest", MAX_MANIFEST_DEPTH, MAX_MANIFEST_BYTES)
+    m = _manifest_json(step_dir, expected_sha)[1]
     fmt = m.get("format") if isinstance(m, dict) else None
     hint = " (a gathered full state: load it with disback_core.state.load_state)" if fmt == FULL_FORMAT else ""
     _want(isinstance(m, dict) and fmt == FORMAT, path, f"not a {FORMAT} manifest{hint}")
@@ -583,10 +478,7 @@ def _read_manifest(step_dir: Path, expected_sha: str | None) -> tuple[dict[str, 
         path,
         "'shards' must be distinct shard file names, at most one per rank",
     )
-    want = {f"rng-rank{r}.{ext}" for r in range(m["world_size"]) for ext in ("safetensors", "json")}
-    want.update(shards)
-    if m.get("tensors_file") is not None:
-        want.add(m["tensors_file"])
+    want = [*_rank_files(range(m["world_size"])), *shards, *([m["tensors_file"]] if m.get("tensors_file") else [])]
     check_file_table(m["files"], want, f"manifest {path}")
     return m, _tensor_table(m, path)
 
@@ -733,7 +625,7 @@ def _optimizer_targets(
     name: str,
     opt: torch.optim.Optimizer,
     e: Mapping[str, Any],
-    names: Mapping[int, tuple[str, str]],
+    names: Mapping[int, tuple[Any, ...]],
     shared: Mapping[str, Tensor],
     used: set[str],
     mpath: Path,
@@ -741,26 +633,12 @@ def _optimizer_targets(
     """The optimizer's state dict to load (torch's own layout, its tensors fresh buffers laid out like
     their parameters) and those buffers by DCP key, after checking it fits ``opt``."""
     where = f"{mpath}: optimizer {name!r}"
-    params, here = e["params"], _optimizer_params(opt, names)
-    if params != here:
-        i = next((i for i, (a, b) in enumerate(zip(params, here)) if a != b), min(len(params), len(here)))
-        a = params[i] if i < len(params) else None
-        b = here[i] if i < len(here) else None
-        raise StorageError(
-            f"{where}: parameter {i} is {a} (module, name, shape) in the state, {b} here: the optimizer "
-            "holds other parameters or the same ones in another order"
-        )
+    params = e["params"]
+    _check_params(params, _optimizer_params(opt, names, (None, None)), where, "(module, name, shape)")
     groups = _decode(e["param_groups"], shared, f"{mpath}: optimizers[{name!r}].param_groups", used)
     if not isinstance(groups, list):
         raise StorageError(f"{where}: param_groups is not a list")
-    _check_groups(groups, opt.param_groups, f"{mpath}: optimizers[{name!r}].param_groups")
-    if len(groups) != len(opt.param_groups):
-        raise StorageError(f"{where}: {len(groups)} parameter groups in the state, {len(opt.param_groups)} here")
-    for i, (g, og) in enumerate(zip(groups, opt.param_groups)):
-        if len(g["params"]) != len(og["params"]):
-            raise StorageError(
-                f"{where}: group {i} has {len(g['params'])} parameters in the state, {len(og['params'])} here"
-            )
+    _check_groups(groups, opt.param_groups, f"{mpath}: optimizers[{name!r}].param_groups", where)
     if [p for g in groups for p in g["params"]] != list(range(len(params))):
         raise StorageError(f"{where}: the groups' parameter indices are not 0..{len(params) - 1} in order")
     plist = [p for g in opt.param_groups for p in g["params"]]
@@ -822,13 +700,13 @@ def load_sharded_state(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     rank, world = _world()
-    err: Exception | None = None
     step_dir = Path(folder)
-    try:
-        _check_names(modules, "modules", nn.Module)
-        _check_names(optimizers, "optimizers", torch.optim.Optimizer)
-        _check_names(schedulers, "schedulers")
-        _check_names(generators, "generators", torch.Generator)
+    # the message names the step folder resolved in the block
+    with _together(
+        world,
+        lambda: f"{step_dir}: another rank refused this state (its own error names the file); nothing was restored",
+    ):
+        _check_objects(modules, optimizers, schedulers, generators)
         step_dir, expected_sha = _resolve(Path(folder))
         m, table = _read_manifest(step_dir, expected_sha)
         mpath = step_dir / MANIFEST
@@ -849,10 +727,7 @@ def load_sharded_state(
         _verify_files(step_dir, files)
         metadata = _shard_metadata(step_dir, m["shards"], table)
 
-        def tensors_of(fname: str) -> dict[str, Tensor]:
-            return _load(step_dir / fname, files[fname]["sha256"], files[fname]["size"])
-
-        shared = tensors_of(m["tensors_file"]) if m.get("tensors_file") else {}
+        shared = _load(step_dir, files, m["tensors_file"]) if m.get("tensors_file") else {}
         used = _tensor_refs(
             [
                 *(v for k, v in m["schedulers"].items() if k not in schedulers),
@@ -864,54 +739,34 @@ def load_sharded_state(
         for name, module in modules.items():
             mod_states[name] = _module_targets(name, module, m["modules"][name]["tensors"], mpath)
             targets.update({_module_key(name, k): v for k, v in mod_states[name].items()})
-        names = _param_names(modules)
+        names = _param_names(modules, _fqn)
         opt_states = {}
         for name, opt in optimizers.items():
             opt_states[name], buffers = _optimizer_targets(name, opt, m["optimizers"][name], names, shared, used, mpath)
             targets.update(buffers)
-        sched_states = {}
-        for name, sched in schedulers.items():
-            sched_states[name] = _decode(m["schedulers"][name], shared, f"{mpath}: schedulers[{name!r}]", used)
-            _check_scheduler(name, sched, sched_states[name], strict, mpath)
-        extra = _decode(m.get("extra", {}), shared, f"{mpath}: extra", used)
-        if m.get("tensors_file"):
-            _all_used(shared, used, step_dir / m["tensors_file"])
-        rng = None
-        if same_world:
-            tfile, jfile = step_dir / f"rng-rank{rank}.safetensors", step_dir / f"rng-rank{rank}.json"
-            info = read_json(jfile, "RNG file", MAX_RNG_JSON_BYTES, sha256=files[jfile.name]["sha256"])
-            rng = _RankRng(tensors_of(tfile.name), info, rank, generators, strict, tfile, jfile)
-    except Exception as e:
-        err = e
-    _agree(
-        err, world, f"{step_dir}: another rank refused this state (its own error names the file); nothing was restored"
-    )
+        sched_states, extra = _schedulers_and_extra(m, step_dir, schedulers, shared, used, strict)
+        rng = _rank_rng(step_dir, files, rank, generators, strict) if same_world else None
 
-    try:
-        with _quiet():
+    with _together(world, f"{step_dir}: another rank could not read its shards; nothing was restored"), _quiet():
+        try:
             dcp.load(targets, storage_reader=_reader(step_dir, metadata), planner=DefaultLoadPlanner(), no_dist=True)
-    except Exception as e:
-        err = StorageError(f"shard files of {step_dir} cannot be read: {type(e).__name__}: {str(e)[:300]}")
-    _agree(err, world, f"{step_dir}: another rank could not read its shards; nothing was restored")
+        except Exception as e:
+            raise StorageError(
+                f"shard files of {step_dir} cannot be read: {type(e).__name__}: {str(e)[:300]}"
+            ) from None
 
-    where = "modules"
-    try:
-        for name, module in modules.items():
-            set_model_state_dict(module, mod_states[name], options=StateDictOptions(strict=True))
-        where = "optimizers"
-        for name, opt in optimizers.items():
-            opt.load_state_dict(opt_states[name])
-        where = "schedulers"
-        for name, sched in schedulers.items():
-            sched.load_state_dict(sched_states[name])
-        where = "RNG states"
-        if rng is not None:
-            rng.restore(generators)
-    except Exception as e:
-        raise StorageError(
-            f"{step_dir}: restoring the {where} failed after every check passed; the objects may be "
-            f"partly restored: {type(e).__name__}: {str(e)[:300]}"
-        ) from e
+    options = StateDictOptions(strict=True)
+    _restore(
+        step_dir,
+        {
+            "modules": lambda: _load_each(
+                modules, mod_states, lambda o, sd: set_model_state_dict(o, sd, options=options)
+            ),
+            "optimizers": lambda: _load_each(optimizers, opt_states),
+            "schedulers": lambda: _load_each(schedulers, sched_states),
+            "RNG states": lambda: None if rng is None else rng.restore(generators),
+        },
+    )
     return {
         "step": m["step"],
         "extra": extra,

@@ -44,7 +44,7 @@ import os
 import random
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -185,25 +185,16 @@ def _decode(obj: Any, tensors: Mapping[str, Tensor], where: str, used: set[str] 
 
 
 def _decoded(obj: Any, tensors: Mapping[str, Tensor], used: set[str]) -> Any:
-    if type(obj) is list:
-        for i, v in enumerate(obj):
+    if type(obj) is list or (type(obj) is dict and _TAG_SET.isdisjoint(obj)):
+        for k, v in enumerate(obj) if isinstance(obj, list) else obj.items():
             if v and (type(v) is list or type(v) is dict):  # an empty one decodes to itself
-                try:
-                    obj[i] = _decoded(v, tensors, used)
-                except _Malformed as e:
-                    e.path.append(f"[{i}]")
-                    raise
-        return obj
-    if type(obj) is not dict:
-        return obj
-    if _TAG_SET.isdisjoint(obj):
-        for k, v in obj.items():
-            if v and (type(v) is list or type(v) is dict):
                 try:
                     obj[k] = _decoded(v, tensors, used)
                 except _Malformed as e:
-                    e.path.append(f"[{short(k)}]")
+                    e.path.append(f"[{k}]" if isinstance(obj, list) else f"[{short(k)}]")
                     raise
+        return obj
+    if type(obj) is not dict:
         return obj
     if len(obj) != 1:
         raise _Malformed(f"a tagged value {next(k for k in _TAGS if k in obj)!r} has other keys beside it")
@@ -324,25 +315,62 @@ def _check_names(objs: Mapping[str, Any], arg: str, kind: type | tuple[type, ...
             raise TypeError(f"{arg}[{name!r}] ({type(obj).__name__}) has no state_dict/load_state_dict")
 
 
+def _check_objects(modules: Any, optimizers: Any, schedulers: Any, generators: Any) -> None:
+    """The named objects a save or a load is given (full and sharded)."""
+    _check_names(modules, "modules", nn.Module)
+    _check_names(optimizers, "optimizers", torch.optim.Optimizer)
+    _check_names(schedulers, "schedulers")
+    _check_names(generators, "generators", torch.Generator)
+
+
+def _check_mapping(v: Any, arg: str) -> None:
+    if not isinstance(v, Mapping):
+        raise TypeError(f"{arg} must be a mapping, got {type(v).__name__}")
+
+
 def _check_ranks(rank: int, world_size: int) -> None:
     _check_int(world_size, "world_size", 1)
     _check_int(rank, "rank", 0, world_size - 1)
 
 
+def _check_save(
+    step: int, keep: int, config: Any, extra: Any, rank: int = 0, world_size: int = 1, barrier: Any = None
+) -> None:
+    """A save's arguments but the named objects (full and sharded)."""
+    _check_int(step, "step", 0, MAX_STEP)
+    _check_int(keep, "keep", 1)
+    _check_ranks(rank, world_size)
+    if world_size > 1 and barrier is None:
+        raise ValueError(f"world_size={world_size} needs barrier= (e.g. torch.distributed.barrier)")
+    if barrier is not None and not callable(barrier):
+        raise TypeError(f"barrier must be callable, got {type(barrier).__name__}")
+    _check_mapping(config, "config")
+    _check_mapping(extra, "extra")
+
+
 # --------------------------------------------------------------------------- collecting a state
 
 
-def _param_names(modules: Mapping[str, nn.Module]) -> dict[int, str]:
-    names: dict[int, str] = {}
+def _dotted(mname: str, module: nn.Module, pname: str) -> tuple[Any, ...]:
+    return (f"{mname}.{pname}",)
+
+
+def _param_names(
+    modules: Mapping[str, nn.Module], name: Callable[[str, nn.Module, str], tuple[Any, ...]] = _dotted
+) -> dict[int, tuple[Any, ...]]:
+    """id(parameter) -> its name in the state (``name(module name, module, parameter name)``)."""
+    names: dict[int, tuple[Any, ...]] = {}
     for mname, m in modules.items():
         for pname, p in m.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), f"{mname}.{pname}")
+            names.setdefault(id(p), name(mname, m, pname))
     return names
 
 
-def _optimizer_params(opt: torch.optim.Optimizer, names: Mapping[int, str]) -> list[list[Any]]:
-    """Per parameter of the optimizer, in its order: [module-qualified name or None, shape]."""
-    return [[names.get(id(p)), list(p.shape)] for g in opt.param_groups for p in g["params"]]
+def _optimizer_params(
+    opt: torch.optim.Optimizer, names: Mapping[int, tuple[Any, ...]], unnamed: tuple[None, ...] = (None,)
+) -> list[list[Any]]:
+    """Per parameter of the optimizer, in its order: [*its name (``unnamed`` for one of no module passed), shape]."""
+    return [[*names.get(id(p), unnamed), list(p.shape)] for g in opt.param_groups for p in g["params"]]
 
 
 def _module_tensors(name: str, module: nn.Module) -> dict[str, Tensor]:
@@ -355,8 +383,8 @@ def _module_tensors(name: str, module: nn.Module) -> dict[str, Tensor]:
 
 def _rng_state(
     generators: Mapping[str, torch.Generator], rank: int, world_size: int
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """This process's RNG states: tensors (torch CPU, CUDA, named generators) and JSON (numpy, Python)."""
+) -> tuple[dict[str, Tensor], bytes]:
+    """This process's RNG states: tensors (torch CPU, CUDA, named generators) and JSON bytes (numpy, Python)."""
     tensors = {"torch.cpu": torch.get_rng_state()}
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     for i, s in enumerate(cuda):
@@ -364,6 +392,7 @@ def _rng_state(
     for name, g in generators.items():
         tensors[f"generator.{name}"] = g.get_state()
     version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     info: dict[str, Any] = {
         "format": FORMAT + "-rng",
         "rank": rank,
@@ -371,67 +400,63 @@ def _rng_state(
         "cuda_devices": len(cuda),
         "generators": {n: {"device": str(g.device)} for n, g in generators.items()},
         "python": {"version": version, "state": list(internal), "gauss_next": _encode(gauss, "gauss", None, "")},
-        "numpy": _numpy_state(),
+        "numpy": {
+            "bit_generator": kind,
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": _encode(float(cached), "cached_gaussian", None, ""),
+        },
     }
-    return tensors, info
+    data = _json_bytes(info)
+    return tensors, _loadable(data, "the RNG file", f"of rank {rank}", MAX_RNG_JSON_BYTES, MAX_JSON_DEPTH)
 
 
-def _numpy_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+def _common_sections(
+    schedulers: Mapping[str, Any], extra: Mapping[str, Any], config: Mapping[str, Any], sink: dict[str, Tensor]
+) -> dict[str, Any]:
+    """The manifest's sections after its modules and optimizers (rank 0's, full and sharded): the
+    schedulers' states and extra (their tensors into ``sink``), ``tensors_file``, the config and its hash."""
     return {
-        "bit_generator": kind,
-        "keys": [int(k) for k in keys],
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": _encode(float(cached), "cached_gaussian", None, ""),
-    }
-
-
-def _library_version() -> str:
-    import disback_core
-
-    return str(getattr(disback_core, "__version__", "unknown"))
-
-
-class _Payload:
-    """What rank 0 writes: tensor files and the manifest's sections, collected before anything is written."""
-
-    def __init__(
-        self,
-        modules: Mapping[str, nn.Module],
-        optimizers: Mapping[str, torch.optim.Optimizer],
-        schedulers: Mapping[str, Any],
-        extra: Mapping[str, Any],
-        config: Mapping[str, Any],
-    ):
-        self.files: dict[str, dict[str, Tensor]] = {}
-        self.sections: dict[str, Any] = {"modules": {}, "optimizers": {}}
-        for name, m in modules.items():
-            fname = f"module-{name}.safetensors"
-            self.files[fname] = _module_tensors(name, m)
-            self.sections["modules"][name] = {"file": fname}
-        names = _param_names(modules)
-        for name, opt in optimizers.items():
-            fname = f"optimizer-{name}.safetensors"
-            sink: dict[str, Tensor] = {}
-            sd = _encode(opt.state_dict(), f"optimizers[{name!r}].state_dict()", sink, "")
-            self.files[fname] = sink
-            self.sections["optimizers"][name] = {
-                "file": fname,
-                "state_dict": sd,
-                "params": _optimizer_params(opt, names),
-            }
-        sink = {}
-        self.sections["schedulers"] = {
+        "schedulers": {
             n: _encode(s.state_dict(), f"schedulers[{n!r}].state_dict()", sink, f"schedulers.{n}")
             for n, s in schedulers.items()
-        }
-        self.sections["extra"] = _encode(dict(extra), "extra", sink, "extra")
-        self.sections["tensors_file"] = EXTRA_FILE if sink else None
-        if sink:
-            self.files[EXTRA_FILE] = sink
-        self.sections["config"] = _encode(dict(config), "config", None, "")
-        self.sections["config_hash"] = config_hash(config)
+        },
+        "extra": _encode(dict(extra), "extra", sink, "extra"),
+        "tensors_file": EXTRA_FILE if sink else None,
+        "config": _encode(dict(config), "config", None, ""),
+        "config_hash": config_hash(config),
+    }
+
+
+def _payload(
+    modules: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    schedulers: Mapping[str, Any],
+    extra: Mapping[str, Any],
+    config: Mapping[str, Any],
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """What rank 0 writes: tensor files and the manifest's sections, collected before anything is written."""
+    files: dict[str, dict[str, Tensor]] = {}
+    sections: dict[str, Any] = {"modules": {}, "optimizers": {}}
+    for name, m in modules.items():
+        files[f"module-{name}.safetensors"] = _module_tensors(name, m)
+        sections["modules"][name] = {"file": f"module-{name}.safetensors"}
+    names = _param_names(modules)
+    for name, opt in optimizers.items():
+        fname = f"optimizer-{name}.safetensors"
+        files[fname] = {}
+        sd = _encode(opt.state_dict(), f"optimizers[{name!r}].state_dict()", files[fname], "")
+        sections["optimizers"][name] = {"file": fname, "state_dict": sd, "params": _optimizer_params(opt, names)}
+    sink: dict[str, Tensor] = {}
+    sections.update(_common_sections(schedulers, extra, config, sink))
+    if sink:
+        files[EXTRA_FILE] = sink
+    return files, sections
+
+
+def _rank_files(ranks: Iterable[int]) -> list[str]:
+    return [f"rng-rank{r}.{ext}" for r in ranks for ext in ("safetensors", "json")]
 
 
 def _write_tensors(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -439,42 +464,51 @@ def _write_tensors(path: Path, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def _write_rank_files(tmp: Path, rank: int, tensors: Mapping[str, Tensor], data: bytes) -> dict[str, Any]:
-    jfile = tmp / f"rng-rank{rank}.json"
+    tname, jname = _rank_files([rank])
     return {
-        f"rng-rank{rank}.safetensors": _write_tensors(tmp / f"rng-rank{rank}.safetensors", tensors),
-        jfile.name: file_entry(jfile, _write_new(jfile, data, sync_dir=False)),
+        tname: _write_tensors(tmp / tname, tensors),
+        jname: file_entry(tmp / jname, _write_new(tmp / jname, data, sync_dir=False)),
     }
 
 
-def _hash_rank_files(tmp: Path, rank: int) -> dict[str, Any]:
-    out = {}
-    for fname in (f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"):
-        sha, size = sha256_stream(tmp / fname, f"rank {rank}'s RNG file")
-        out[fname] = {"sha256": sha, "size": size}
-    return out
+def _hashed(path: Path, what: str) -> dict[str, Any]:
+    """A manifest's entry for a file written by another rank (or by DCP): ``{sha256, size}``."""
+    return dict(zip(("sha256", "size"), sha256_stream(path, what)))
 
 
-def _manifest(
-    step: int, world_size: int, generators: Mapping[str, Any], sections: Mapping[str, Any], files: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The manifest, its digest (sha256 of the canonical JSON of every other field) last."""
-    m = {
-        "format": FORMAT,
-        "version": VERSION,
+def _head(fmt: str, version: int, step: int, world_size: int, generators: Iterable[str]) -> dict[str, Any]:
+    """A manifest's first fields (full and sharded)."""
+    return {
+        "format": fmt,
+        "version": version,
         "step": step,
         "world_size": world_size,
         "library_version": _library_version(),
         "torch_version": str(torch.__version__),
         "generators": sorted(generators),
-        **sections,
-        "files": {k: files[k] for k in sorted(files)},
     }
+
+
+def _manifest_bytes(head: Mapping[str, Any], sections: Mapping[str, Any], files: Mapping[str, Any]) -> bytes:
+    """The manifest's bytes, its digest (sha256 of the canonical JSON of every other field) last;
+    refused before it is written where the loader would refuse it (too large or too deep)."""
+    m = {**head, **sections, "files": {k: files[k] for k in sorted(files)}}
     m["digest"] = body_digest(m)
-    return m
-
-
-def _manifest_bytes(m: Mapping[str, Any]) -> bytes:
     return _loadable(_json_bytes(m), "the manifest", "of this state", MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH)
+
+
+def _precheck(head: Mapping[str, Any], sections: Mapping[str, Any], names: Iterable[str]) -> None:
+    """Refuse, before any write, a manifest the loader would refuse (too large or too deep): the same
+    manifest with placeholder hashes and 20-digit sizes for ``names`` and every rank's RNG files is at
+    least as large."""
+    names = [*names, *_rank_files(range(head["world_size"]))]
+    _manifest_bytes(head, sections, dict.fromkeys(names, {"sha256": "0" * 64, "size": 10**19}))
+
+
+def _library_version() -> str:
+    import disback_core
+
+    return str(getattr(disback_core, "__version__", "unknown"))
 
 
 # --------------------------------------------------------------------------- switching
@@ -565,6 +599,36 @@ def _cleanup(folder: Path, step: int, keep: int, live: str) -> None:
         _remove(p)
 
 
+def _make_tmp(folder: Path, tmp: Path) -> None:
+    """Rank 0's start of a save (full and sharded): the run folder, an interrupted re-save finished, a
+    fresh temporary folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _recover(folder)
+    _remove(tmp)
+    tmp.mkdir()
+
+
+def _finish(
+    folder: Path, tmp: Path, step: int, keep: int, world_size: int, files: dict[str, Any], manifest: Callable[[], bytes]
+) -> Path:
+    """Rank 0's end of a save (full and sharded), after every rank wrote: the other ranks' RNG files
+    hashed into ``files``, the manifest (``manifest()``) written, the folder fsynced and made live, old
+    steps removed. A failure before the switch removes the temporary folder."""
+    try:
+        for r in range(1, world_size):
+            for fname in _rank_files([r]):
+                files[fname] = _hashed(tmp / fname, f"rank {r}'s RNG file")
+        data = manifest()
+        _write_new(tmp / MANIFEST, data, sync_dir=False)
+        _fsync_dir(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise
+    final = _install(folder, tmp, step, sha256_bytes(data))
+    _cleanup(folder, step, keep, final.name)
+    return final
+
+
 def _sync(barrier: Callable[[], None] | None) -> None:
     if barrier is not None:
         barrier()
@@ -613,62 +677,32 @@ def save_state(
     one saver per run folder.
     """
     folder = Path(folder)
-    _check_int(step, "step", 0, MAX_STEP)
-    _check_int(keep, "keep", 1)
-    _check_ranks(rank, world_size)
-    if world_size > 1 and barrier is None:
-        raise ValueError(f"world_size={world_size} needs barrier= (e.g. torch.distributed.barrier)")
-    if barrier is not None and not callable(barrier):
-        raise TypeError(f"barrier must be callable, got {type(barrier).__name__}")
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
-    if not isinstance(extra, Mapping):
-        raise TypeError(f"extra must be a mapping, got {type(extra).__name__}")
+    _check_save(step, keep, config, extra, rank, world_size, barrier)
     _check_names(generators, "generators", torch.Generator)
-    payload = None
+    payload: dict[str, dict[str, Tensor]] = {}
     if rank == 0:
-        _check_names(modules, "modules", nn.Module)
-        _check_names(optimizers, "optimizers", torch.optim.Optimizer)
-        _check_names(schedulers, "schedulers")
-        payload = _Payload(modules, optimizers, schedulers, extra, config)  # refuses bad values before any write
-        # refuse, before any write, a manifest the loader would refuse (too large or too deep): the
-        # same manifest with placeholder hashes and 20-digit sizes is at least as large
-        dummy = {"sha256": "0" * 64, "size": 10**19}
-        names = [*payload.files, *(f"rng-rank{r}.{x}" for r in range(world_size) for x in ("safetensors", "json"))]
-        _manifest_bytes(_manifest(step, world_size, generators, payload.sections, dict.fromkeys(names, dummy)))
-    rng_tensors, rng_info = _rng_state(generators, rank, world_size)
-    rng_json = _loadable(_json_bytes(rng_info), "the RNG file", f"of rank {rank}", MAX_RNG_JSON_BYTES, MAX_JSON_DEPTH)
+        _check_objects(modules, optimizers, schedulers, {})
+        payload, sections = _payload(modules, optimizers, schedulers, extra, config)  # refuses bad values first
+        head = _head(FORMAT, VERSION, step, world_size, generators)
+        _precheck(head, sections, payload)
+    rng_tensors, rng_json = _rng_state(generators, rank, world_size)
 
     tmp = folder / _tmp_name(step, world_size)
     if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        _recover(folder)
-        _remove(tmp)
-        tmp.mkdir()
+        _make_tmp(folder, tmp)
     _sync(barrier)
     final = folder / _step_name(step)
     try:
         files = _write_rank_files(tmp, rank, rng_tensors, rng_json)
-        if payload is not None:
-            for fname, tensors in payload.files.items():
-                files[fname] = _write_tensors(tmp / fname, tensors)
+        for fname, tensors in payload.items():
+            files[fname] = _write_tensors(tmp / fname, tensors)
     except BaseException:
         if rank == 0:
             _remove(tmp)
         raise
     _sync(barrier)
-    if payload is not None:
-        try:
-            for r in range(1, world_size):
-                files.update(_hash_rank_files(tmp, r))
-            data = _manifest_bytes(_manifest(step, world_size, generators, payload.sections, files))
-            _write_new(tmp / MANIFEST, data, sync_dir=False)
-            _fsync_dir(tmp)
-        except BaseException:
-            _remove(tmp)
-            raise
-        final = _install(folder, tmp, step, sha256_bytes(data))
-        _cleanup(folder, step, keep, final.name)
+    if rank == 0:
+        final = _finish(folder, tmp, step, keep, world_size, files, lambda: _manifest_bytes(head, sections, files))
     _sync(barrier)
     return final
 
@@ -760,18 +794,25 @@ _FIELDS = {"step": int, "world_size": int, "files": dict, "modules": dict, "opti
 _FIELDS.update({"generators": list, "config": dict, "config_hash": str})  # and their JSON types
 
 
-def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
-    """The checked manifest of ``step_dir``: the sha256 ``latest.json`` records (``expected_sha``, when
-    loaded through the run folder) and the manifest's own digest (always: a step folder loaded directly
-    is verified like the live one); a manifest without a digest (saved before digests) only when
-    ``latest.json`` names its folder and records its sha256."""
+def _manifest_json(step_dir: Path, expected_sha: str | None) -> tuple[bytes, Any]:
+    """The bytes and parsed JSON of the manifest of ``step_dir`` (full or sharded), bounded, and
+    checked against the sha256 ``latest.json`` records (``expected_sha``, when loaded through it)."""
     path = step_dir / MANIFEST
     if not os.path.lexists(path):
         raise StorageError(f"step folder {step_dir} has no {MANIFEST}: an incomplete or foreign save")
     data = read_bytes(path, "manifest", MAX_MANIFEST_BYTES)
     if expected_sha is not None and sha256_bytes(data) != expected_sha:
         raise _bad(path, f"fails the sha256 recorded in {LATEST}: it was modified or replaced")
-    m = parse_json(data, path, "manifest", MAX_MANIFEST_DEPTH, MAX_MANIFEST_BYTES)
+    return data, parse_json(data, path, "manifest", MAX_MANIFEST_DEPTH, MAX_MANIFEST_BYTES)
+
+
+def _read_manifest(step_dir: Path, expected_sha: str | None) -> dict[str, Any]:
+    """The checked manifest of ``step_dir``: the sha256 ``latest.json`` records (``expected_sha``, when
+    loaded through the run folder) and the manifest's own digest (always: a step folder loaded directly
+    is verified like the live one); a manifest without a digest (saved before digests) only when
+    ``latest.json`` names its folder and records its sha256."""
+    path = step_dir / MANIFEST
+    data, m = _manifest_json(step_dir, expected_sha)
     check_format(m, f"manifest {path}", FORMAT, (VERSION,))
     if "digest" in m:
         check_digest(m, f"manifest {path}")
@@ -807,7 +848,7 @@ def _check_fields(m: dict[str, Any], path: Path, step_dir: Path, fields: Mapping
 
 def _check_file_table(m: dict[str, Any], path: Path) -> None:
     """The file table lists exactly the files the manifest's sections name and every rank's RNG files."""
-    want = {f"rng-rank{r}.{ext}" for r in range(m["world_size"]) for ext in ("safetensors", "json")}
+    want = set(_rank_files(range(m["world_size"])))
     for section in ("modules", "optimizers"):
         for name, e in m[section].items():
             if not (isinstance(e, dict) and isinstance(e.get("file"), str)):
@@ -848,8 +889,7 @@ def _config_diff(saved: Any, given: Any, path: str = "") -> list[str]:
 
 
 def _check_config(m: Mapping[str, Any], config: Mapping[str, Any], path: Path) -> None:
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping, got {type(config).__name__}")
+    _check_mapping(config, "config")
     given = _encode(dict(config), "config", None, "")
     given_hash = config_hash(config)
     if given == m["config"] and given_hash == m["config_hash"]:
@@ -929,9 +969,10 @@ _GROUP_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 
-def _check_groups(groups: list[Any], own: list[dict[str, Any]], where: str) -> None:
+def _check_groups(groups: list[Any], own: list[dict[str, Any]], where: str, owner: str) -> None:
     """Every param group an object of string keys whose known fields have their types (``own``: the
-    optimizer's groups, for a field whose type depends on the optimizer)."""
+    optimizer's groups, for a field whose type depends on the optimizer), as many groups as ``own``,
+    each with as many parameters (``owner`` names the optimizer in those messages)."""
     for i, g in enumerate(groups):
         if not isinstance(g, dict) or not all(isinstance(k, str) for k in g):
             raise StorageError(f"{where}: param_groups[{i}] is not an object of named fields")
@@ -947,10 +988,35 @@ def _check_groups(groups: list[Any], own: list[dict[str, Any]], where: str) -> N
                 )
             if ok is not None and not ok(v):
                 raise StorageError(f"{where}: param_groups[{i}].{key} is {short(v)}, not {want}")
+    if len(groups) != len(own):
+        raise StorageError(f"{owner}: {len(groups)} parameter groups in the state, {len(own)} here")
+    for i, (g, og) in enumerate(zip(groups, own)):
+        if len(g["params"]) != len(og["params"]):
+            raise StorageError(
+                f"{owner}: group {i} has {len(g['params'])} parameters in the state, {len(og['params'])} here"
+            )
+
+
+def _check_params(params: list[Any], here: list[Any], where: str, what: str) -> None:
+    """The optimizer's parameters (``what`` of each) are those of the state, in its order."""
+    if params != here:
+        i = next((i for i, (a, b) in enumerate(zip(params, here)) if a != b), min(len(params), len(here)))
+        a = params[i] if i < len(params) else None
+        b = here[i] if i < len(here) else None
+        raise StorageError(
+            f"{where}: parameter {i} is {a} {what} in the state, {b} here: the optimizer "
+            "holds other parameters or the same ones in another order"
+        )
 
 
 def _check_optimizer(
-    name: str, opt: torch.optim.Optimizer, sd: Any, params: Any, names: Mapping[int, str], file: Path, manifest: Path
+    name: str,
+    opt: torch.optim.Optimizer,
+    sd: Any,
+    params: Any,
+    names: Mapping[int, tuple[Any, ...]],
+    file: Path,
+    manifest: Path,
 ) -> None:
     where = f"{file}: optimizer {name!r}"
     if (
@@ -960,15 +1026,8 @@ def _check_optimizer(
         or not isinstance(sd["param_groups"], list)
     ):
         raise StorageError(f"{where}: the saved state_dict is not an optimizer state (state, param_groups)")
-    _check_groups(sd["param_groups"], opt.param_groups, f"{manifest}: optimizers[{name!r}].state_dict")
     groups = sd["param_groups"]
-    if len(groups) != len(opt.param_groups):
-        raise StorageError(f"{where}: {len(groups)} parameter groups in the state, {len(opt.param_groups)} here")
-    for i, (g, og) in enumerate(zip(groups, opt.param_groups)):
-        if len(g["params"]) != len(og["params"]):
-            raise StorageError(
-                f"{where}: group {i} has {len(g['params'])} parameters in the state, {len(og['params'])} here"
-            )
+    _check_groups(groups, opt.param_groups, f"{manifest}: optimizers[{name!r}].state_dict", where)
     if not isinstance(params, list) or not all(
         isinstance(e, list)
         and len(e) == 2
@@ -989,15 +1048,7 @@ def _check_optimizer(
                     f"{where}: state {pid}.{key} is {t.dtype} {list(t.shape)}; a parameter's state "
                     f"tensor is a scalar or floating with its shape {shapes.get(pid)}"
                 )
-    here = _optimizer_params(opt, names)
-    if params != here:
-        i = next((i for i, (a, b) in enumerate(zip(params, here)) if a != b), min(len(params), len(here)))
-        a = params[i] if i < len(params) else None
-        b = here[i] if i < len(here) else None
-        raise StorageError(
-            f"{where}: parameter {i} is {a} (name, shape) in the state, {b} here: the optimizer "
-            "holds other parameters or the same ones in another order"
-        )
+    _check_params(params, _optimizer_params(opt, names), where, "(name, shape)")
 
 
 def _check_scheduler(name: str, sched: Any, sd: Any, strict: bool, path: Path) -> None:
@@ -1156,8 +1207,60 @@ def _all_used(tensors: Mapping[str, Tensor], refs: set[str], path: Path) -> None
         raise StorageError(f"state file {path}: {what}")
 
 
-def _load(path: Path, sha: str, size: int) -> dict[str, Tensor]:
-    return load_tensors(path, sha256=sha, max_bytes=size)
+def _load(step_dir: Path, files: Mapping[str, Any], fname: str) -> dict[str, Tensor]:
+    """The tensors of a file of the state, checked against its entry in the file table."""
+    return load_tensors(step_dir / fname, sha256=files[fname]["sha256"], max_bytes=files[fname]["size"])
+
+
+def _schedulers_and_extra(
+    m: Mapping[str, Any],
+    step_dir: Path,
+    schedulers: Mapping[str, Any],
+    shared: Mapping[str, Tensor],
+    used: set[str],
+    strict: bool,
+) -> tuple[dict[str, Any], Any]:
+    """The schedulers' states to restore and extra, decoded (their tensors from ``shared``, the tensors
+    file) and checked; the tensors file must hold exactly the tensors referred to (``used``: those of
+    the sections not restored)."""
+    mpath = step_dir / MANIFEST
+    states = {}
+    for name, sched in schedulers.items():
+        states[name] = _decode(m["schedulers"][name], shared, f"{mpath}: schedulers[{name!r}]", used)
+        _check_scheduler(name, sched, states[name], strict, mpath)
+    extra = _decode(m.get("extra", {}), shared, f"{mpath}: extra", used)
+    if m.get("tensors_file"):
+        _all_used(shared, used, step_dir / m["tensors_file"])
+    return states, extra
+
+
+def _rank_rng(
+    step_dir: Path, files: Mapping[str, Any], rank: int, generators: Mapping[str, torch.Generator], strict: bool
+) -> _RankRng:
+    tname, jname = _rank_files([rank])
+    info = read_json(step_dir / jname, "RNG file", MAX_RNG_JSON_BYTES, sha256=files[jname]["sha256"])
+    return _RankRng(_load(step_dir, files, tname), info, rank, generators, strict, step_dir / tname, step_dir / jname)
+
+
+def _load_each(
+    objs: Mapping[str, Any], states: Mapping[str, Any], load: Callable[[Any, Any], Any] | None = None
+) -> None:
+    load = load or (lambda obj, state: obj.load_state_dict(state))
+    for name, obj in objs.items():
+        load(obj, states[name])
+
+
+def _restore(step_dir: Path, steps: Mapping[str, Callable[[], Any]]) -> None:
+    """Run the restoring ``steps`` (keyed by what each restores) once every check passed; a failure is
+    a StorageError naming what was being restored."""
+    for where, run in steps.items():
+        try:
+            run()
+        except Exception as e:
+            raise StorageError(
+                f"{step_dir}: restoring the {where} failed after every check passed; the objects may be "
+                f"partly restored: {type(e).__name__}: {str(e)[:300]}"
+            ) from e
 
 
 # --------------------------------------------------------------------------- load
@@ -1192,10 +1295,7 @@ def load_state(
     Everything passed must be in the state. Every problem is a :class:`StorageError`.
     """
     _check_ranks(rank, world_size)
-    _check_names(modules, "modules", nn.Module)
-    _check_names(optimizers, "optimizers", torch.optim.Optimizer)
-    _check_names(schedulers, "schedulers")
-    _check_names(generators, "generators", torch.Generator)
+    _check_objects(modules, optimizers, schedulers, generators)
     step_dir, expected_sha = _resolve(Path(folder))
     m = _read_manifest(step_dir, expected_sha)
     mpath = step_dir / MANIFEST
@@ -1205,49 +1305,33 @@ def load_state(
     _check_sections(m, given, strict, mpath)
     files = m["files"]
     _verify_files(step_dir, files)
-
-    def tensors_of(fname: str) -> dict[str, Tensor]:
-        return _load(step_dir / fname, files[fname]["sha256"], files[fname]["size"])
-
     mod_states = {}
     for name, module in modules.items():
         fname = m["modules"][name]["file"]
-        mod_states[name] = tensors_of(fname)
+        mod_states[name] = _load(step_dir, files, fname)
         _check_module(name, module, mod_states[name], step_dir / fname)
     names = _param_names(modules)
     opt_states = {}
     for name, opt in optimizers.items():
         e = m["optimizers"][name]
         fname = e["file"]
-        tensors = tensors_of(fname)
+        tensors = _load(step_dir, files, fname)
         used: set[str] = set()
         sd = _decode(e.get("state_dict"), tensors, f"{mpath}: optimizers[{name!r}]", used)
         _all_used(tensors, used, step_dir / fname)
         _check_optimizer(name, opt, sd, e.get("params"), names, step_dir / fname, mpath)
         opt_states[name] = sd
-    shared = tensors_of(m["tensors_file"]) if m.get("tensors_file") else {}
+    shared = _load(step_dir, files, m["tensors_file"]) if m.get("tensors_file") else {}
     used = _tensor_refs([v for k, v in m["schedulers"].items() if k not in schedulers])  # those not restored
-    sched_states = {}
-    for name, sched in schedulers.items():
-        sched_states[name] = _decode(m["schedulers"][name], shared, f"{mpath}: schedulers[{name!r}]", used)
-        _check_scheduler(name, sched, sched_states[name], strict, mpath)
-    extra = _decode(m.get("extra", {}), shared, f"{mpath}: extra", used)
-    if m.get("tensors_file"):
-        _all_used(shared, used, step_dir / m["tensors_file"])
-    tfile, jfile = step_dir / f"rng-rank{rank}.safetensors", step_dir / f"rng-rank{rank}.json"
-    info = read_json(jfile, "RNG file", MAX_RNG_JSON_BYTES, sha256=files[jfile.name]["sha256"])
-    rng = _RankRng(tensors_of(tfile.name), info, rank, generators, strict, tfile, jfile)
-
-    where = "modules"
-    try:
-        for where, states in (("modules", mod_states), ("optimizers", opt_states), ("schedulers", sched_states)):
-            for name, obj in given[where].items():
-                obj.load_state_dict(states[name])  # a module's strictly: the same parameter objects
-        where = "RNG states"
-        rng.restore(generators)
-    except Exception as e:
-        raise StorageError(
-            f"{step_dir}: restoring the {where} failed after every check passed; the objects may be "
-            f"partly restored: {type(e).__name__}: {str(e)[:300]}"
-        ) from e
+    sched_states, extra = _schedulers_and_extra(m, step_dir, schedulers, shared, used, strict)
+    rng = _rank_rng(step_dir, files, rank, generators, strict)
+    _restore(
+        step_dir,
+        {
+            "modules": lambda: _load_each(modules, mod_states),  # strictly: the same parameter objects
+            "optimizers": lambda: _load_each(optimizers, opt_states),
+            "schedulers": lambda: _load_each(schedulers, sched_states),
+            "RNG states": lambda: rng.restore(generators),
+        },
+    )
     return {"step": m["step"], "extra": extra, "path": step_dir}

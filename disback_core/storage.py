@@ -64,6 +64,7 @@ __all__ = [
     "MAX_HEADER_STRING_BYTES",
     "JsonScan",
     "DTYPES",
+    "dtype_name",
     "TensorInfo",
     "atomic_write",
     "atomic_write_bytes",
@@ -757,11 +758,16 @@ def _check_tensor(name: Any, t: Any) -> str:
         raise ValueError(f"tensor name {name!r} is not allowed")
     if not isinstance(t, Tensor):
         raise ValueError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+    return dtype_name(t, f"tensor {name!r}")
+
+
+def dtype_name(t: Tensor, where: str, error: type[Exception] = ValueError) -> str:
+    """The safetensors dtype name of a dense tensor of a saved dtype; else ``error`` naming ``where``."""
     if t.layout != torch.strided:
-        raise ValueError(f"tensor {name!r} has layout {t.layout}; only dense tensors are saved")
+        raise error(f"{where} has layout {t.layout}; only dense tensors are saved")
     dt = _NAMES.get(t.dtype)
     if dt is None:
-        raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which is not saved (known: {sorted(DTYPES)})")
+        raise error(f"{where} has dtype {t.dtype}, which is not saved (known: {sorted(DTYPES)})")
     return dt
 
 
