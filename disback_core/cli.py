@@ -125,7 +125,7 @@ def _run(args: argparse.Namespace, variants: list[str], title: str, quiet: bool 
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     out = Path(args.out)
-    command = "disback " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.record_command else ""
+    command = "disback " + " ".join(shlex.quote(a) for a in args.argv) if args.record_command else ""
     log.info("problem %s: loading or training the teacher (cached after the first run)", args.problem)
     kw = {"teacher_steps": args.teacher_steps} if args.teacher_steps else {}
     if args.eval_samples:
@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--model", help="the model folder, if it moved since training (its config is used)")
     ex.add_argument("--cache-dir", help="built-in problems: where the run's teacher is cached")
     args, rest = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command recorded in results.json
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(

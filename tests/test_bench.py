@@ -235,6 +235,10 @@ def test_bench_resume_reruns_only_what_an_interrupted_run_lost(tmp_path, cache, 
     kept = json.loads((out / "results.json").read_text())
     assert sorted((r["label"], r["seed"]) for r in kept["runs"]) == sorted((r["label"], r["seed"]) for r in resumed["runs"])
     assert set(kept["summary"]) >= {"base", "disback"}
+    # the commands that made the kept runs stay named, oldest first, each once
+    assert "--resume" not in partial["command"] and resumed["earlier_commands"] == [partial["command"]]
+    assert kept["earlier_commands"] == [partial["command"], resumed["command"]]
+    assert f"Earlier command (runs kept by --resume): `{partial['command']}`" in (out / "report.md").read_text()
 
     with pytest.raises(ValueError, match="--resume: .* problem 'toy2d'"):
         main(["bench", "--problem", "digits", "--teacher-steps", "2", "--iterations", "2", "--seeds", "0",

@@ -51,6 +51,8 @@ def write_report(result: dict[str, Any], path: str | Path, title: str = "disback
         "",
         f"Command: `{result['command']}`" if result.get("command") else "",
         "",
+        *(f"Earlier command (runs kept by --resume): `{c}`  " for c in result.get("earlier_commands", [])),
+        "",
         f"Problem `{result['problem']}`; primary metric `{p}` (lower is better). Final values are the mean "
         "over the last 20% of evaluations of each seed; ± is the standard deviation over seeds. "
         "'To base final': first evaluation where the seed-mean curve, averaged over the same trailing "

@@ -576,17 +576,19 @@ def _portable(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _stored_runs(path: Path, problem: str) -> dict[tuple[str, int], dict[str, Any]]:
-    """Runs of an earlier ``results.json`` (complete or partial) of the same problem, by (label, seed)."""
+def _stored(path: Path, problem: str) -> tuple[dict[tuple[str, int], dict[str, Any]], list[str]]:
+    """Runs of an earlier ``results.json`` (complete or partial) of the same problem, by (label, seed),
+    and the commands that made them (its ``command`` after its ``earlier_commands``)."""
     if not path.is_file():
-        return {}
+        return {}, []
     res = read_json(path, "benchmark results")
     if res.get("schema") != SCHEMA or res.get("problem") != problem:
         raise ValueError(
             f"--resume: {path} holds {res.get('schema')!r} results for problem {res.get('problem')!r}, "
             f"not {SCHEMA!r} for {problem!r}; choose another --out"
         )
-    return {(r["label"], r["seed"]): r for r in res.get("runs", [])}
+    commands = [c for c in [*res.get("earlier_commands", []), res.get("command")] if isinstance(c, str) and c]
+    return {(r["label"], r["seed"]): r for r in res.get("runs", [])}, commands
 
 
 def compare(
@@ -618,7 +620,8 @@ def compare(
     sigma_inits = sorted(
         {s.sigma_init or problem.generator_sigma_init(adapters[s.adapter]["sigma_init"]) for s in specs}
     )
-    stored = _stored_runs(out / "results.json", problem.name) if resume else {}  # before the slow references
+    # before the slow references
+    stored, earlier = _stored(out / "results.json", problem.name) if resume else ({}, [])
     references = {str(si): problem.references(si) for si in sigma_inits}
     result: dict[str, Any] = {
         "schema": SCHEMA,
@@ -629,6 +632,9 @@ def compare(
         "references": references,
         "reference_sampler": problem.REFERENCE_SAMPLER,
     }
+    earlier = [c for i, c in enumerate(earlier) if c != command and c not in earlier[:i]]
+    if earlier:  # the commands of the stored runs a --resume keeps, oldest first
+        result["earlier_commands"] = earlier
     # stored runs this command does not ask for (other variants or seeds) stay in the file: a --resume
     # with fewer variants adds to a results folder, it never drops what an earlier command measured
     asked = {(s.label, seed) for s in specs for seed in seeds}
