@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -55,6 +55,7 @@ __all__ = [
     "full_state_to",
     "full_state_from",
     "any_rank",
+    "max_over_ranks",
 ]
 
 
@@ -92,14 +93,20 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def max_over_ranks(values: Sequence[float], dtype: torch.dtype = torch.float64) -> list[float]:
+    """The element-wise maximum of ``values`` over every rank (one tiny all-reduce); ``values`` itself
+    without a process group. Negate an entry to get its minimum too (equal on every rank: max == -max(-v))."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(list(values), dtype=dtype, device=_comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any rank (one tiny all-reduce; e.g. to skip an
     update on all ranks together when one rank's loss is not finite)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+    return max_over_ranks([1.0 if flag else 0.0])[0] > 0
 
 
 _BUCKET_BYTES = 64 * 2**20  # gradients are all-reduced in flat buckets of at most this size

@@ -343,11 +343,9 @@ def save_sharded_state(
             _precheck(head, {**sections, "shards": shards}, [*shards, EXTRA_FILE])
         rng_tensors, rng_json = _rng_state(generators, rank, world)
         if world > 1:  # every rank saves the same step
-            t = torch.tensor([step, -step, keep, -keep], dtype=torch.int64)
-            if torch.distributed.get_backend() == "nccl":
-                t = t.to(torch.device("cuda", torch.cuda.current_device()))
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            if t.tolist() != [step, -step, keep, -keep]:
+            from .distributed import max_over_ranks
+
+            if max_over_ranks([step, -step, keep, -keep], torch.int64) != [step, -step, keep, -keep]:
                 raise ValueError(f"step={step} and keep={keep} are not the same on every rank")
 
     tmp = folder / _tmp_name(step, world)

@@ -809,7 +809,7 @@ def _max_change(module: nn.Module, initial: Mapping[str, torch.Tensor]) -> float
     take the maximum (one all-reduce): the value the full tensors give, without gathering them."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from .distributed import _comm_device, is_distributed
+    from .distributed import max_over_ranks
 
     moved = -math.inf
     for k, v in module.state_dict().items():
@@ -820,11 +820,7 @@ def _max_change(module: nn.Module, initial: Mapping[str, torch.Tensor]) -> float
             v = v.to_local()
         if v.numel():
             moved = max(moved, float((v.cpu().float() - w0.cpu().float()).abs().max()))
-    if is_distributed():
-        t = torch.tensor([moved], dtype=torch.float64, device=_comm_device())
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        moved = float(t.item())
-    return moved
+    return max_over_ranks([moved])[0]
 
 
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str, Any]:

@@ -11,7 +11,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from disback_core import Backtrack, Batch, FixedInterval, LoraSpec, edm_mlp, freeze, make_generator, record_degradation
 from disback_core.adapters import DMD2
-from disback_core.distributed import allreduce_grads, any_rank, check_same_on_all_ranks, gather_strings, share_trajectory
+from disback_core.distributed import (
+    allreduce_grads,
+    any_rank,
+    check_same_on_all_ranks,
+    gather_strings,
+    max_over_ranks,
+    share_trajectory,
+)
 
 WORLD = 2
 
@@ -84,11 +91,12 @@ def _worker(rank, tmp):
         p.grad = torch.full((3,), float(rank))
         allreduce_grads([p])
         any_flags = [any_rank(rank == 1), any_rank(False)]  # one rank's bad loss: every rank skips
+        maxima = max_over_ranks([float(rank), -float(rank), 2.5]) + max_over_ranks([rank, -rank], torch.int64)
         if rank == 0:
             (tmp / "result.json").write_text(json.dumps({
                 "same_nodes": same_nodes, "verify": verify, "same": same, "switches": bt.switches,
                 "grad_diff": diff, "grad_scale": scale, "allreduce": p.grad.tolist(),
-                "any_rank": any_flags}))
+                "any_rank": any_flags, "maxima": maxima}))
     finally:
         dist.destroy_process_group()
 
@@ -103,6 +111,7 @@ def test_ddp_recording_backtracking_and_gradients(tmp_path):
     assert [n for _, n in r["switches"]] == [3, 2, 1, 0]
     assert r["grad_diff"] <= 1e-6 * max(1.0, r["grad_scale"]), r
     assert r["allreduce"] == [0.5, 0.5, 0.5] and r["any_rank"] == [True, False]
+    assert r["maxima"] == [1.0, 0.0, 2.5, 1, 0]  # the max over 2 ranks, and (negated) the min
 
 
 def _fsdp_worker(rank, tmp):
