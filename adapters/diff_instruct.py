@@ -9,6 +9,12 @@ implemented as ``loss = sum_pixels((D_fake - D_real).detach() * x) / batch``. Bo
 evaluated without gradient. The fake score is trained by EDM DSM (log-normal sigma, EDM weight,
 summed over pixels, averaged over the batch), one critic update per generator update.
 Paper optimiser: Adam, betas (0, 0.999), lr 1e-5 for both networks.
+
+With DisBack (this library's measurements, docs/WHEN_DISBACK_HELPS.md; same budgets and learning
+rates): on digits (UNet teacher, 600 iterations, 5 seeds) the final FD is 23.98 +- 2.2 against
+28.25 +- 3.6 without, lower in 4 of 5 seeds: the one image regime where DisBack ends better beyond
+the spread. It is not faster: level at the base's compute, and 1.5x the iterations to the base's
+final value. On class-conditional digits (3 seeds) it ends a little worse (6.85 +- 0.79 vs 6.30 +- 0.46).
 """
 
 from __future__ import annotations
