@@ -108,6 +108,14 @@ images() {  # issue 20: the critic-lag regimes on images; base vs the default Di
     --variants base disback disback:fake_start=teacher --out $RI/digits-cond-sid
 }
 
+images5() {  # issue 20: seeds 3 and 4 added to five image regimes (each command resumes the 3-seed folder)
+  local S="--seeds 0 1 2 3 4 --threads 1 --no-progress --resume" RI=$R/image-regimes
+  $BIN/disback bench --problem digits --adapter di $S --variants base disback --out $RI/digits-di
+  $BIN/disback bench --problem digits --adapter sid $S --variants base disback disback:fake_start=teacher --out $RI/digits-sid
+  $BIN/disback bench --problem digits-cond --adapter dmd2 --critic-steps 1 $S --variants base disback --out $RI/digits-cond-dmd2-critic1
+  $BIN/disback bench --problem digits --adapter dmd2 --critic-steps 1 $S --variants base disback --out $RI/digits-dmd2-critic1
+}
+
 patches() {  # issue 20 item 3: 16x16 RGB patches of scikit-learn's photographs (disback_core/bench/patches.py), 300 iterations
   local C="--problem patches --adapter dmd2 --seeds 0 1 2 --threads 1 --no-progress --resume --variants base disback --iterations 300" RP=$R/patches
   $BIN/disback bench $C --critic-steps 1 --out $RP/dmd2-critic1
@@ -138,6 +146,7 @@ case "${1:-all}" in
   overhead) overhead ;;
   regimes) regimes ;;
   images) images ;;
+  images5) images5 ;;
   patches) patches ;;
   flow) flow ;;
   diagnostic) diagnostic ;;

@@ -10,14 +10,14 @@ mean over the last and the first of ``chunks`` equal parts of the early run (by 
 25% of the planned updates); :class:`CriticLagMonitor` computes it from your loop, and
 ``disback diagnose FOLDER`` from a bench folder's base runs.
 
-How well it works (``benchmarks/diagnostic.py``, ``benchmarks/results/diagnostic/TABLE.md``, 21
+How well it works (``benchmarks/diagnostic.py``, ``benchmarks/results/diagnostic/TABLE.md``, 24
 regimes, toy and image, UNet and flow): the statistic *ranks* regimes by DisBack's measured gain
-(Spearman +0.42), and as a yes/no call against "DisBack beats the base by more than the base's seed
-spread" it is right 16 of 21 times leave-one-regime-out, against 15 of 21 for always answering "no
+(Spearman +0.33), and as a yes/no call against "DisBack beats the base by more than the base's seed
+spread" it is right 19 of 24 times leave-one-regime-out, against 18 of 24 for always answering "no
 gain": barely better than the majority answer. :data:`LAG_THRESHOLD` is the threshold that classifies
-all 21 best (+2.2: the gap growing ~9x in the first quarter; toy one critic step +2.47 and fake lr
-0.1x +3.23 above it, both with gains of 85%; below it, gains of -35% to +18%: SiD on digits -35% at
--0.24, Diff-Instruct on digits +14% at -0.06, digits-cond one critic step -26% at +1.89). Read the
+all 24 best (+2.2: the gap growing ~9x in the first quarter; toy one critic step +2.47 and fake lr
+0.1x +3.23 above it, both with gains of 85%; below it, gains of -19% to +18%: SiD on digits -19% at
+-0.22, Diff-Instruct on digits +15% at -0.06, digits-cond one critic step -15% at +1.82). Read the
 verdict as a hint that the critic lags, not as a forecast.
 """
 
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 # log(gap_end / gap_start) above this: the critic lags (the threshold benchmarks/diagnostic.py chooses on
-# all 21 measured regimes, 2.22, rounded; see the module doc)
+# all 24 measured regimes, 2.22, rounded; see the module doc)
 LAG_THRESHOLD = 2.2
 
 
